@@ -1,0 +1,89 @@
+"""The stillhouse error tree, split by what the caller does next.
+
+    StillhouseError
+    ├── TransientError        retry later; carries ``retry_at`` (or ``retry_after_s``)
+    │   ├── RateLimited       the teacher answered 429; honours Retry-After
+    │   ├── Unavailable       5xx, connection refused or reset
+    │   └── TeacherTimeout    no complete answer within the client timeout
+    ├── PermanentError        record it on the item and move on; retrying will not help
+    │   ├── RequestRejected   the teacher answered 4xx to this request
+    │   └── BadResponse       the teacher answered 2xx with a body we cannot use
+    └── ConfigError           tell the user exactly what to fix, then stop
+        └── SpecError         a spec file is invalid (file, field path, what is wrong)
+
+A failed *check* (bad JSON, schema violation, disagreement with a known-good record) is not
+an exception: it is a rejected label row with reason codes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadResponse",
+    "ConfigError",
+    "PermanentError",
+    "RateLimited",
+    "RequestRejected",
+    "SpecError",
+    "StillhouseError",
+    "TeacherTimeout",
+    "TransientError",
+    "Unavailable",
+]
+
+
+class StillhouseError(Exception):
+    """Base class of every error stillhouse raises on purpose."""
+
+    kind = "error"
+
+
+class TransientError(StillhouseError):
+    """Worth retrying later; ``retry_after_s`` is the server's hint, if it gave one."""
+
+    kind = "transient"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(TransientError):
+    kind = "rate_limited"
+
+
+class Unavailable(TransientError):
+    kind = "unavailable"
+
+
+class TeacherTimeout(TransientError):
+    kind = "timeout"
+
+
+class PermanentError(StillhouseError):
+    """Retrying will not help: record it on the item and move on."""
+
+    kind = "permanent"
+
+
+class RequestRejected(PermanentError):
+    kind = "rejected_by_server"
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class BadResponse(PermanentError):
+    kind = "bad_response"
+
+
+class ConfigError(StillhouseError):
+    """The user must change something (a setting, a file, a key) before this can work."""
+
+    kind = "config"
+
+
+class SpecError(ConfigError):
+    """A spec file is invalid; the message names the file, the field path and the problem."""
+
+    kind = "spec"

@@ -1,0 +1,3 @@
+from stillhouse.cli import main
+
+main()

@@ -1,0 +1,303 @@
+"""What the CLI commands do, composed from the layers below (the edge owns transactions)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from schemas.errors import ConfigError
+from stillhouse.context import open_database, open_runtime
+from stillhouse.settings import Settings
+from storage.items import pending_item_ids
+from storage.models import SpecRow
+from storage.stats import label_stats, status
+from workers.ingest import IngestSummary, load_source, read_source
+from workers.pipeline import BatchSummary, label_until_done
+from workers.spec import Spec, load_spec
+
+__all__ = ["run_backfill", "run_demo", "run_status", "run_train", "run_worker"]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+
+
+def run_backfill(
+    settings: Settings,
+    source: str,
+    spec_ref: str,
+    *,
+    limit: int | None,
+    wait: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """Load, then label (embedded) or dispatch (distributed); returns a summary."""
+    spec = load_spec(spec_ref)
+    _, sessions = open_database(settings)
+    started = time.monotonic()
+    ingest = _ingest(sessions, spec, source, limit, console)
+    spec_id = _spec_id(sessions, spec)
+    if settings.distributed:
+        labeled = _label_distributed(settings, sessions, spec, spec_id, wait, console)
+    else:
+        labeled = _label_embedded(settings, sessions, spec_id, console)
+    elapsed = time.monotonic() - started
+    with sessions() as session:
+        stats = label_stats(session, spec_id)
+    result = {
+        "spec": spec.name,
+        "version": spec.version,
+        "rows": ingest.rows,
+        "inserted": ingest.counts.inserted,
+        "already_loaded": ingest.counts.existing,
+        "changed_documents": ingest.counts.changed,
+        "bad_rows": ingest.bad_count,
+        **labeled,
+        "seconds": round(elapsed, 2),
+        "teacher_accuracy": stats.teacher_accuracy,
+        "accepted_accuracy": stats.accepted_accuracy,
+        "labels": stats.labels,
+        "accepted": stats.accepted,
+    }
+    _report_backfill(result, ingest, console)
+    return result
+
+
+def _ingest(
+    sessions: sessionmaker[Session], spec: Spec, source: str, limit: int | None, console: Console
+) -> IngestSummary:
+    with _progress(console) as progress:
+        task = progress.add_task("loading", total=limit)
+        summary = load_source(
+            sessions,
+            spec,
+            read_source(source, limit=limit),
+            on_chunk=lambda s: progress.update(task, completed=s.rows),
+        )
+        progress.update(task, completed=summary.rows, total=summary.rows)
+    return summary
+
+
+def _spec_id(sessions: sessionmaker[Session], spec: Spec) -> int:
+    with sessions() as session:
+        spec_id = session.scalar(
+            select(SpecRow.id).where(SpecRow.name == spec.name, SpecRow.version == spec.version)
+        )
+    assert spec_id is not None
+    return spec_id
+
+
+def _label_embedded(
+    settings: Settings, sessions: sessionmaker[Session], spec_id: int, console: Console
+) -> dict[str, Any]:
+    with sessions() as session:
+        todo = len(pending_item_ids(session, spec_id))
+    total = BatchSummary()
+    with open_runtime(settings) as runtime, _progress(console) as progress:
+        task = progress.add_task("labeling", total=todo)
+
+        def advance(batch: BatchSummary) -> None:
+            progress.advance(task, batch.labeled + batch.failed)
+
+        total = label_until_done(runtime, spec_id, on_batch=advance)
+    return {
+        "labeled": total.labeled,
+        "teacher_calls": total.teacher_calls,
+        "cache_hits": total.cache_hits,
+        "failed": total.failed,
+        "waiting": total.released,
+    }
+
+
+def _label_distributed(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    spec: Spec,
+    spec_id: int,
+    wait: bool,
+    console: Console,
+) -> dict[str, Any]:
+    from workers.celery_app import app as celery
+    from workers.celery_app import configure
+    from workers.dispatch import dispatch_pending
+
+    configure(celery, str(settings.broker_url), task_time_limit_s=settings.task_time_limit_s)
+    batch = spec.labeling["batch_size"]
+    sent = dispatch_pending(sessions, celery, spec_id, batch_size=batch)
+    console.print(f"queued {sent} items in batches of {batch} for `stillhouse worker`")
+    if not wait:
+        return {"queued": sent}
+    with _progress(console) if console.is_terminal else nullcontext() as progress:
+        task = progress.add_task("labeling", total=None) if progress else None
+        while True:
+            with sessions() as session:
+                now = status(session, spec.name)
+            busy = sum(now.by_state[s] for s in ("pending", "queued", "leased"))
+            if progress is not None and task is not None:
+                progress.update(task, completed=now.items - busy, total=now.items)
+            if busy == 0:
+                break
+            sent += dispatch_pending(sessions, celery, spec_id, batch_size=batch)
+            time.sleep(0.5)
+    return {"queued": sent, "by_state": now.by_state}
+
+
+def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
+    console.print(
+        f"loaded {result['rows']} rows: {result['inserted']} new, "
+        f"{result['already_loaded']} already loaded, {result['bad_rows']} bad"
+    )
+    for bad in ingest.bad[:20]:
+        console.print(f"  line {bad.line}: {bad.reason}", markup=False, highlight=False)
+    if ingest.bad_count > 20:
+        console.print(f"  … and {ingest.bad_count - 20} more bad rows")
+    if ingest.counts.changed:
+        console.print(
+            f"{ingest.counts.changed} documents changed under an existing id and were "
+            f"kept as first loaded (e.g. {', '.join(ingest.counts.changed_ids[:3])})"
+        )
+    if "labeled" in result:
+        console.print(
+            f"labeled {result['labeled']} items: {result['teacher_calls']} teacher "
+            f"calls, {result['cache_hits']} cache hits, {result['failed']} failed, "
+            f"{result['waiting']} waiting to retry"
+        )
+    console.print(
+        f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])}; "
+        f"accepted labels: {result['accepted']} of {result['labels']} "
+        f"({_pct(result['accepted_accuracy'])} agree with known-good)"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def run_status(
+    settings: Settings, spec_name: str | None, *, as_json: bool, console: Console
+) -> None:
+    import json
+    import sys
+
+    _, sessions = open_database(settings)
+    with sessions() as session:
+        now = status(session, spec_name)
+    if as_json:
+        sys.stdout.write(json.dumps(now.as_dict(), indent=2) + "\n")
+        return
+    table = Table(title=f"stillhouse status{f' — {spec_name}' if spec_name else ''}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, count in {
+        **now.by_state,
+        **{f"verdict {k}": v for k, v in now.by_verdict.items()},
+    }.items():
+        table.add_row(name, str(count))
+    table.add_row("items", str(now.items))
+    for name, count in now.calls.items():
+        table.add_row(f"calls {name}", str(count))
+    table.add_row("spend (USD)", f"{now.spend_usd:.4f}")
+    table.add_row("labeled / s", "n/a" if now.labeled_per_s is None else str(now.labeled_per_s))
+    Console().print(table)
+
+
+def run_train(
+    settings: Settings, spec_ref: str, *, out: Path | None, epochs: int | None, console: Console
+) -> dict[str, Any]:
+    from stillhouse.training import train_student
+
+    spec = load_spec(spec_ref)
+    _, sessions = open_database(settings)
+    spec_id = _spec_id_or_fail(sessions, spec)
+    out = out or settings.runs_dir / f"{spec.name}-v{spec.version}"
+    report = train_student(sessions, spec, spec_id, out_dir=out, epochs=epochs)
+    console.print(
+        f"student on {report['n_val']} held-out items: "
+        f"{_pct(report['student_accuracy'])} vs known-good "
+        f"(teacher on the same items: {_pct(report['teacher_accuracy'])}); "
+        f"trained in {report['train_seconds']:.1f} s; written to {out}"
+    )
+    return report
+
+
+def _spec_id_or_fail(sessions: sessionmaker[Session], spec: Spec) -> int:
+    with sessions() as session:
+        spec_id = session.scalar(
+            select(SpecRow.id).where(SpecRow.name == spec.name, SpecRow.version == spec.version)
+        )
+    if spec_id is None:
+        raise ConfigError(
+            f"nothing is labeled for spec {spec.name!r} v{spec.version} yet: run "
+            f"`stillhouse backfill SOURCE --spec {spec.name}` first"
+        )
+    return spec_id
+
+
+def run_worker(settings: Settings, *, concurrency: int | None, pool: str, loglevel: str) -> None:
+    if not settings.broker_url:
+        raise ConfigError(
+            "`stillhouse worker` needs STILLHOUSE_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"
+        )
+    if settings.is_sqlite:
+        raise ConfigError(
+            "distributed workers need a shared database: set STILLHOUSE_DATABASE_URL "
+            "to postgresql+psycopg://…"
+        )
+    from workers import tasks
+    from workers.celery_app import app as celery
+    from workers.celery_app import configure
+
+    configure(celery, settings.broker_url, task_time_limit_s=settings.task_time_limit_s)
+    open_database(settings)[0].dispose()  # fail fast on a bad URL or an old schema
+    tasks.set_runtime_factory(lambda: open_runtime(settings))
+    celery.worker_main(
+        [
+            "worker",
+            f"--loglevel={loglevel}",
+            f"--pool={pool}",
+            f"--concurrency={concurrency or settings.worker_concurrency}",
+            "--queues=label",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+def run_demo(settings: Settings, *, limit: int | None, console: Console) -> None:
+    from stillhouse.localteacher import local_teacher
+
+    console.print("starting the local teacher (all-MiniLM-L6-v2 zero-shot) …")
+    with local_teacher() as base_url:
+        local = settings.model_copy(update={"teacher_base_url": base_url})
+        result = run_backfill(local, "bbc", "triage", limit=limit, wait=True, console=console)
+    report = run_train(local, "triage", out=None, epochs=None, console=console)
+    print(
+        f"labeled {result['labels']} BBC articles in {result['seconds']:.1f} s "
+        f"({result['teacher_calls']} teacher calls, {result['cache_hits']} cache hits)"
+    )
+    print(
+        f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])} "
+        f"(all {result['labels']} labels); accepted labels: {result['accepted']}"
+    )
+    print(
+        f"student accuracy vs known-good: {_pct(report['student_accuracy'])} on "
+        f"{report['n_val']} held-out articles (teacher on the same: "
+        f"{_pct(report['teacher_accuracy'])})"
+    )

@@ -1,0 +1,1 @@
+"""Postgres (or SQLite) storage: models, sessions, and the queries the pipeline needs."""

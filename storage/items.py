@@ -1,0 +1,257 @@
+"""Item queries: idempotent ingest, leases, releases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from schemas.errors import ConfigError
+from storage.dialect import db_now, db_now_plus, insert_for
+from storage.models import Item, ItemState, KnownGood, SpecRow
+
+__all__ = [
+    "ClaimedItem",
+    "IngestCounts",
+    "ItemIn",
+    "claim_items",
+    "dispatchable_item_ids",
+    "ensure_spec",
+    "known_good_for",
+    "mark_queued",
+    "pending_item_ids",
+    "upsert_items",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemIn:
+    """One normalized source row, ready to load."""
+
+    external_id: str
+    text: str
+    payload: dict[str, Any]
+    slices: dict[str, Any]
+    content_hash: str
+    known_good: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class IngestCounts:
+    inserted: int = 0
+    existing: int = 0
+    relabel: int = 0
+    changed: int = 0
+    known_good: int = 0
+    changed_ids: list[str] = field(default_factory=list)
+
+    def add(self, other: IngestCounts) -> None:
+        self.inserted += other.inserted
+        self.existing += other.existing
+        self.relabel += other.relabel
+        self.changed += other.changed
+        self.known_good += other.known_good
+        self.changed_ids.extend(other.changed_ids[: max(0, 20 - len(self.changed_ids))])
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedItem:
+    id: int
+    external_id: str
+    text: str
+    attempts: int
+
+
+def ensure_spec(
+    session: Session, name: str, version: int, kind: str, body: dict[str, Any], content_hash: str
+) -> SpecRow:
+    """Return the stored row for this spec version, creating it on first use.
+
+    What a label means is immutable once a version is used: a changed ``content_hash`` under
+    the same version is refused, because relabeling happens only when the version is bumped.
+    Operational settings (budgets, limits) may change: the stored body follows the file.
+    """
+    row = session.scalar(select(SpecRow).where(SpecRow.name == name, SpecRow.version == version))
+    if row is None:
+        row = SpecRow(name=name, version=version, kind=kind, body=body, content_hash=content_hash)
+        session.add(row)
+        session.flush()
+        return row
+    if row.content_hash != content_hash:
+        raise ConfigError(
+            f"spec {name!r} version {version} was changed after it was first used "
+            f"(stored hash {row.content_hash[:12]}, file hash {content_hash[:12]}); "
+            f"bump 'version' in the spec file to relabel with the new definition"
+        )
+    if row.body != body:
+        row.body = body
+        session.flush()
+    return row
+
+
+def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> IngestCounts:
+    """Insert new items and their known-good records; idempotent on (spec name, external id).
+
+    Existing items keep their content (a changed document is counted, not overwritten); items
+    last labeled under an older spec version go back to pending for this version.
+    """
+    counts = IngestCounts()
+    if not rows:
+        return counts
+    by_id = {row.external_id: row for row in rows}
+    existing = dict(
+        session.execute(
+            select(Item.external_id, Item.content_hash).where(
+                Item.spec_name == spec.name, Item.external_id.in_(by_id)
+            )
+        ).all()
+    )
+    new_rows = [row for ext, row in by_id.items() if ext not in existing]
+    if new_rows:
+        session.execute(
+            insert_for(session, Item.__table__).on_conflict_do_nothing(),
+            [
+                {
+                    "spec_name": spec.name,
+                    "spec_id": spec.id,
+                    "external_id": r.external_id,
+                    "text": r.text,
+                    "content_hash": r.content_hash,
+                    "payload": r.payload,
+                    "slices": r.slices,
+                    "state": ItemState.PENDING.value,
+                    "attempts": 0,
+                }
+                for r in new_rows
+            ],
+        )
+    counts.inserted, counts.existing = len(new_rows), len(existing)
+    changed = [ext for ext, h in existing.items() if by_id[ext].content_hash != h]
+    counts.changed, counts.changed_ids = len(changed), changed[:20]
+    if existing:
+        counts.relabel = _requeue_for_version(session, spec, list(existing))
+    counts.known_good = _insert_known_good(session, spec.name, by_id)
+    return counts
+
+
+def _requeue_for_version(session: Session, spec: SpecRow, external_ids: list[str]) -> int:
+    result = session.execute(
+        update(Item)
+        .where(
+            Item.spec_name == spec.name, Item.external_id.in_(external_ids), Item.spec_id != spec.id
+        )
+        .values(
+            spec_id=spec.id,
+            state=ItemState.PENDING,
+            attempts=0,
+            retry_at=None,
+            last_error=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _insert_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> int:
+    with_kg = {ext: row.known_good for ext, row in by_id.items() if row.known_good}
+    if not with_kg:
+        return 0
+    ids = session.execute(
+        select(Item.external_id, Item.id).where(
+            Item.spec_name == spec_name, Item.external_id.in_(with_kg)
+        )
+    ).all()
+    session.execute(
+        insert_for(session, KnownGood.__table__).on_conflict_do_nothing(),
+        [{"item_id": item_id, "fields": with_kg[ext]} for ext, item_id in ids],
+    )
+    return len(ids)
+
+
+def _claimable(session: Session) -> Any:
+    now = db_now(session)
+    waiting = or_(Item.retry_at.is_(None), Item.retry_at <= now)
+    return or_(
+        and_(Item.state.in_([ItemState.PENDING, ItemState.QUEUED]), waiting),
+        and_(Item.state == ItemState.LEASED, Item.lease_expires_at < now),
+    )
+
+
+def pending_item_ids(session: Session, spec_id: int, *, limit: int | None = None) -> list[int]:
+    """Ids of items that are ready to be labeled now, oldest first."""
+    stmt = (
+        select(Item.id)
+        .where(Item.spec_id == spec_id, _claimable(session))
+        .order_by(Item.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def dispatchable_item_ids(session: Session, spec_id: int, *, limit: int) -> list[int]:
+    """Ready items not already handed to the broker: pending (wait over) or lease expired."""
+    now = db_now(session)
+    ready = or_(
+        and_(Item.state == ItemState.PENDING, or_(Item.retry_at.is_(None), Item.retry_at <= now)),
+        and_(Item.state == ItemState.LEASED, Item.lease_expires_at < now),
+    )
+    stmt = select(Item.id).where(Item.spec_id == spec_id, ready).order_by(Item.id).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def mark_queued(session: Session, item_ids: Iterable[int]) -> int:
+    """Mark ready items as handed to the broker (the sweeper can return them later)."""
+    ids = list(item_ids)
+    if not ids:
+        return 0
+    result = session.execute(
+        update(Item)
+        .where(Item.id.in_(ids), Item.state.in_([ItemState.PENDING, ItemState.LEASED]))
+        .values(state=ItemState.QUEUED)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def claim_items(
+    session: Session,
+    spec_id: int,
+    owner: str,
+    lease_s: float,
+    *,
+    item_ids: Sequence[int] | None = None,
+    limit: int = 100,
+) -> list[ClaimedItem]:
+    """Lease claimable items to ``owner``; an id already leased by someone else is skipped."""
+    pick = select(Item.id).where(Item.spec_id == spec_id, _claimable(session))
+    if item_ids is not None:
+        pick = pick.where(Item.id.in_(list(item_ids)))
+    pick = pick.order_by(Item.id).limit(limit).with_for_update(skip_locked=True)
+    stmt = (
+        update(Item)
+        .where(Item.id.in_(pick.scalar_subquery()))
+        .values(
+            state=ItemState.LEASED,
+            lease_owner=owner,
+            attempts=Item.attempts + 1,
+            lease_expires_at=db_now_plus(session, lease_s),
+        )
+        .returning(Item.id, Item.external_id, Item.text, Item.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    rows = session.execute(stmt).all()
+    return sorted((ClaimedItem(*row) for row in rows), key=lambda c: c.id)
+
+
+def known_good_for(session: Session, item_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    if not item_ids:
+        return {}
+    rows = session.execute(
+        select(KnownGood.item_id, KnownGood.fields).where(KnownGood.item_id.in_(list(item_ids)))
+    )
+    return dict(rows.all())

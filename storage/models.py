@@ -1,0 +1,218 @@
+"""SQLAlchemy 2.0 models: specs, items, known-good records, teacher cache, call ledger, labels.
+
+Postgres is the source of truth. Every item carries its state; Redis only ever sees item ids.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Base",
+    "CallStatus",
+    "Item",
+    "ItemState",
+    "KnownGood",
+    "Label",
+    "SpecRow",
+    "TeacherCall",
+    "TeacherResponse",
+    "Verdict",
+]
+
+# JSONB on Postgres, JSON elsewhere, through one type.
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY; Postgres gets a real BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JsonType, list[Any]: JsonType}
+
+
+class ItemState(StrEnum):
+    """Where an item is in labeling for its current spec version."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    LEASED = "leased"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+FINAL_STATES = (ItemState.ACCEPTED, ItemState.REJECTED, ItemState.FAILED)
+
+
+class Verdict(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    NEEDS_REVIEW = "needs_review"
+
+
+class CallStatus(StrEnum):
+    """One ledger row per attempt: paid successes, cache hits and failures alike."""
+
+    OK = "ok"
+    CACHE_HIT = "cache_hit"
+    ERROR = "error"
+
+
+def _enum(cls: type[StrEnum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK: adding a state later is an easy migration.
+    return Enum(
+        cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+    )
+
+
+def _now() -> Any:
+    return func.now()
+
+
+class SpecRow(Base):
+    """One version of one spec, stored exactly as loaded so results can be traced to it."""
+
+    __tablename__ = "specs"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_specs_name_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    body: Mapped[dict[str, Any]]
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class Item(Base):
+    """A document to label for one spec; ``spec_id`` is the version it is being labeled for."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("spec_name", "external_id", name="uq_items_spec_name_external_id"),
+        Index("ix_items_spec_state_retry", "spec_id", "state", "retry_at"),
+        Index("ix_items_spec_name_content_hash", "spec_name", "content_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    spec_name: Mapped[str] = mapped_column(String(64))
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    external_id: Mapped[str] = mapped_column(String(256))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)  # the input rendered by the spec: what the teacher sees
+    payload: Mapped[dict[str, Any]]
+    slices: Mapped[dict[str, Any]]
+    state: Mapped[ItemState] = mapped_column(
+        _enum(ItemState, "item_state"), default=ItemState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_now(), onupdate=_now()
+    )
+
+
+class KnownGood(Base):
+    """A trusted record for an item (e.g. the real routing outcome of a ticket)."""
+
+    __tablename__ = "known_good"
+
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    fields: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class TeacherResponse(Base):
+    """The teacher's raw successful answer, keyed by the hash of the normalized request.
+
+    This is the cache that keeps teacher spend from ever doubling. Failures are never stored.
+    """
+
+    __tablename__ = "teacher_responses"
+
+    request_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(256))
+    request: Mapped[dict[str, Any]]
+    response: Mapped[dict[str, Any]]
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class TeacherCall(Base):
+    """The call ledger: one row for every attempt, with what it cost."""
+
+    __tablename__ = "teacher_calls"
+    __table_args__ = (Index("ix_teacher_calls_spec_created", "spec_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[CallStatus] = mapped_column(_enum(CallStatus, "call_status"))
+    error_kind: Mapped[str | None] = mapped_column(String(32))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class Label(Base):
+    """Exactly one verdict per (item, spec version); a rejected label is data, not an error."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("item_id", "spec_id", name="uq_labels_item_id_spec_id"),
+        Index("ix_labels_spec_verdict", "spec_id", "verdict"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    output: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    verdict: Mapped[Verdict] = mapped_column(_enum(Verdict, "verdict"))
+    reasons: Mapped[list[Any]]
+    confidence: Mapped[float | None] = mapped_column(Float)
+    known_good_match: Mapped[bool | None] = mapped_column(Boolean)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())

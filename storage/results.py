@@ -1,0 +1,167 @@
+"""Writing what a batch of teacher calls produced: cache, ledger, labels and item states.
+
+Everything for one batch goes in one transaction that the caller commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
+
+from storage.dialect import db_now_plus, insert_for
+from storage.models import CallStatus, Item, ItemState, Label, TeacherCall, TeacherResponse, Verdict
+
+__all__ = [
+    "BatchResult",
+    "CallRecord",
+    "LabelRecord",
+    "NewResponse",
+    "Release",
+    "cached_responses",
+    "record_batch",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NewResponse:
+    request_hash: str
+    provider: str
+    model: str
+    request: dict[str, Any]
+    response: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    item_id: int
+    request_hash: str
+    attempt: int
+    status: CallStatus
+    error_kind: str | None = None
+    http_status: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRecord:
+    item_id: int
+    output: dict[str, Any] | None
+    verdict: Verdict
+    reasons: list[str]
+    confidence: float | None
+    known_good_match: bool | None
+    request_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """An item that got no label this time: back to pending (after a wait) or failed."""
+
+    item_id: int
+    error: str
+    retry_after_s: float | None
+    failed: bool
+
+
+@dataclass(slots=True)
+class BatchResult:
+    responses: list[NewResponse]
+    calls: list[CallRecord]
+    labels: list[LabelRecord]
+    releases: list[Release]
+
+
+def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Stored raw responses for these request hashes (only successes are ever stored)."""
+    if not hashes:
+        return {}
+    rows = session.execute(
+        select(TeacherResponse.request_hash, TeacherResponse.response).where(
+            TeacherResponse.request_hash.in_(list(set(hashes)))
+        )
+    )
+    return dict(rows.all())
+
+
+def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
+    """Write one batch's responses, ledger rows, labels and item states (flush only)."""
+    if batch.responses:
+        session.execute(
+            insert_for(session, TeacherResponse.__table__).on_conflict_do_nothing(),
+            [_as_row(r) for r in batch.responses],
+        )
+    if batch.calls:
+        session.execute(
+            insert_for(session, TeacherCall.__table__),
+            [{**_as_row(c), "spec_id": spec_id} for c in batch.calls],
+        )
+    if batch.labels:
+        # ON CONFLICT DO NOTHING: a redelivered batch can never make a second label.
+        session.execute(
+            insert_for(session, Label.__table__).on_conflict_do_nothing(),
+            [{**_as_row(lb), "spec_id": spec_id} for lb in batch.labels],
+        )
+        _finish_labeled(session, spec_id, [lb.item_id for lb in batch.labels])
+    for release in batch.releases:
+        _release(session, release)
+
+
+def _as_row(record: Any) -> dict[str, Any]:
+    return {name: _plain(getattr(record, name)) for name in record.__slots__}
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, (CallStatus, Verdict)) else value
+
+
+def _finish_labeled(session: Session, spec_id: int, item_ids: list[int]) -> None:
+    # The state follows whichever label actually won, so it is right even after a conflict.
+    verdict = (
+        select(Label.verdict)
+        .where(Label.item_id == Item.id, Label.spec_id == spec_id)
+        .scalar_subquery()
+    )
+    session.execute(
+        update(Item)
+        .where(Item.id.in_(item_ids))
+        .values(
+            state=case(
+                (verdict == Verdict.ACCEPTED.value, ItemState.ACCEPTED.value),
+                else_=ItemState.REJECTED.value,
+            ),
+            lease_owner=None,
+            lease_expires_at=None,
+            retry_at=None,
+            last_error=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _release(session: Session, release: Release) -> None:
+    values: dict[str, Any] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "last_error": release.error[:2000],
+    }
+    if release.failed:
+        values["state"] = ItemState.FAILED
+    else:
+        values["state"] = ItemState.PENDING
+        wait = release.retry_after_s
+        values["retry_at"] = db_now_plus(session, wait) if wait else None
+    session.execute(
+        update(Item)
+        .where(Item.id == release.item_id, Item.state == ItemState.LEASED)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )

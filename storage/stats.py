@@ -1,0 +1,105 @@
+"""Read-side queries for `stillhouse status` and the accuracy summaries."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.models import Item, ItemState, Label, SpecRow, TeacherCall, Verdict
+
+__all__ = ["LabelStats", "Status", "label_stats", "status"]
+
+
+@dataclass(slots=True)
+class Status:
+    items: int
+    by_state: dict[str, int]
+    by_verdict: dict[str, int]
+    calls: dict[str, int]
+    spend_usd: float
+    labeled_per_s: float | None
+    spec: str | None = None
+    specs: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def status(session: Session, spec_name: str | None = None) -> Status:
+    """Counts by state and verdict, spend, and labeling rate, for one spec name or all."""
+    item_filter = [Item.spec_name == spec_name] if spec_name else []
+    spec_ids = select(SpecRow.id).where(SpecRow.name == spec_name) if spec_name else None
+    by_state = {s.value: 0 for s in ItemState}
+    for state, n in session.execute(
+        select(Item.state, func.count()).where(*item_filter).group_by(Item.state)
+    ):
+        by_state[ItemState(state).value] = n
+    label_q = select(Label.verdict, func.count())
+    call_q = select(
+        TeacherCall.status, func.count(), func.coalesce(func.sum(TeacherCall.cost_usd), 0)
+    )
+    rate_q = select(func.count(), func.min(Label.created_at), func.max(Label.created_at))
+    if spec_ids is not None:
+        label_q = label_q.where(Label.spec_id.in_(spec_ids))
+        call_q = call_q.where(TeacherCall.spec_id.in_(spec_ids))
+        rate_q = rate_q.where(Label.spec_id.in_(spec_ids))
+    by_verdict = {v.value: 0 for v in Verdict}
+    for verdict, n in session.execute(label_q.group_by(Label.verdict)):
+        by_verdict[Verdict(verdict).value] = n
+    calls: dict[str, int] = {}
+    spend = 0.0
+    for call_status, n, cost in session.execute(call_q.group_by(TeacherCall.status)):
+        calls[str(getattr(call_status, "value", call_status))] = n
+        spend += float(cost or 0)
+    n_labels, first, last = session.execute(rate_q).one()
+    rate = None
+    if n_labels and first and last and last > first:
+        rate = round(n_labels / (last - first).total_seconds(), 2)
+    specs = [
+        {"name": r.name, "version": r.version, "kind": r.kind}
+        for r in session.scalars(select(SpecRow).order_by(SpecRow.name, SpecRow.version))
+        if spec_name is None or r.name == spec_name
+    ]
+    return Status(
+        items=sum(by_state.values()),
+        by_state=by_state,
+        by_verdict=by_verdict,
+        calls=calls,
+        spend_usd=round(spend, 6),
+        labeled_per_s=rate,
+        spec=spec_name,
+        specs=specs,
+    )
+
+
+@dataclass(slots=True)
+class LabelStats:
+    """How the teacher's labels compare with the known-good records for one spec version."""
+
+    labels: int
+    with_known_good: int
+    teacher_accuracy: float | None
+    accepted: int
+    accepted_accuracy: float | None
+
+
+def label_stats(session: Session, spec_id: int) -> LabelStats:
+    rows = session.execute(
+        select(Label.verdict, Label.known_good_match).where(Label.spec_id == spec_id)
+    ).all()
+    with_kg = [(v, m) for v, m in rows if m is not None]
+    accepted = [m for v, m in with_kg if v == Verdict.ACCEPTED]
+    return LabelStats(
+        labels=len(rows),
+        with_known_good=len(with_kg),
+        teacher_accuracy=_mean([m for _, m in with_kg]),
+        accepted=sum(1 for v, _ in rows if v == Verdict.ACCEPTED),
+        accepted_accuracy=_mean(accepted),
+    )
+
+
+def _mean(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None

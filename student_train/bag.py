@@ -1,0 +1,153 @@
+"""The bag-of-n-grams student: a fastText-style classifier and its inference wrapper."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn import functional
+
+from student_train.features import Bag, Featurizer, Packed, pack
+
+__all__ = ["BagOfNgrams", "Student", "to_tensors"]
+
+_PREDICT_BATCH = 1_024
+
+
+class BagOfNgrams(nn.Module):
+    """Mean of hashed n-gram embeddings, dropout, then a linear layer to class logits.
+
+    The embedding bag sums with per-id weights, so a document can be given as its distinct
+    ids weighted by their share (see :data:`student_train.features.Bag`): the same mean as
+    ``mode="mean"`` over every n-gram, for half the work on long texts.
+    """
+
+    def __init__(self, buckets: int, dim: int, n_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        # Sparse gradients: one step touches a few thousand rows, not all `buckets` of them.
+        self.embedding = nn.EmbeddingBag(buckets, dim, mode="sum", sparse=True)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(dim, n_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize as fastText does: small uniform embeddings, a zero output layer."""
+        bound = 1.0 / self.embedding.embedding_dim
+        nn.init.uniform_(self.embedding.weight, -bound, bound)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(
+        self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of shape ``(len(offsets), n_classes)`` for a packed batch of documents.
+
+        Without ``weights`` every id counts equally: the plain mean of each document's ids.
+        """
+        if weights is None:
+            weights = _mean_weights(ids, offsets)
+        table = self.embedding.weight
+        if torch.is_grad_enabled() and table.requires_grad:
+            pooled = _SparseBag.apply(table, ids, offsets, weights)  # type: ignore[no-untyped-call]
+        else:
+            pooled = self.embedding(ids, offsets, per_sample_weights=weights)
+        return self.linear(self.dropout(pooled))  # type: ignore[no-any-return]
+
+
+class _SparseBag(torch.autograd.Function):
+    """A weighted-sum embedding bag whose gradient is one coalesced row per distinct id.
+
+    The stock backward writes a gradient row per (document, id) occurrence and the optimizer
+    then sorts and merges them; here the merge is one sparse matrix product, which makes a
+    training step about three times faster on long documents.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        table: torch.Tensor,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(ids, offsets, weights)
+        ctx.table_shape = table.shape
+        return functional.embedding_bag(ids, table, offsets, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        ids, offsets, weights = ctx.saved_tensors
+        lengths = torch.diff(offsets, append=offsets.new_tensor([len(ids)]))
+        bag_of = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
+        sorted_ids, order = torch.sort(ids, stable=True)
+        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        # spread[r, d] = weight of distinct id r in document d; its product with the
+        # per-document gradient is the gradient of each distinct row.
+        with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+            warnings.simplefilter("ignore", UserWarning)
+            spread = torch.sparse_csr_tensor(
+                starts,
+                bag_of[order],
+                weights[order],
+                (len(rows), len(offsets)),
+                check_invariants=False,
+            )
+        values = spread @ grad
+        table_grad = torch.sparse_coo_tensor(
+            rows.unsqueeze(0), values, ctx.table_shape, is_coalesced=True, check_invariants=False
+        )
+        return table_grad, None, None, None
+
+
+def _mean_weights(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    ends = torch.cat([offsets[1:], torch.tensor([len(ids)], dtype=offsets.dtype)])
+    lengths = ends - offsets
+    return (1.0 / lengths.clamp(min=1).float()).repeat_interleave(lengths)
+
+
+def to_tensors(bags: Sequence[Bag]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack bags into the ``(ids, offsets, weights)`` tensors of a forward pass."""
+    ids, offsets, weights = pack(bags)
+    return torch.from_numpy(ids), torch.from_numpy(offsets), torch.from_numpy(weights)
+
+
+class Student:
+    """A trained student ready to label texts: the model, its labels and its featurizer."""
+
+    def __init__(self, model: BagOfNgrams, labels: Sequence[str], featurizer: Featurizer) -> None:
+        self.model = model.eval()
+        self.labels = list(labels)
+        self.featurizer = featurizer
+
+    def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """The most likely label of each text and its probability."""
+        probs = self.predict_proba(texts)
+        best = probs.argmax(axis=1)
+        return [(self.labels[int(k)], float(probs[row, k])) for row, k in enumerate(best)]
+
+    def predict_proba(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Class probabilities, one row per text, columns in the order of ``labels``."""
+        chunks = [np.zeros((0, len(self.labels)), dtype=np.float32)]
+        for start in range(0, len(texts), _PREDICT_BATCH):
+            chunks.append(
+                self._probabilities(self.featurizer.packed(texts[start : start + _PREDICT_BATCH]))
+            )
+        return np.concatenate(chunks)
+
+    def predict_proba_bags(self, bags: Sequence[Bag]) -> npt.NDArray[np.float32]:
+        """Class probabilities for documents that are already featurized."""
+        chunks = [np.zeros((0, len(self.labels)), dtype=np.float32)]
+        for start in range(0, len(bags), _PREDICT_BATCH):
+            chunks.append(self._probabilities(pack(bags[start : start + _PREDICT_BATCH])))
+        return np.concatenate(chunks)
+
+    def _probabilities(self, packed: Packed) -> npt.NDArray[np.float32]:
+        with torch.inference_mode():
+            logits = self.model(*(torch.from_numpy(array) for array in packed))
+            return torch.softmax(logits, dim=1).numpy()

@@ -1,0 +1,54 @@
+"""Training examples for the student and their stable train/validation split."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Example", "Split", "split_examples", "split_of"]
+
+Split = Literal["train", "val"]
+
+_SCALE = float(2**64)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One accepted item: its text, the teacher's label and the known-good label if any."""
+
+    item_id: int
+    external_id: str
+    text: str
+    label: str
+    known_good: str | None = None
+
+
+def split_of(external_id: str, val_share: float, salt: str = "") -> Split:
+    """The split of one item, from a blake2b hash of its external id.
+
+    The answer depends only on the id, the share and the salt, never on row order or the
+    process, so an item stays in the same split when the dataset grows or is reloaded.
+    """
+    _check_share(val_share)
+    data = f"{salt}\x00{external_id}".encode()
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / _SCALE < val_share else "train"
+
+
+def split_examples(
+    examples: Iterable[Example], val_share: float, salt: str = ""
+) -> tuple[list[Example], list[Example]]:
+    """Partition examples into ``(train, val)`` with :func:`split_of`, keeping their order."""
+    train: list[Example] = []
+    val: list[Example] = []
+    for example in examples:
+        side = split_of(example.external_id, val_share, salt)
+        (val if side == "val" else train).append(example)
+    return train, val
+
+
+def _check_share(val_share: float) -> None:
+    if not 0.0 <= val_share < 1.0:
+        raise ValueError(f"val_share must be in [0, 1), got {val_share}")

@@ -1,0 +1,393 @@
+"""Train the bag-of-n-grams student on accepted teacher labels and compare it with the teacher.
+
+The student learns from the teacher's labels on the train split. On the validation split it
+is scored three ways: against the teacher, against the known-good labels, and, on those same
+known-good items, the teacher itself, so a reader sees whether the student keeps up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional
+
+from student_train.bag import BagOfNgrams, Student, to_tensors
+from student_train.data import Example, split_examples
+from student_train.features import Bag, Featurizer
+
+__all__ = [
+    "MIN_TRAIN_EXAMPLES",
+    "RowAdagrad",
+    "StudentConfig",
+    "TrainReport",
+    "fit_student",
+    "load_student",
+    "save_student",
+    "train_classifier",
+]
+
+MIN_TRAIN_EXAMPLES = 10
+FORMAT = "stillhouse-student/bag-of-ngrams/1"
+MODEL_FILE, METRICS_FILE, LABELS_FILE, CONFIG_FILE = (
+    "model.safetensors",
+    "metrics.json",
+    "labels.json",
+    "config.json",
+)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Hyperparameters of one training run (fastText-like defaults that suit a CPU)."""
+
+    epochs: int = 8
+    buckets: int = 262_144
+    dim: int = 64
+    lr: float = 0.5
+    val_share: float = 0.2
+    batch_size: int = 64
+    seed: int = 0
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    max_tokens: int = 2_000
+    threads: int | None = None  # None: half the usable cores, 1 to 4 (see `_threads`)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "buckets", "dim", "batch_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"StudentConfig.{name} must be positive, got {getattr(self, name)}"
+                )
+        if self.lr <= 0:
+            raise ValueError(f"StudentConfig.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"StudentConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudentConfig:
+        """Rebuild a config from :meth:`as_dict` output, ignoring unknown keys."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready values."""
+        return asdict(self)
+
+    def featurizer(self) -> Featurizer:
+        """The featurizer these settings call for."""
+        return Featurizer(buckets=self.buckets, max_tokens=self.max_tokens)
+
+
+ClassMetrics = dict[str, float | int | None]
+
+
+@dataclass
+class TrainReport:
+    """What a training run produced: sizes, accuracies by source and class, and timings.
+
+    Accuracies are fractions in [0, 1], or ``None`` when there was nothing to score.
+    ``student_accuracy`` and ``teacher_accuracy`` are measured on the same validation items,
+    those with a known-good label.
+    """
+
+    n_train: int
+    n_val: int
+    n_val_known_good: int
+    labels: list[str]
+    student_vs_teacher_accuracy: float | None
+    student_accuracy: float | None
+    teacher_accuracy: float | None
+    per_class: dict[str, ClassMetrics]
+    epochs: int
+    final_loss: float
+    featurize_seconds: float
+    train_seconds: float
+    predict_items_per_s: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values (``metrics.json``)."""
+        return asdict(self)
+
+
+def train_classifier(
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    config: StudentConfig,
+    out_dir: Path | None = None,
+) -> TrainReport:
+    """Train a student on the examples' teacher labels; save it to ``out_dir`` if given."""
+    student, report = fit_student(examples, labels, config)
+    if out_dir is not None:
+        save_student(student, config, report, out_dir)
+    return report
+
+
+def fit_student(
+    examples: Sequence[Example], labels: Sequence[str], config: StudentConfig
+) -> tuple[Student, TrainReport]:
+    """Train a student and evaluate it on the validation split; keep both in memory."""
+    _check_labels(examples, labels)
+    train, val = split_examples(examples, config.val_share)
+    _check_train_split(train, config)
+    torch.manual_seed(config.seed)
+    featurizer = config.featurizer()
+    with _threads(config.threads):
+        started = time.perf_counter()
+        docs = featurizer.bags(example.text for example in train)
+        featurized = time.perf_counter()
+        model = BagOfNgrams(config.buckets, config.dim, len(labels), config.dropout)
+        index = {label: k for k, label in enumerate(labels)}
+        targets = torch.tensor([index[example.label] for example in train], dtype=torch.long)
+        loss = _optimize(model, docs, targets, config)
+        trained = time.perf_counter()
+        student = Student(model, labels, featurizer)
+        predicted, rate = _timed_predict(student, val or train[:1_000])
+    scores = _scores(student.labels, predicted[: len(val)], val)
+    report = TrainReport(
+        n_train=len(train),
+        n_val=len(val),
+        labels=list(labels),
+        epochs=config.epochs,
+        final_loss=loss,
+        featurize_seconds=round(featurized - started, 4),
+        train_seconds=round(trained - featurized, 4),
+        predict_items_per_s=round(rate, 1),
+        config=config.as_dict(),
+        **scores,
+    )
+    return student, report
+
+
+def _check_labels(examples: Sequence[Example], labels: Sequence[str]) -> None:
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct, got {list(labels)}")
+    unknown = sorted({example.label for example in examples} - set(labels))
+    if unknown:
+        raise ValueError(
+            f"examples carry labels missing from `labels`: {unknown}; pass the full label set"
+        )
+
+
+def _check_train_split(train: list[Example], config: StudentConfig) -> None:
+    if len(train) < MIN_TRAIN_EXAMPLES:
+        raise ValueError(
+            f"only {len(train)} training examples after holding out {config.val_share:.0%} for "
+            f"validation; the student needs at least {MIN_TRAIN_EXAMPLES}. Label more items "
+            "with the teacher (or lower val_share) and train again."
+        )
+    present = sorted({example.label for example in train})
+    if len(present) < 2:
+        raise ValueError(
+            f"the accepted labels in the train split cover {len(present)} class ({present}); "
+            "a classifier needs at least 2. Label more items, from more than one class."
+        )
+
+
+@contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """Run with a fixed torch thread count, restoring the previous one after.
+
+    The steps are small and memory-bound: on a 2-core machine shared with other work, two
+    threads were 2-3x slower than one, so the default takes half the cores, 1 to 4.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, min(4, _usable_cores() // 2)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: honors taskset and container CPU sets
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _optimize(
+    model: BagOfNgrams, docs: list[Bag], targets: torch.Tensor, config: StudentConfig
+) -> float:
+    """Adagrad with a learning rate that falls linearly to zero; the last epoch's mean loss."""
+    optimizer = RowAdagrad(
+        [
+            {"params": model.embedding.parameters()},
+            {"params": model.linear.parameters(), "weight_decay": config.weight_decay},
+        ],
+        lr=config.lr,
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    total = config.epochs * math.ceil(len(docs) / config.batch_size)
+    step, epoch_loss = 0, 0.0
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(docs), generator=generator)
+        epoch_loss = 0.0
+        for start in range(0, len(docs), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * (1.0 - step / total)
+            inputs = to_tensors([docs[i] for i in batch.tolist()])
+            loss = functional.cross_entropy(model(*inputs), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            epoch_loss += loss.item() * len(batch)
+            step += 1
+    model.eval()
+    return round(epoch_loss / len(docs), 6)
+
+
+class RowAdagrad(torch.optim.Optimizer):
+    """Adagrad for a hashed embedding table: one accumulator per row, only touched rows move.
+
+    Sparse gradients get row-wise Adagrad (each row's accumulator adds the mean square of
+    its gradient, as FBGEMM and DLRM train large tables): a quarter of the memory traffic
+    of ``torch.optim.Adagrad``, whose sparse-tensor bookkeeping took most of a CPU step.
+    Dense parameters get plain Adagrad, with the group's weight decay.
+    """
+
+    def __init__(self, params: Any, lr: float, eps: float = 1e-10) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """Apply one update to every parameter that has a gradient."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    self._sparse_update(param, param.grad, group)
+                else:
+                    self._dense_update(param, param.grad, group)
+
+    def _sparse_update(
+        self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
+    ) -> None:
+        state = self.state[param]
+        if "row_sum" not in state:
+            state["row_sum"] = param.new_zeros(param.shape[0])
+        sums: torch.Tensor = state["row_sum"]
+        rows, values = _sparse_rows(grad)
+        row_sums = sums.index_select(0, rows).add_(values.square().mean(dim=1))
+        sums.index_copy_(0, rows, row_sums)
+        scale = row_sums.sqrt_().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
+        param.index_add_(0, rows, values * scale.unsqueeze(1))
+
+    def _dense_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if "sum" not in state:
+            state["sum"] = torch.zeros_like(param)
+        sums: torch.Tensor = state["sum"]
+        if group["weight_decay"]:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        sums.addcmul_(grad, grad)
+        param.addcdiv_(grad, sums.sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ids and rows of a sparse gradient, each row once (coalescing only if needed).
+
+    Autograd drops the "coalesced" flag when it stores a gradient, so sorting rows that are
+    already distinct and ordered, as the embedding bag's are, is skipped by checking them.
+    """
+    rows, values = grad._indices()[0], grad._values()
+    if bool((rows[1:] > rows[:-1]).all()):
+        return rows, values
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+def _timed_predict(student: Student, items: list[Example]) -> tuple[list[str], float]:
+    """The student's labels for the items, and how many items per second it labeled."""
+    started = time.perf_counter()
+    predicted = [label for label, _ in student.predict([item.text for item in items])]
+    return predicted, len(items) / max(time.perf_counter() - started, 1e-9)
+
+
+def _scores(labels: Sequence[str], predicted: list[str], items: list[Example]) -> dict[str, Any]:
+    """Accuracies on the validation items: student vs teacher, and both vs known-good."""
+    known = [
+        (p, item) for p, item in zip(predicted, items, strict=True) if item.known_good is not None
+    ]
+    return {
+        "n_val_known_good": len(known),
+        "student_vs_teacher_accuracy": _mean(
+            p == item.label for p, item in zip(predicted, items, strict=True)
+        ),
+        "student_accuracy": _mean(p == item.known_good for p, item in known),
+        "teacher_accuracy": _mean(item.label == item.known_good for _, item in known),
+        "per_class": _per_class(labels, predicted, items),
+    }
+
+
+def _per_class(
+    labels: Sequence[str], predicted: list[str], items: list[Example]
+) -> dict[str, ClassMetrics]:
+    """Per label: recall of student and teacher on its known-good items, and agreement."""
+    names = list(labels) + sorted({i.known_good for i in items if i.known_good} - set(labels))
+    out: dict[str, ClassMetrics] = {}
+    for name in names:
+        truth = [(p, i) for p, i in zip(predicted, items, strict=True) if i.known_good == name]
+        taught = [p for p, i in zip(predicted, items, strict=True) if i.label == name]
+        out[name] = {
+            "support": len(truth),
+            "student_accuracy": _mean(p == name for p, _ in truth),
+            "teacher_accuracy": _mean(i.label == name for _, i in truth),
+            "teacher_support": len(taught),
+            "student_vs_teacher_accuracy": _mean(p == name for p in taught),
+        }
+    return out
+
+
+def _mean(hits: Iterator[bool] | Sequence[bool]) -> float | None:
+    values = list(hits)
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def save_student(
+    student: Student, config: StudentConfig, report: TrainReport, out_dir: Path
+) -> None:
+    """Write the weights, labels, settings and metrics that :func:`load_student` reads back."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in student.model.state_dict().items()}
+    save_file(tensors, str(out_dir / MODEL_FILE), metadata={"format": FORMAT})
+    settings = {
+        "format": FORMAT,
+        "config": config.as_dict(),
+        "featurizer": student.featurizer.settings(),
+    }
+    _write_json(out_dir / CONFIG_FILE, settings)
+    _write_json(out_dir / LABELS_FILE, student.labels)
+    _write_json(out_dir / METRICS_FILE, report.as_dict())
+
+
+def load_student(out_dir: Path) -> Student:
+    """Load a student written by :func:`train_classifier` or :func:`save_student`."""
+    missing = [n for n in (MODEL_FILE, LABELS_FILE, CONFIG_FILE) if not (out_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no student in {out_dir}: missing {', '.join(missing)}")
+    settings = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    if settings.get("format") != FORMAT:
+        raise ValueError(f"{out_dir / CONFIG_FILE} is not a {FORMAT} model")
+    labels: list[str] = json.loads((out_dir / LABELS_FILE).read_text(encoding="utf-8"))
+    config = StudentConfig.from_dict(settings["config"])
+    featurizer = Featurizer(**settings["featurizer"])
+    model = BagOfNgrams(featurizer.buckets, config.dim, len(labels), config.dropout)
+    model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
+    return Student(model, labels, featurizer)
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

