@@ -31,7 +31,7 @@ app.add_typer(teacher_app, name="teacher")
 app.add_typer(db_app, name="db")
 app.add_typer(spec_app, name="spec")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 SpecOpt = Annotated[str, typer.Option("--spec", "-s", help="spec file, or a bundled example name")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout")]
@@ -186,19 +186,7 @@ def spec_check(spec: Annotated[str, typer.Argument(help="spec file or bundled na
 def main() -> None:
     """Entry point: known errors become one clear message and exit code 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except StillhouseError as exc:
         err.print(f"error: {exc}", style="bold red", markup=False, highlight=False)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

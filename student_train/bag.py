@@ -1,9 +1,9 @@
-"""The bag-of-n-grams student: a fastText-style classifier and its inference wrapper."""
+"""The bag-of-n-grams student: a fastText-style classifier, its optimizer and its wrapper."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from torch.nn import functional
 
 from student_train.features import Bag, Featurizer, Packed, pack
 
-__all__ = ["BagOfNgrams", "Student", "to_tensors"]
+__all__ = ["BagOfNgrams", "RowAdagrad", "Student", "to_tensors"]
 
 _PREDICT_BATCH = 1_024
 
@@ -63,8 +63,8 @@ class _SparseBag(torch.autograd.Function):
     """A weighted-sum embedding bag whose gradient is one coalesced row per distinct id.
 
     The stock backward writes a gradient row per (document, id) occurrence and the optimizer
-    then sorts and merges them; here the merge is one sparse matrix product, which makes a
-    training step about three times faster on long documents.
+    then sorts and merges them; here the merge is one sparse matrix product, which made a
+    training step on BBC articles about twice as fast.
     """
 
     @staticmethod
@@ -109,6 +109,79 @@ def _mean_weights(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     ends = torch.cat([offsets[1:], torch.tensor([len(ids)], dtype=offsets.dtype)])
     lengths = ends - offsets
     return (1.0 / lengths.clamp(min=1).float()).repeat_interleave(lengths)
+
+
+class RowAdagrad:
+    """Adagrad for a hashed embedding table: one accumulator per row, only touched rows move.
+
+    Sparse gradients get row-wise Adagrad (each row's accumulator adds the mean square of
+    its gradient, as FBGEMM and DLRM train large tables): one float of state per row, and
+    none of ``torch.optim.Adagrad``'s sparse-tensor bookkeeping, which took most of a CPU
+    step (a BBC step went from about 125 ms to 40 ms). Dense parameters get plain Adagrad,
+    with the group's weight decay. It is a plain class because building a
+    ``torch.optim.Optimizer`` imports ``torch._dynamo``: two seconds on this machine.
+    """
+
+    def __init__(self, groups: Iterable[dict[str, Any]], lr: float, eps: float = 1e-10) -> None:
+        defaults = {"lr": lr, "eps": eps, "weight_decay": 0.0}
+        self.param_groups = [
+            {**defaults, **group, "params": list(group["params"])} for group in groups
+        ]
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+    def zero_grad(self) -> None:
+        """Forget the gradients of the last step."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply one update to every parameter that has a gradient."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    self._sparse_update(param, param.grad, group)
+                else:
+                    self._dense_update(param, param.grad, group)
+
+    def _sparse_update(
+        self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
+    ) -> None:
+        state = self.state.setdefault(param, {})
+        if "row_sum" not in state:
+            state["row_sum"] = param.new_zeros(param.shape[0])
+        sums: torch.Tensor = state["row_sum"]
+        rows, values = _sparse_rows(grad)
+        row_sums = sums.index_select(0, rows).add_(values.square().mean(dim=1))
+        sums.index_copy_(0, rows, row_sums)
+        scale = row_sums.sqrt_().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
+        param.index_add_(0, rows, values * scale.unsqueeze(1))
+
+    def _dense_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state.setdefault(param, {})
+        if "sum" not in state:
+            state["sum"] = torch.zeros_like(param)
+        sums: torch.Tensor = state["sum"]
+        if group["weight_decay"]:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        sums.addcmul_(grad, grad)
+        param.addcdiv_(grad, sums.sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ids and rows of a sparse gradient, each row once (coalescing only if needed).
+
+    Autograd drops the "coalesced" flag when it stores a gradient, so sorting rows that are
+    already distinct and ordered, as the embedding bag's are, is skipped by checking them.
+    """
+    rows, values = grad._indices()[0], grad._values()
+    if bool((rows[1:] > rows[:-1]).all()):
+        return rows, values
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
 
 
 def to_tensors(bags: Sequence[Bag]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

