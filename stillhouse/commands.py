@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from schemas.errors import ConfigError
 from stillhouse.context import open_database, open_runtime
 from stillhouse.settings import Settings
-from storage.items import pending_item_ids
+from storage.items import last_error, pending_item_ids
 from storage.models import SpecRow
 from storage.stats import label_stats, status
 from workers.ingest import IngestSummary, load_source, read_source
@@ -145,6 +145,7 @@ def _label_distributed(
         return {"queued": sent}
     with _progress(console) if console.is_terminal else nullcontext() as progress:
         task = progress.add_task("labeling", total=None) if progress else None
+        last_done, last_change = -1, time.monotonic()
         while True:
             with sessions() as session:
                 now = status(session, spec.name)
@@ -153,9 +154,25 @@ def _label_distributed(
                 progress.update(task, completed=now.items - busy, total=now.items)
             if busy == 0:
                 break
+            if now.items - busy != last_done:
+                last_done, last_change = now.items - busy, time.monotonic()
+            elif time.monotonic() - last_change > 30:
+                _hint_stalled(sessions, spec_id, console)
+                last_change = time.monotonic()
             sent += dispatch_pending(sessions, celery, spec_id, batch_size=batch)
             time.sleep(0.5)
     return {"queued": sent, "by_state": now.by_state}
+
+
+def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Console) -> None:
+    with sessions() as session:
+        error = last_error(session, spec_id)
+    console.print(
+        "no progress for 30 s: is a `stillhouse worker` running on this broker and "
+        "database?" + (f" Last item error: {error}" if error else ""),
+        markup=False,
+        highlight=False,
+    )
 
 
 def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
@@ -265,7 +282,7 @@ def run_worker(settings: Settings, *, concurrency: int | None, pool: str, loglev
 
     configure(celery, settings.broker_url, task_time_limit_s=settings.task_time_limit_s)
     open_database(settings)[0].dispose()  # fail fast on a bad URL or an old schema
-    tasks.set_runtime_factory(lambda: open_runtime(settings))
+    tasks.set_runtime_factory(lambda: open_runtime(settings, config_pause_s=60.0))
     celery.worker_main(
         [
             "worker",
@@ -288,9 +305,11 @@ def run_demo(settings: Settings, *, limit: int | None, console: Console) -> None
         local = settings.model_copy(update={"teacher_base_url": base_url})
         result = run_backfill(local, "bbc", "triage", limit=limit, wait=True, console=console)
     report = run_train(local, "triage", out=None, epochs=None, console=console)
+    run = {k: result.get(k, 0) for k in ("labeled", "teacher_calls", "cache_hits")}
     print(
-        f"labeled {result['labels']} BBC articles in {result['seconds']:.1f} s "
-        f"({result['teacher_calls']} teacher calls, {result['cache_hits']} cache hits)"
+        f"{result['labels']} BBC articles labeled; this run: {run['labeled']} new labels, "
+        f"{run['teacher_calls']} teacher calls, {run['cache_hits']} cache hits, "
+        f"{result['seconds']:.1f} s"
     )
     print(
         f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])} "

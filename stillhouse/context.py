@@ -35,9 +35,12 @@ def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
     return engine, make_sessionmaker(engine)
 
 
-def open_runtime(settings: Settings) -> LabelRuntime:
+def open_runtime(settings: Settings, *, config_pause_s: float = 0.0) -> LabelRuntime:
     """A labeling runtime for this process (called after the fork in workers)."""
     _, sessions = open_database(settings)
     return LabelRuntime(
-        sessions, teacher_base_url=settings.teacher_base_url, http_transport=settings.http_transport
+        sessions,
+        teacher_base_url=settings.teacher_base_url,
+        http_transport=settings.http_transport,
+        config_pause_s=config_pause_s,
     )

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -25,7 +26,7 @@ def free_port() -> int:
 
 
 def wait_ready(
-    base_url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 180.0
+    base_url: str, process: subprocess.Popen[Any] | None = None, timeout_s: float = 180.0
 ) -> None:
     """Poll ``/healthz`` until the teacher is up (model loaded) or fail with a clear error."""
     root = base_url.rstrip("/").removesuffix("/v1")

@@ -21,6 +21,7 @@ __all__ = [
     "dispatchable_item_ids",
     "ensure_spec",
     "known_good_for",
+    "last_error",
     "mark_queued",
     "pending_item_ids",
     "upsert_items",
@@ -246,6 +247,17 @@ def claim_items(
     )
     rows = session.execute(stmt).all()
     return sorted((ClaimedItem(*row) for row in rows), key=lambda c: c.id)
+
+
+def last_error(session: Session, spec_id: int) -> str | None:
+    """The most recent error recorded on an item of this spec version, if any."""
+    stmt = (
+        select(Item.last_error)
+        .where(Item.spec_id == spec_id, Item.last_error.is_not(None))
+        .order_by(Item.updated_at.desc())
+        .limit(1)
+    )
+    return session.scalar(stmt)
 
 
 def known_good_for(session: Session, item_ids: Sequence[int]) -> dict[int, dict[str, Any]]:

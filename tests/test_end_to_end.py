@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from storage.models import CallStatus, Label, TeacherCall
 from storage.session import make_engine, make_sessionmaker
 
 LIMIT = 40
+ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 
@@ -140,3 +142,44 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
     assert report["teacher_accuracy"] is not None
     assert 0.5 <= float(report["student_accuracy"]) <= 1.0  # type: ignore[arg-type]
     assert os.path.exists(f"{tmp_path}/runs/triage-v1/model.safetensors")
+
+
+@pytest.mark.slow
+def test_api_key_is_sent_but_never_stored_or_logged(
+    tmp_path: Path, teacher_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    secret = "sk-test-" + "9f3c" * 8
+    body = (ROOT / "examples/specs/triage.yaml").read_text()
+    spec = tmp_path / "keyed.yaml"
+    spec.write_text(
+        body.replace(
+            "  model: minilm-zero-shot",
+            "  model: minilm-zero-shot\n  api_key_env: TRIAGE_TEACHER_KEY",
+        )
+    )
+    db = tmp_path / "keyed.db"
+    env = {
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_DATABASE_URL": f"sqlite:///{db}",
+        "TRIAGE_TEACHER_KEY": secret,
+    }
+    result = runner.invoke(
+        app,
+        ["backfill", "bbc", "--spec", str(spec), "--limit", "5", "--json"],
+        env=env,
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["labels"] == 5
+    captured = capfd.readouterr()
+    assert secret not in result.output + captured.out + captured.err
+    for path in tmp_path.glob("keyed.db*"):  # the database and its WAL
+        assert secret.encode() not in path.read_bytes()
+
+    missing = runner.invoke(
+        app,
+        ["backfill", "bbc", "--spec", str(spec), "--limit", "6"],
+        env={**env, "TRIAGE_TEACHER_KEY": ""},
+    )
+    assert "TRIAGE_TEACHER_KEY" in str(missing.exception)

@@ -71,6 +71,7 @@ class _Loaded:
     spec: Spec
     checker: Checker
     client: TeacherClient
+    config_pause_s: float = 0.0
 
 
 class LabelRuntime:
@@ -83,8 +84,12 @@ class LabelRuntime:
         teacher_base_url: str | None = None,
         http_transport: str = "aiohttp",
         owner: str | None = None,
+        config_pause_s: float = 0.0,
     ) -> None:
         self.sessions = sessions
+        # After a configuration error (a bad API key) items wait this long before another
+        # try: workers use a pause so a fleet does not hammer the teacher; embedded uses none.
+        self.config_pause_s = config_pause_s
         self.teacher_base_url = teacher_base_url
         self.http_transport = http_transport
         self.owner = owner or worker_id()
@@ -114,7 +119,9 @@ class LabelRuntime:
             if self.teacher_base_url:
                 config = dataclasses.replace(config, base_url=self.teacher_base_url)
             http = self._runner.run(_make_client(config, self.http_transport))
-            self._loaded[spec_id] = _Loaded(spec, Checker(spec), TeacherClient(config, http))
+            self._loaded[spec_id] = _Loaded(
+                spec, Checker(spec), TeacherClient(config, http), self.config_pause_s
+            )
         return self._loaded[spec_id]
 
     def label_batch(
@@ -191,7 +198,7 @@ def _assemble(
             _ledger(loaded.spec, item.id, request, outcome, batch, summary)
             if body is None:
                 error = outcome.error or PermanentError("no answer")
-                config_error = config_error or _release(loaded.spec, item, error, batch, summary)
+                config_error = config_error or _release(loaded, item, error, batch, summary)
                 continue
         _label(loaded.checker, item.id, rhash, body, known.get(item.id), batch, summary)
     return batch, summary, config_error
@@ -239,14 +246,21 @@ def _ledger(
 
 
 def _release(
-    spec: Spec, item: ClaimedItem, error: StillhouseError, batch: BatchResult, summary: BatchSummary
+    loaded: _Loaded,
+    item: ClaimedItem,
+    error: StillhouseError,
+    batch: BatchResult,
+    summary: BatchSummary,
 ) -> ConfigError | None:
     if isinstance(error, ConfigError):
-        # Not the item's fault: give the attempt back and stop the run.
-        batch.releases.append(Release(item.id, str(error), None, failed=False))
+        # Not the item's fault: give it back after a pause (a fixed key or setting lets it
+        # go on) and stop this run.
+        batch.releases.append(
+            Release(item.id, f"config: {error}", loaded.config_pause_s or None, failed=False)
+        )
         summary.released += 1
         return error
-    exhausted = item.attempts >= spec.labeling["max_attempts"]
+    exhausted = item.attempts >= loaded.spec.labeling["max_attempts"]
     failed = isinstance(error, PermanentError) or exhausted
     wait = getattr(error, "retry_after_s", None)
     batch.releases.append(Release(item.id, f"{error.kind}: {error}", wait, failed=failed))

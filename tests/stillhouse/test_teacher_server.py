@@ -8,7 +8,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
+from stillhouse.localteacher import wait_ready
 from stillhouse.teacher_server import EmbeddingBackend, create_app
 from stillhouse.teacher_server.protocol import (
     ChatRequest,
@@ -303,7 +303,7 @@ def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     )
     root = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(root, process)
+        wait_ready(f"{root}/v1", process)
         yield root, process
     finally:
         process.terminate()
@@ -314,19 +314,6 @@ def _offline_env() -> dict[str, str]:
     import os
 
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def _wait_healthy(root: str, process: subprocess.Popen[str], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the teacher server exited before it was ready"
-        try:
-            if httpx.get(f"{root}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("the teacher server did not become healthy")
 
 
 @needs_model
