@@ -9,16 +9,19 @@
     │   ├── RequestRejected   the teacher answered 4xx to this request
     │   └── BadResponse       the teacher answered 2xx with a body we cannot use
     └── ConfigError           tell the user exactly what to fix, then stop
-        └── SpecError         a spec file is invalid (file, field path, what is wrong)
+        ├── SpecError         a spec file is invalid (file, field path, what is wrong)
+        └── BudgetExhausted   the spec's budget_usd is spent; remaining items stay pending
 
-A failed *check* (bad JSON, schema violation, disagreement with a known-good record) is not
-an exception: it is a rejected label row with reason codes.
+A refusal or a truncated answer is an *answer*, not an error: like a failed check (bad JSON,
+schema violation, disagreement with a known-good record) it becomes a rejected label row with
+reason codes (``refused``, ``truncated``). Likewise, nothing rejected is silently dropped.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BadResponse",
+    "BudgetExhausted",
     "ConfigError",
     "PermanentError",
     "RateLimited",
@@ -87,3 +90,9 @@ class SpecError(ConfigError):
     """A spec file is invalid; the message names the file, the field path and the problem."""
 
     kind = "spec"
+
+
+class BudgetExhausted(ConfigError):
+    """The spec's budget is spent (or fully reserved by calls in flight)."""
+
+    kind = "budget"

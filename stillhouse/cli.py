@@ -47,6 +47,9 @@ def backfill(
     spec: SpecOpt,
     limit: Annotated[int | None, typer.Option(help="load at most this many rows")] = None,
     wait: Annotated[bool, typer.Option(help="distributed mode: wait until labeled")] = True,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="only estimate calls, tokens, cost and time")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Load a source into the store and label it with the spec's teacher.
@@ -56,13 +59,37 @@ def backfill(
 
     Example: stillhouse backfill bbc --spec triage --limit 200
     """
-    from stillhouse.commands import run_backfill
+    from stillhouse.commands import run_backfill, run_estimate
 
+    if dry_run:
+        run_estimate(
+            Settings(), source, spec, limit=limit, sample=200, as_json=as_json, console=err
+        )
+        return
     result = run_backfill(Settings(), source, spec, limit=limit, wait=wait, console=err)
     if as_json:
         _print_json(result)
     if result.get("bad_rows"):
         raise typer.Exit(1)
+
+
+@app.command()
+def estimate(
+    source: Annotated[str, typer.Argument(help="a .jsonl or .csv file, or 'bbc' (bundled)")],
+    spec: SpecOpt,
+    limit: Annotated[int | None, typer.Option(help="consider at most this many rows")] = None,
+    sample: Annotated[int, typer.Option(help="rows rendered and looked up")] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """Expected teacher calls, tokens, cost and time for a source, before anything is spent.
+
+    Rows already labeled under this spec version and answers already cached count as free.
+
+    Example: stillhouse estimate bbc --spec triage
+    """
+    from stillhouse.commands import run_estimate
+
+    run_estimate(Settings(), source, spec, limit=limit, sample=sample, as_json=as_json, console=err)
 
 
 @app.command()
@@ -127,16 +154,39 @@ def demo(
 
 @teacher_app.command("serve")
 def teacher_serve(
-    backend: Annotated[str, typer.Option(help="model behind the API")] = "embedding",
+    backend: Annotated[
+        str, typer.Option(help="embedding, spacy, moderation, llama or fixed")
+    ] = "embedding",
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8765,
     api_key_env: Annotated[
         str | None, typer.Option(help="require this env var's value as the bearer token")
     ] = None,
+    faults: Annotated[
+        Path | None, typer.Option(metavar="PROFILE.yaml", help="fault profile to inject")
+    ] = None,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KIND=SHARE",
+            help="share of requests that get fault KIND (repeatable; overrides the profile)",
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the fault sequence")] = None,
+    latency_ms: Annotated[
+        float | None,
+        typer.Option(help="--backend fixed: answer latency (default 200); others: added latency"),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(metavar="PATH", help="GGUF file for --backend llama")
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions backed by a real local model.
 
-    Example: stillhouse teacher serve --port 8765
+    Fault kinds: rate_limit, server_error, reset, hang, slow_drip, malformed, truncated,
+    refusal, wrong; the X-Stillhouse-Fault header forces one on a single request.
+
+    Example: stillhouse teacher serve --backend fixed --fault rate_limit=0.1 --seed 7
     """
     import os
 
@@ -147,7 +197,17 @@ def teacher_serve(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise ConfigError(f"--api-key-env names {api_key_env}, which is not set")
-    serve(host, port, backend=backend, api_key=api_key)
+    serve(
+        host,
+        port,
+        backend=backend,
+        api_key=api_key,
+        faults=faults,
+        fault=fault or (),
+        seed=seed,
+        latency_ms=latency_ms,
+        model=model,
+    )
 
 
 @db_app.command("upgrade")

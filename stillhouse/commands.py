@@ -13,7 +13,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import ConfigError
+from schemas.errors import BudgetExhausted, ConfigError
 from stillhouse.context import open_database, open_runtime
 from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
@@ -60,6 +60,7 @@ def run_backfill(
     elapsed = time.monotonic() - started
     with sessions() as session:
         stats = label_stats(session, spec_id)
+        error = last_error(session, spec_id)
     result = {
         "spec": spec.name,
         "version": spec.version,
@@ -74,6 +75,7 @@ def run_backfill(
         "accepted_accuracy": stats.accepted_accuracy,
         "labels": stats.labels,
         "accepted": stats.accepted,
+        "last_error": error,
     }
     _report_backfill(result, ingest, console)
     return result
@@ -154,6 +156,8 @@ def _label_distributed(
                 progress.update(task, completed=now.items - busy, total=now.items)
             if busy == 0:
                 break
+            if busy == now.by_state["pending"]:
+                _stop_if_budget_spent(sessions, spec_id)
             if now.items - busy != last_done:
                 last_done, last_change = now.items - busy, time.monotonic()
             elif time.monotonic() - last_change > 30:
@@ -162,6 +166,14 @@ def _label_distributed(
             sent += dispatch_pending(sessions, celery, spec_id, batch_size=batch)
             time.sleep(0.5)
     return {"queued": sent, "by_state": now.by_state}
+
+
+def _stop_if_budget_spent(sessions: sessionmaker[Session], spec_id: int) -> None:
+    # Workers park items whose calls the budget cannot cover; waiting longer is pointless.
+    with sessions() as session:
+        error = last_error(session, spec_id)
+    if error and error.startswith(f"{BudgetExhausted.kind}: "):
+        raise BudgetExhausted(error.removeprefix(f"{BudgetExhausted.kind}: "))
 
 
 def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Console) -> None:
@@ -195,6 +207,8 @@ def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Con
             f"calls, {result['cache_hits']} cache hits, {result['failed']} failed, "
             f"{result['waiting']} waiting to retry"
         )
+    if result.get("failed") or result.get("waiting"):
+        console.print(f"last item error: {result['last_error']}", markup=False, highlight=False)
     console.print(
         f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])}; "
         f"accepted labels: {result['accepted']} of {result['labels']} "
@@ -204,6 +218,59 @@ def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Con
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def run_estimate(
+    settings: Settings,
+    source: str,
+    spec_ref: str,
+    *,
+    limit: int | None,
+    sample: int,
+    as_json: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """Print what labeling ``source`` would cost; loads nothing, calls nothing."""
+    import json
+    import sys
+
+    from workers.estimate import estimate_source
+
+    spec = load_spec(spec_ref)
+    rows = read_source(source, limit=limit)
+    _, sessions = open_database(settings)
+    with sessions() as session:
+        result = estimate_source(
+            session,
+            spec,
+            rows,
+            sample_size=sample,
+            workers=settings.worker_concurrency if settings.distributed else 1,
+        ).as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return result
+    budget = result["budget_usd"]
+    console.print(
+        f"{result['rows']} rows ({result['bad_rows']} bad): about {result['calls']} teacher "
+        f"calls, {result['prompt_tokens']:,} prompt + {result['completion_tokens']:,} completion "
+        f"tokens, ${result['cost_usd']:.4f}, {result['seconds']:.0f} s"
+        + (
+            ""
+            if budget is None
+            else f"; budget_usd ${budget:.2f} "
+            f"({'enough' if result['within_budget'] else 'NOT enough'})"
+        ),
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"already labeled: {100 * result['already_done_share']:.0f} % of the sample; "
+        f"cached answers: {100 * result['cached_share']:.0f} %"
+    )
+    for note in result["assumptions"]:
+        console.print(f"  assumed: {note}", markup=False, highlight=False)
+    return result
 
 
 def run_status(

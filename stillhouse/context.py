@@ -43,4 +43,10 @@ def open_runtime(settings: Settings, *, config_pause_s: float = 0.0) -> LabelRun
         teacher_base_url=settings.teacher_base_url,
         http_transport=settings.http_transport,
         config_pause_s=config_pause_s,
+        # The governor shares teacher limits through the broker's Redis when there is one.
+        redis_url=settings.broker_url if _is_redis(settings.broker_url) else None,
     )
+
+
+def _is_redis(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(("redis://", "rediss://", "unix://"))

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,9 +48,15 @@ def wait_ready(
 
 @contextmanager
 def local_teacher(
-    backend: str = "embedding", port: int | None = None, api_key_env: str | None = None
+    backend: str = "embedding",
+    port: int | None = None,
+    api_key_env: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
-    """Run ``stillhouse teacher serve`` on 127.0.0.1 for the duration; yields its base URL."""
+    """Run ``stillhouse teacher serve`` on 127.0.0.1 for the duration; yields its base URL.
+
+    ``extra_args`` go to the command as they are (``["--latency-ms", "200"]``, faults, …).
+    """
     port = port or free_port()
     command = [
         sys.executable,
@@ -67,6 +73,7 @@ def local_teacher(
     ]
     if api_key_env:
         command += ["--api-key-env", api_key_env]
+    command += list(extra_args)
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base_url = f"http://127.0.0.1:{port}/v1"
     try:

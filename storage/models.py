@@ -30,6 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Base",
+    "Budget",
+    "BudgetReservation",
     "CallStatus",
     "Item",
     "ItemState",
@@ -215,4 +217,30 @@ class Label(Base):
     confidence: Mapped[float | None] = mapped_column(Float)
     known_good_match: Mapped[bool | None] = mapped_column(Boolean)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class Budget(Base):
+    """Spend per spec name (all versions): the settled total, and the limit last asked for."""
+
+    __tablename__ = "budgets"
+
+    spec_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    limit_usd: Mapped[float | None] = mapped_column(Float)
+    spent_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_now(), onupdate=_now()
+    )
+
+
+class BudgetReservation(Base):
+    """Money set aside for calls in flight; expires with the lease if its worker dies."""
+
+    __tablename__ = "budget_reservations"
+    __table_args__ = (Index("ix_budget_reservations_spec_expires", "spec_name", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    spec_name: Mapped[str] = mapped_column(ForeignKey("budgets.spec_name", ondelete="CASCADE"))
+    amount_usd: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())

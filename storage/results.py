@@ -70,6 +70,7 @@ class Release:
     error: str
     retry_after_s: float | None
     failed: bool
+    refund_attempt: bool = False  # not the item's fault (a bad key, a spent budget)
 
 
 @dataclass(slots=True)
@@ -149,6 +150,7 @@ def _finish_labeled(session: Session, spec_id: int, item_ids: list[int]) -> None
 
 def _release(session: Session, release: Release) -> None:
     values: dict[str, Any] = {
+        "attempts": Item.attempts - int(release.refund_attempt),
         "lease_owner": None,
         "lease_expires_at": None,
         "last_error": release.error[:2000],

@@ -47,7 +47,7 @@ def checker() -> Checker:
 
 
 def test_matching_answer_is_accepted(checker: Checker) -> None:
-    result = checker.check(answer(label="sport", confidence=0.9), {"label": "sport"})
+    result = checker.check_body(answer(label="sport", confidence=0.9), {"label": "sport"})
 
     assert result == CheckResult(
         Verdict.ACCEPTED, [], {"label": "sport", "confidence": 0.9}, 0.9, True
@@ -55,7 +55,7 @@ def test_matching_answer_is_accepted(checker: Checker) -> None:
 
 
 def test_known_good_mismatch_is_rejected(checker: Checker) -> None:
-    result = checker.check(answer(label="tech", confidence=0.9), {"label": "sport"})
+    result = checker.check_body(answer(label="tech", confidence=0.9), {"label": "sport"})
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["known_good_mismatch:label"]
@@ -68,7 +68,7 @@ def test_known_good_mismatch_is_rejected(checker: Checker) -> None:
 def test_without_known_good_the_answer_is_accepted(
     checker: Checker, known_good: dict[str, Any] | None
 ) -> None:
-    result = checker.check(answer(label="politics", confidence=0.4), known_good)
+    result = checker.check_body(answer(label="politics", confidence=0.4), known_good)
 
     assert result.verdict == Verdict.ACCEPTED
     assert result.reasons == []
@@ -79,7 +79,7 @@ def test_without_known_good_the_answer_is_accepted(
 def test_mismatch_is_recorded_but_accepted_when_not_required() -> None:
     lenient = Checker(triage_with(checks={"require_known_good_match": False}))
 
-    result = lenient.check(answer(label="tech", confidence=0.9), {"label": "sport"})
+    result = lenient.check_body(answer(label="tech", confidence=0.9), {"label": "sport"})
 
     assert result.verdict == Verdict.ACCEPTED
     assert result.reasons == []
@@ -105,8 +105,8 @@ def test_casefold_comparison() -> None:
     )
     checker = Checker(spec)
 
-    same = checker.check(answer(company=" ACME Corp "), {"company": "acme corp"})
-    different = checker.check(answer(company="Initech"), {"company": "acme corp"})
+    same = checker.check_body(answer(company=" ACME Corp "), {"company": "acme corp"})
+    different = checker.check_body(answer(company="Initech"), {"company": "acme corp"})
 
     assert (same.verdict, same.known_good_match) == (Verdict.ACCEPTED, True)
     assert same.confidence is None
@@ -115,7 +115,7 @@ def test_casefold_comparison() -> None:
 
 
 def test_exact_comparison_is_case_sensitive(checker: Checker) -> None:
-    result = checker.check(answer(label="sport", confidence=0.9), {"label": "Sport"})
+    result = checker.check_body(answer(label="sport", confidence=0.9), {"label": "Sport"})
 
     assert result.known_good_match is False
     assert result.reasons == ["known_good_mismatch:label"]
@@ -136,7 +136,7 @@ def test_exact_comparison_is_case_sensitive(checker: Checker) -> None:
     ids=["json-fence", "bare-fence", "fence-with-prose", "prose-around", "whitespace"],
 )
 def test_fenced_or_wrapped_answers_are_parsed(checker: Checker, content: str) -> None:
-    result = checker.check(completion(content), {"label": "sport"})
+    result = checker.check_body(completion(content), {"label": "sport"})
 
     assert result.verdict == Verdict.ACCEPTED
     assert result.output == {"label": "sport", "confidence": 0.9}
@@ -145,7 +145,7 @@ def test_fenced_or_wrapped_answers_are_parsed(checker: Checker, content: str) ->
 
 @pytest.mark.parametrize("content", ["not json at all", '{"label": sport}', "", "{"])
 def test_invalid_json_is_a_parse_error(checker: Checker, content: str) -> None:
-    result = checker.check(completion(content), {"label": "sport"})
+    result = checker.check_body(completion(content), {"label": "sport"})
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["parse_error"]
@@ -154,7 +154,7 @@ def test_invalid_json_is_a_parse_error(checker: Checker, content: str) -> None:
 
 
 def test_invalid_json_cut_off_by_length_is_truncated(checker: Checker) -> None:
-    result = checker.check(completion('{"label": "spo', finish_reason="length"), None)
+    result = checker.check_body(completion('{"label": "spo', finish_reason="length"), None)
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["truncated"]
@@ -163,12 +163,12 @@ def test_invalid_json_cut_off_by_length_is_truncated(checker: Checker) -> None:
 def test_valid_json_with_finish_reason_length_is_still_checked(checker: Checker) -> None:
     body = completion('{"label": "sport", "confidence": 0.9}', finish_reason="length")
 
-    assert checker.check(body, {"label": "sport"}).verdict == Verdict.ACCEPTED
+    assert checker.check_body(body, {"label": "sport"}).verdict == Verdict.ACCEPTED
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"sport"', "42"])
 def test_json_that_is_not_an_object_is_a_schema_failure(checker: Checker, content: str) -> None:
-    result = checker.check(completion(content), {"label": "sport"})
+    result = checker.check_body(completion(content), {"label": "sport"})
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["schema:$"]
@@ -179,7 +179,7 @@ def test_json_that_is_not_an_object_is_a_schema_failure(checker: Checker, conten
 
 
 def test_label_outside_the_enum(checker: Checker) -> None:
-    result = checker.check(answer(label="weather", confidence=0.9), None)
+    result = checker.check_body(answer(label="weather", confidence=0.9), None)
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["schema:$.label"]
@@ -187,14 +187,16 @@ def test_label_outside_the_enum(checker: Checker) -> None:
 
 
 def test_label_outside_the_enum_and_mismatch_both_reported(checker: Checker) -> None:
-    result = checker.check(answer(label="weather", confidence=0.9), {"label": "sport"})
+    result = checker.check_body(answer(label="weather", confidence=0.9), {"label": "sport"})
 
     assert result.reasons == ["schema:$.label", "known_good_mismatch:label"]
     assert result.known_good_match is False
 
 
 def test_extra_property(checker: Checker) -> None:
-    result = checker.check(answer(label="sport", confidence=0.9, why="because"), {"label": "sport"})
+    result = checker.check_body(
+        answer(label="sport", confidence=0.9, why="because"), {"label": "sport"}
+    )
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["schema:$"]
@@ -202,7 +204,7 @@ def test_extra_property(checker: Checker) -> None:
 
 
 def test_missing_confidence(checker: Checker) -> None:
-    result = checker.check(answer(label="sport"), None)
+    result = checker.check_body(answer(label="sport"), None)
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["schema:$"]
@@ -211,21 +213,23 @@ def test_missing_confidence(checker: Checker) -> None:
 
 @pytest.mark.parametrize("confidence", [1.5, -0.1, "high", True])
 def test_confidence_out_of_range_or_wrong_type(checker: Checker, confidence: Any) -> None:
-    result = checker.check(answer(label="sport", confidence=confidence), None)
+    result = checker.check_body(answer(label="sport", confidence=confidence), None)
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons[0] == "schema:$.confidence"
 
 
 def test_boolean_confidence_is_not_a_number(checker: Checker) -> None:
-    assert checker.check(answer(label="sport", confidence=True), None).confidence is None
+    assert checker.check_body(answer(label="sport", confidence=True), None).confidence is None
 
 
 # --- refusals and empty answers --------------------------------------------------------------
 
 
 def test_refusal(checker: Checker) -> None:
-    result = checker.check(completion(None, refusal="I can't help with that."), {"label": "sport"})
+    result = checker.check_body(
+        completion(None, refusal="I can't help with that."), {"label": "sport"}
+    )
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["refused"]
@@ -236,18 +240,24 @@ def test_refusal(checker: Checker) -> None:
     "body",
     [
         completion(None),
-        {"choices": []},
-        {},
         {"choices": [{"message": None}]},
         {"choices": [{"message": {"content": [{"type": "text"}]}}]},
     ],
-    ids=["null-content", "no-choices", "empty-body", "null-message", "non-string-content"],
+    ids=["null-content", "null-message", "non-string-content"],
 )
 def test_empty_answer(checker: Checker, body: dict[str, Any]) -> None:
-    result = checker.check(body, {"label": "sport"})
+    result = checker.check_body(body, {"label": "sport"})
 
     assert result.verdict == Verdict.REJECTED
     assert result.reasons == ["empty_answer"]
+
+
+@pytest.mark.parametrize("body", [{"choices": []}, {}], ids=["no-choices", "empty-body"])
+def test_a_body_without_choices_is_a_bad_response(checker: Checker, body: dict[str, Any]) -> None:
+    result = checker.check_body(body, {"label": "sport"})
+
+    assert result.verdict == Verdict.REJECTED
+    assert result.reasons == ["bad_response"]
 
 
 # --- confidence threshold --------------------------------------------------------------------
@@ -256,8 +266,8 @@ def test_empty_answer(checker: Checker, body: dict[str, Any]) -> None:
 def test_low_confidence() -> None:
     strict = Checker(triage_with(checks={"min_confidence": 0.5}))
 
-    low = strict.check(answer(label="sport", confidence=0.2), {"label": "sport"})
-    at_threshold = strict.check(answer(label="sport", confidence=0.5), {"label": "sport"})
+    low = strict.check_body(answer(label="sport", confidence=0.2), {"label": "sport"})
+    at_threshold = strict.check_body(answer(label="sport", confidence=0.5), {"label": "sport"})
 
     assert low.verdict == Verdict.REJECTED
     assert low.reasons == ["low_confidence"]
@@ -269,7 +279,7 @@ def test_low_confidence() -> None:
 def test_low_confidence_and_mismatch_both_reported() -> None:
     strict = Checker(triage_with(checks={"min_confidence": 0.5}))
 
-    result = strict.check(answer(label="tech", confidence=0.2), {"label": "sport"})
+    result = strict.check_body(answer(label="tech", confidence=0.2), {"label": "sport"})
 
     assert result.reasons == ["low_confidence", "known_good_mismatch:label"]
 

@@ -14,8 +14,10 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from schemas.errors import BadResponse
 from schemas.loader import schema_problems
 from storage.models import Verdict
+from workers.providers import Answer, provider_for
 from workers.spec import Spec
 
 __all__ = ["CheckResult", "Checker", "extract_content", "parse_json_answer"]
@@ -64,19 +66,32 @@ class Checker:
         self.min_confidence = float(spec.checks["min_confidence"])
         self.require_match = bool(spec.checks["require_known_good_match"])
 
-    def check(self, body: dict[str, Any], known_good: dict[str, Any] | None) -> CheckResult:
-        content, finish_reason = extract_content(body)
-        if content is None:
-            refusal = ((body.get("choices") or [{}])[0].get("message") or {}).get("refusal")
-            return CheckResult(Verdict.REJECTED, ["refused" if refusal else "empty_answer"])
+    def check_body(
+        self, body: dict[str, Any], known_good: dict[str, Any] | None, provider: str = "openai"
+    ) -> CheckResult:
+        """Check a stored raw response (e.g. from the cache) as the provider answered it."""
         try:
-            output = parse_json_answer(content)
+            answer = provider_for(provider).parse(body)
+        except BadResponse:
+            return CheckResult(Verdict.REJECTED, ["bad_response"])
+        return self.check(answer, known_good)
+
+    def check(self, answer: Answer, known_good: dict[str, Any] | None) -> CheckResult:
+        """Run the chain on one answer: parse, schema, confidence, known-good comparison."""
+        if answer.content is None:
+            refused = answer.refusal or answer.finish_reason == "refusal"
+            return CheckResult(Verdict.REJECTED, ["refused" if refused else "empty_answer"])
+        try:
+            output = parse_json_answer(answer.content)
         except ValueError:
-            reason = "truncated" if finish_reason == "length" else "parse_error"
+            reason = "truncated" if answer.finish_reason == "length" else "parse_error"
             return CheckResult(Verdict.REJECTED, [reason])
         if not isinstance(output, dict):
             return CheckResult(Verdict.REJECTED, ["schema:$"], None)
-        result = CheckResult(Verdict.ACCEPTED, [], output, _confidence(output))
+        confidence = _confidence(output)
+        if confidence is None:
+            confidence = answer.logprob_confidence
+        result = CheckResult(Verdict.ACCEPTED, [], output, confidence)
         result.reasons += [f"schema:{path}" for path, _ in schema_problems(self.validator, output)]
         if result.confidence is not None and result.confidence < self.min_confidence:
             result.reasons.append("low_confidence")

@@ -40,6 +40,14 @@ class TeacherConfig:
     timeout_s: float = 60.0
     max_retries: int = 4
     concurrency: int = 16
+    max_output_tokens: int = 256
+    samples: int = 1
+    logprobs: bool = False
+    rpm: int | None = None
+    tpm: int | None = None
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    max_inline_wait_s: float = 30.0
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
 
@@ -176,6 +184,10 @@ def parse_spec(body: Any, *, source: str = "<memory>") -> Spec:
 # of the hash that pins a spec version (a budget can be raised without relabeling everything).
 _OPERATIONAL = ("description", "labeling", "budget_usd", "student")
 _OPERATIONAL_TEACHER = (
+    "rpm",
+    "tpm",
+    "circuit_breaker",
+    "max_inline_wait_s",
     "base_url",
     "api_key_env",
     "timeout_s",
@@ -195,9 +207,12 @@ def labeling_hash(body: dict[str, Any]) -> str:
 
 def _teacher_config(raw: dict[str, Any]) -> TeacherConfig:
     price = raw.get("price", {})
-    fields = {k: v for k, v in raw.items() if k != "price"}
+    breaker = raw.get("circuit_breaker", {})
+    fields = {k: v for k, v in raw.items() if k not in ("price", "circuit_breaker")}
     return TeacherConfig(
         **fields,
+        breaker_failures=int(breaker.get("failures", 5)),
+        breaker_cooldown_s=float(breaker.get("cooldown_s", 30.0)),
         input_per_mtok=float(price.get("input_per_mtok", 0)),
         output_per_mtok=float(price.get("output_per_mtok", 0)),
     )

@@ -1,16 +1,17 @@
-"""The teacher client: OpenAI-compatible chat completions over one ``httpx.AsyncClient``.
+"""The teacher client: one ``httpx.AsyncClient`` per teacher, a provider adapter, the governor.
 
 This is the only retry layer: 429, 5xx, resets and timeouts are retried with exponential
-backoff and full jitter that honours ``Retry-After``; a wait longer than ``max_inline_wait_s``
-is handed back to the caller, which writes it to the item as ``retry_at`` in the database.
+backoff and full jitter that honours ``Retry-After``; a wait longer than the teacher's
+``max_inline_wait_s`` is handed back to the caller, which writes it to the item as
+``retry_at`` in the database (never a Celery countdown).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -22,13 +23,14 @@ import httpx
 from schemas.errors import (
     BadResponse,
     ConfigError,
-    RateLimited,
-    RequestRejected,
+    PermanentError,
     StillhouseError,
     TeacherTimeout,
     TransientError,
     Unavailable,
 )
+from workers.governor import Governor, GovernorLimits, LocalGovernor, wait_for_slot
+from workers.providers import Answer, Provider, parse_retry_after, provider_for
 from workers.spec import TeacherConfig
 
 __all__ = [
@@ -40,7 +42,12 @@ __all__ = [
     "make_http_client",
     "map_http_error",
     "parse_retry_after",
+    "usage_of",
 ]
+
+# A conservative prompt-token estimate (English runs about 4 characters a token) for limits
+# and budget reservations before the teacher tells us the real count.
+CHARS_PER_TOKEN_ESTIMATE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,12 @@ class TeacherRequest:
     request_hash: str
     provider: str
     model: str
+    prompt_tokens_estimate: int = 0
+    max_output_tokens: int = 0
+
+    @property
+    def tokens_estimate(self) -> int:
+        return self.prompt_tokens_estimate + self.max_output_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +80,14 @@ class Attempt:
 
 @dataclass(slots=True)
 class TeacherOutcome:
-    """The raw successful body, or the last error, plus every attempt made."""
+    """The raw successful body and its parsed answer, or the error that ended the tries.
+
+    ``error`` is None whenever ``body`` is set; ``attempts`` lists every try either way.
+    """
 
     attempts: list[Attempt] = field(default_factory=list)
     body: dict[str, Any] | None = None
+    answer: Answer | None = None
     error: StillhouseError | None = None
 
 
@@ -80,26 +97,23 @@ def build_request(
     output_schema: dict[str, Any],
     schema_name: str,
 ) -> TeacherRequest:
-    """Build the chat-completions body; its hash covers everything that shapes the answer."""
-    body: dict[str, Any] = {"model": config.model, "messages": messages, **config.params}
-    if config.response_format == "json_schema":
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": schema_name, "schema": output_schema, "strict": True},
-        }
-    elif config.response_format == "json_object":
-        body["response_format"] = {"type": "json_object"}
+    """Build the provider's body; its hash covers everything that shapes the answer."""
+    provider = provider_for(config.provider)
+    body = provider.body(config, messages, output_schema, schema_name)
     canonical = json.dumps(
-        {"provider": config.provider, "body": body},
+        {"provider": provider.name, "body": body},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
     )
+    chars = sum(len(m["content"]) for m in messages)
     return TeacherRequest(
         body=body,
         request_hash=hashlib.sha256(canonical.encode()).hexdigest(),
-        provider=config.provider,
+        provider=provider.name,
         model=config.model,
+        prompt_tokens_estimate=math.ceil(chars / CHARS_PER_TOKEN_ESTIMATE) + 8 * len(messages),
+        max_output_tokens=config.max_output_tokens * config.samples,
     )
 
 
@@ -117,88 +131,80 @@ def make_http_client(config: TeacherConfig, *, transport: str = "aiohttp") -> ht
                 f"the spec's teacher.api_key_env names {config.api_key_env}, "
                 f"but that environment variable is not set: export it first"
             )
-        headers["Authorization"] = f"Bearer {key}"
+        headers.update(provider_for(config.provider).auth_headers(key))
     base_url = config.base_url.rstrip("/")
     if transport == "aiohttp":
         from httpx_aiohttp import AiohttpTransport
 
-        return httpx.AsyncClient(
+        return _StatelessClient(
             base_url=base_url,
             headers=headers,
             timeout=timeout,
             transport=AiohttpTransport(limits=limits, trust_env=False),
         )
-    return httpx.AsyncClient(
+    return _StatelessClient(
         base_url=base_url, headers=headers, timeout=timeout, limits=limits, trust_env=False
     )
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta seconds or an HTTP date)."""
-    if not value:
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing: teacher APIs are stateless, and parsing every
+    response for cookies cost about a tenth of a millisecond of CPU per call."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
-def map_http_error(response: httpx.Response, api_key_env: str | None) -> StillhouseError:
+class _StatelessClient(httpx.AsyncClient):
+    """``httpx.AsyncClient`` without cookie handling (the only change)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cookies = _NoCookies()
+
+
+def map_http_error(
+    response: httpx.Response, api_key_env: str | None, provider: str = "openai"
+) -> StillhouseError:
     """Map a non-2xx answer into the error tree (what the caller should do next)."""
-    status, detail = response.status_code, _error_detail(response)
-    if status == 429:
-        return RateLimited(
-            f"teacher rate-limited the request (429): {detail}",
-            retry_after_s=parse_retry_after(response.headers.get("retry-after")),
-        )
-    if status in (401, 403):
-        where = f"the key in {api_key_env}" if api_key_env else "the request (no API key is set)"
-        return ConfigError(
-            f"the teacher refused {where} with {status}: {detail}; "
-            f"set a valid key in teacher.api_key_env's variable"
-        )
-    if status == 408 or status >= 500:
-        return Unavailable(
-            f"teacher unavailable ({status}): {detail}",
-            retry_after_s=parse_retry_after(response.headers.get("retry-after")),
-        )
-    return RequestRejected(f"teacher rejected the request ({status}): {detail}", status_code=status)
+    return provider_for(provider).map_error(response, api_key_env)
 
 
-def _error_detail(response: httpx.Response) -> str:
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text[:300]
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("message", error))[:300]
-    return str(payload)[:300]
+def usage_of(body: dict[str, Any], provider: str = "openai") -> tuple[int, int]:
+    answer = provider_for(provider).parse(body)
+    return answer.prompt_tokens, answer.completion_tokens
 
 
 class TeacherClient:
-    """Sends requests to one teacher with bounded concurrency and our single retry layer."""
+    """Sends requests to one teacher: bounded concurrency, the governor, one retry layer."""
 
     def __init__(
         self,
         config: TeacherConfig,
         http: httpx.AsyncClient,
         *,
-        max_inline_wait_s: float = 30.0,
+        governor: Governor | None = None,
+        max_inline_wait_s: float | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 20.0,
     ) -> None:
         self.config = config
         self.http = http
-        self.max_inline_wait_s = max_inline_wait_s
+        self.provider: Provider = provider_for(config.provider)
+        self.governor = governor or LocalGovernor(GovernorLimits.from_config(config))
+        self.max_inline_wait_s = (
+            config.max_inline_wait_s if max_inline_wait_s is None else max_inline_wait_s
+        )
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self._semaphore = asyncio.Semaphore(config.concurrency)
+        # Absolute and parsed once: httpx re-parses a relative path on every request.
+        self._url = http.base_url.copy_with(
+            path=http.base_url.path.rstrip("/") + self.provider.path
+        )
 
     async def complete(self, request: TeacherRequest) -> TeacherOutcome:
         """Call the teacher, retrying transient errors; never raises for HTTP failures."""
@@ -206,7 +212,7 @@ class TeacherClient:
         for attempt in range(self.config.max_retries + 1):
             try:
                 async with self._semaphore:
-                    outcome.body = await self._attempt(request, outcome)
+                    await self._attempt(request, outcome)
                 return outcome
             except TransientError as exc:
                 outcome.error = exc
@@ -225,39 +231,62 @@ class TeacherClient:
             return retry_after_s + random.uniform(0, 0.25)
         return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
 
-    async def _attempt(self, request: TeacherRequest, outcome: TeacherOutcome) -> dict[str, Any]:
+    async def _attempt(self, request: TeacherRequest, outcome: TeacherOutcome) -> None:
+        # Governor waits are not attempts: nothing was sent, so nothing goes in the ledger.
+        report_ok = await wait_for_slot(
+            self.governor, request.tokens_estimate, self.max_inline_wait_s
+        )
         started = time.perf_counter()
         status: int | None = None
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                response = await self.http.post("/chat/completions", json=request.body)
-            status = response.status_code
-            if status >= 400:
-                raise map_http_error(response, self.config.api_key_env)
-            body = _json_body(response)
+                response = await self.http.post(self._url, json=request.body)
+                status = response.status_code
+                if status >= 400:
+                    raise self.provider.map_error(response, self.config.api_key_env)
+                body = _json_body(response)
+                answer = self.provider.parse(body)
         except StillhouseError as exc:
-            outcome.attempts.append(_failed(started, status, exc.kind))
+            await self._failed(outcome, started, status, exc)
             raise
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            outcome.attempts.append(_failed(started, status, TeacherTimeout.kind))
-            raise TeacherTimeout(
-                f"no answer from the teacher within {self.config.timeout_s:g} s"
-            ) from exc
-        except httpx.TransportError as exc:
-            outcome.attempts.append(_failed(started, status, Unavailable.kind))
-            raise Unavailable(
-                f"cannot reach the teacher at {self.config.base_url}: {type(exc).__name__}: {exc}"
-            ) from exc
-        prompt_tokens, completion_tokens = usage_of(body)
+        except (TimeoutError, httpx.TransportError) as exc:
+            error = self._transport_error(exc)
+            await self._failed(outcome, started, status, error)
+            raise error from exc
+        if report_ok:
+            await self.governor.report("ok")
+        outcome.body, outcome.answer, outcome.error = body, answer, None
         outcome.attempts.append(
-            Attempt(True, _ms(started), status, None, prompt_tokens, completion_tokens)
+            Attempt(
+                True, _ms(started), status, None, answer.prompt_tokens, answer.completion_tokens
+            )
         )
-        return body
 
+    def _transport_error(self, exc: Exception) -> StillhouseError:
+        # httpx-aiohttp reports a refused connection as ConnectTimeout: both mean the teacher
+        # could not be reached, not that it was slow to answer.
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return Unavailable(
+                f"cannot connect to the teacher at {self.config.base_url}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+        if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+            return TeacherTimeout(f"no answer from the teacher within {self.config.timeout_s:g} s")
+        return Unavailable(
+            f"lost the connection to the teacher at {self.config.base_url}: "
+            f"{type(exc).__name__}: {exc}"
+        )
 
-def usage_of(body: dict[str, Any]) -> tuple[int, int]:
-    usage = body.get("usage") or {}
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    async def _failed(
+        self, outcome: TeacherOutcome, started: float, status: int | None, error: StillhouseError
+    ) -> None:
+        outcome.attempts.append(Attempt(False, _ms(started), status, error.kind))
+        if error.kind == "rate_limited":
+            await self.governor.report("rate_limited", getattr(error, "retry_after_s", None))
+        elif isinstance(error, TransientError):
+            await self.governor.report("failure")
+        elif isinstance(error, PermanentError):
+            await self.governor.report("ok")  # the teacher answered: it is up (closes a probe)
 
 
 def _json_body(response: httpx.Response) -> dict[str, Any]:
@@ -268,13 +297,9 @@ def _json_body(response: httpx.Response) -> dict[str, Any]:
             f"teacher answered {response.status_code} with a body that is not "
             f"JSON: {response.text[:200]!r}"
         ) from exc
-    if not isinstance(body, dict) or not body.get("choices"):
-        raise BadResponse(f"teacher answer has no choices: {str(body)[:200]}")
+    if not isinstance(body, dict):
+        raise BadResponse(f"teacher answer is not a JSON object: {str(body)[:200]}")
     return body
-
-
-def _failed(started: float, status: int | None, kind: str) -> Attempt:
-    return Attempt(False, _ms(started), status, kind)
 
 
 def _ms(started: float) -> float:

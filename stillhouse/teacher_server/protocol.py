@@ -1,8 +1,10 @@
 """The OpenAI chat-completions wire format, as far as a labelling teacher needs it.
 
-``parse_chat_request`` turns a request body into a ``ChatRequest`` (the document, the
-candidate labels and the requested answer schema) or raises ``RequestError`` saying what is
-wrong; ``render_answer`` and ``completion_body`` build the reply.
+``parse_chat_request`` turns a request body into a ``ChatRequest`` (the prompt, the document,
+the candidate labels and the requested answer schema) or raises ``RequestError`` saying what
+is wrong; ``render_answer`` and ``completion_body`` build the reply. Candidate labels are
+required only when no answer schema is given: a schema without a ``label`` enum (ranking,
+extraction, moderation) is for the backend to judge.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +25,20 @@ __all__ = [
     "RequestError",
     "completion_body",
     "error_body",
+    "estimate_tokens",
     "parse_chat_request",
+    "prompt_tokens",
     "render_answer",
 ]
+
+# Chat templates add a few tokens per message (role markers, separators).
+MESSAGE_OVERHEAD_TOKENS = 4
 
 _DOCUMENT = re.compile(r"<document>(.*?)</document>", re.DOTALL)
 _LABELS = re.compile(r"<labels>(.*?)</labels>", re.DOTALL)
 _LABEL_LINE = re.compile(r"^\s*[-*]\s*([^:\n]+?)\s*(?::\s*(.*?))?\s*$")
+# Words and punctuation: close to a BPE tokenizer's count on English prose.
+_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 class RequestError(ValueError):
@@ -59,13 +68,18 @@ class Label:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """A parsed classification request: what to label, with which labels, in which shape."""
+    """A parsed request: what to label, with which labels, in which shape.
+
+    ``prompt`` is the last user message in full, for backends that read more than the
+    ``<document>`` block (ranking reads ``<query>`` and ``<candidate>`` blocks from it).
+    """
 
     model: str
     messages: tuple[Message, ...]
     document: str
     labels: tuple[Label, ...]
     schema: Mapping[str, Any] | None
+    prompt: str = ""
 
     def wants(self, field: str) -> bool:
         """Whether the answer should carry ``field`` (every field when no schema was given)."""
@@ -77,11 +91,16 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class Completion:
-    """A backend's answer: the assistant content and the token counts for ``usage``."""
+    """A backend's answer: the assistant content and the token counts for ``usage``.
 
-    content: str
+    ``content`` is None only for a refusal, which then carries ``refusal`` text.
+    """
+
+    content: str | None
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str = "stop"
+    refusal: str | None = None
 
 
 def parse_chat_request(body: object, *, default_model: str = "minilm-zero-shot") -> ChatRequest:
@@ -102,6 +121,7 @@ def parse_chat_request(body: object, *, default_model: str = "minilm-zero-shot")
         document=_document(prompt),
         labels=labels,
         schema=schema,
+        prompt=prompt,
     )
 
 
@@ -153,7 +173,7 @@ def _labels(schema: Mapping[str, Any] | None, messages: Sequence[Message]) -> tu
     """Candidate labels: the schema's ``label`` enum, described by the ``<labels>`` block."""
     described = _described_labels(messages)
     names = _enum(schema) or list(described)
-    if not names:
+    if not names and schema is None:
         raise RequestError(
             "no candidate labels: give properties.label.enum in the response_format schema "
             "or a '<labels>' block of '- name: description' lines in the prompt"
@@ -198,8 +218,21 @@ def render_answer(request: ChatRequest, label: str, confidence: float) -> str:
     return json.dumps(answer)
 
 
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free token count (words and punctuation marks), for model-less backends."""
+    return len(_TOKEN.findall(text))
+
+
+def prompt_tokens(request: ChatRequest, count: Callable[[str], int] = estimate_tokens) -> int:
+    """Prompt tokens for ``usage``: each message's tokens plus the chat template's overhead."""
+    return sum(count(message.content) + MESSAGE_OVERHEAD_TOKENS for message in request.messages)
+
+
 def completion_body(request: ChatRequest, completion: Completion) -> dict[str, object]:
     """The OpenAI ``chat.completion`` object for one answer."""
+    message: dict[str, object] = {"role": "assistant", "content": completion.content}
+    if completion.refusal is not None:
+        message["refusal"] = completion.refusal
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -208,8 +241,8 @@ def completion_body(request: ChatRequest, completion: Completion) -> dict[str, o
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.content},
-                "finish_reason": "stop",
+                "message": message,
+                "finish_reason": completion.finish_reason,
             }
         ],
         "usage": {
@@ -220,6 +253,8 @@ def completion_body(request: ChatRequest, completion: Completion) -> dict[str, o
     }
 
 
-def error_body(message: str, code: str | None = None) -> dict[str, object]:
-    """An OpenAI-style error object."""
-    return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+def error_body(
+    message: str, code: str | None = None, kind: str = "invalid_request_error"
+) -> dict[str, object]:
+    """An OpenAI-style error object; ``kind`` is its ``type`` field."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -1,0 +1,86 @@
+"""A run against the real local teacher stops at the spec's budget, with items left pending."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spec_with_budget(tmp_path: Path, budget: float) -> Path:
+    body = (ROOT / "examples/specs/triage.yaml").read_text()
+    spec = tmp_path / "budgeted.yaml"
+    spec.write_text(body.replace("budget_usd: 5.0", f"budget_usd: {budget}"))
+    return spec
+
+
+def _cli(tmp_path: Path, teacher_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/b.db",
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "stillhouse", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_spending_stops_at_the_budget_and_the_rest_stays_pending(
+    tmp_path: Path, teacher_url: str
+) -> None:
+    budget = 0.002
+    spec = _spec_with_budget(tmp_path, budget)
+    run = _cli(tmp_path, teacher_url, "backfill", "bbc", "--spec", str(spec), "--limit", "40")
+    assert run.returncode == 2, run.stderr
+    assert "budget_usd $0.002" in run.stderr and "stay pending" in run.stderr
+
+    state = json.loads(_cli(tmp_path, teacher_url, "status", "--json").stdout)
+    assert 0 < state["spend_usd"] <= budget
+    assert state["by_state"]["pending"] > 0
+    labeled = state["by_state"]["accepted"] + state["by_state"]["rejected"]
+    assert labeled + state["by_state"]["pending"] == 40
+    # Every paid call is in the ledger, and nothing was left reserved.
+    assert state["calls"]["ok"] == labeled
+
+    raised = _spec_with_budget(tmp_path, 1.0)
+    more = _cli(tmp_path, teacher_url, "backfill", "bbc", "--spec", str(raised), "--limit", "40")
+    assert more.returncode == 0, more.stderr
+    state = json.loads(_cli(tmp_path, teacher_url, "status", "--json").stdout)
+    assert state["by_state"]["pending"] == 0
+
+
+def test_estimate_and_dry_run_spend_nothing(tmp_path: Path) -> None:
+    env_url = "http://127.0.0.1:9/v1"  # nothing listens: a call would fail loudly
+    out = _cli(tmp_path, env_url, "estimate", "bbc", "--spec", "triage", "--limit", "100", "--json")
+    assert out.returncode == 0, out.stderr
+    estimate = json.loads(out.stdout)
+    assert estimate["rows"] == 100 and estimate["calls"] == 100
+    assert estimate["prompt_tokens"] > 100 * 100 and estimate["cost_usd"] > 0
+    assert estimate["within_budget"] is True
+    dry = _cli(
+        tmp_path,
+        env_url,
+        "backfill",
+        "bbc",
+        "--spec",
+        "triage",
+        "--limit",
+        "100",
+        "--dry-run",
+        "--json",
+    )
+    assert json.loads(dry.stdout)["calls"] == 100
+    state = json.loads(_cli(tmp_path, env_url, "status", "--json").stdout)
+    assert state["items"] == 0 and state["spend_usd"] == 0

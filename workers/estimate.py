@@ -1,0 +1,176 @@
+"""Estimate calls, tokens, cost and time for a source before anything is spent.
+
+Reads the whole source once (to count rows) and keeps a seeded reservoir sample; the sample's
+prompts are rendered exactly as labeling would render them, then looked up in the store, so
+rows already labeled and answers already cached count as free.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from schemas.errors import PermanentError
+from storage.models import FINAL_STATES, CallStatus, Item, SpecRow, TeacherCall
+from storage.results import cached_responses
+from workers.ingest import SourceRow, make_item
+from workers.prompt import render_messages
+from workers.spec import Spec
+from workers.teacher import build_request
+
+__all__ = ["Estimate", "estimate_source"]
+
+CHARS_PER_TOKEN = 4.0  # a typical English average; the budget reserves with 3 to be safe
+DEFAULT_COMPLETION_TOKENS = 50
+DEFAULT_LATENCY_S = 1.0
+
+
+@dataclass(slots=True)
+class Estimate:
+    rows: int
+    bad_rows: int
+    sampled: int
+    already_done_share: float
+    cached_share: float
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    seconds: float
+    budget_usd: float | None
+    within_budget: bool | None
+    assumptions: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _reservoir(rows: Iterable[SourceRow], size: int, seed: int) -> tuple[list[SourceRow], int]:
+    rng = random.Random(seed)
+    sample: list[SourceRow] = []
+    count = 0
+    for count, row in enumerate(rows, start=1):
+        if len(sample) < size:
+            sample.append(row)
+        elif (j := rng.randrange(count)) < size:
+            sample[j] = row
+    return sample, count
+
+
+def estimate_source(
+    session: Session,
+    spec: Spec,
+    rows: Iterable[SourceRow],
+    *,
+    sample_size: int = 200,
+    workers: int = 1,
+    seed: int = 0,
+) -> Estimate:
+    """Expected calls, tokens, cost and time to label ``rows`` with ``spec``."""
+    sample, total = _reservoir(rows, sample_size, seed)
+    items, bad = [], 0
+    for source_row in sample:
+        try:
+            if source_row.row is None:
+                raise PermanentError(source_row.error or "bad row")
+            items.append(make_item(spec, source_row.row))
+        except PermanentError:
+            bad += 1
+    done = _already_done(session, spec, [i.external_id for i in items])
+    todo = [i for i in items if i.external_id not in done]
+    requests = [
+        build_request(
+            spec.teacher,
+            render_messages(spec, i.text),
+            spec.output_schema,
+            f"{spec.name}_v{spec.version}",
+        )
+        for i in todo
+    ]
+    cached = cached_responses(session, [r.request_hash for r in requests])
+    paid = [r for r in requests if r.request_hash not in cached]
+    scale = (total - round(bad / max(1, len(sample)) * total)) / max(1, len(items))
+    history = _history(session, spec.name)
+    notes: list[str] = []
+    completion = history.get("completion_tokens") or DEFAULT_COMPLETION_TOKENS
+    latency = history.get("latency_s") or DEFAULT_LATENCY_S
+    if "completion_tokens" not in history:
+        notes.append(
+            f"no calls in the ledger for {spec.name!r} yet: assumed "
+            f"{DEFAULT_COMPLETION_TOKENS} completion tokens and {DEFAULT_LATENCY_S:g} s "
+            f"per call"
+        )
+    notes.append(f"prompt tokens estimated at {CHARS_PER_TOKEN:g} characters a token")
+    chars = [sum(len(m["content"]) for m in r.body.get("messages", [])) for r in paid]
+    prompt_per_call = statistics.fmean(chars) / CHARS_PER_TOKEN if chars else 0.0
+    calls = round(len(paid) * scale)
+    prompt_tokens = round(calls * prompt_per_call)
+    completion_tokens = round(calls * completion * spec.teacher.samples)
+    cost = spec.teacher.cost_usd(prompt_tokens, completion_tokens)
+    rate = _calls_per_s(spec, latency, workers)
+    budget = spec.budget_usd
+    return Estimate(
+        rows=total,
+        bad_rows=round(bad * total / max(1, len(sample))),
+        sampled=len(sample),
+        already_done_share=_share(len(done), len(items)),
+        cached_share=_share(len(requests) - len(paid), len(requests)),
+        calls=calls,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_usd=round(cost, 4),
+        seconds=round(calls / rate, 1) if calls else 0.0,
+        budget_usd=budget,
+        within_budget=None if budget is None else cost <= budget,
+        assumptions=notes,
+    )
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
+def _calls_per_s(spec: Spec, latency_s: float, workers: int) -> float:
+    rate = spec.teacher.concurrency / max(latency_s, 1e-3) * max(1, workers)
+    if spec.teacher.rpm:
+        rate = min(rate, spec.teacher.rpm / 60)
+    return max(rate, 1e-6)
+
+
+def _already_done(session: Session, spec: Spec, external_ids: list[str]) -> set[str]:
+    if not external_ids:
+        return set()
+    stmt = (
+        select(Item.external_id)
+        .join(SpecRow, SpecRow.id == Item.spec_id)
+        .where(
+            Item.spec_name == spec.name,
+            SpecRow.version == spec.version,
+            Item.external_id.in_(external_ids),
+            Item.state.in_(FINAL_STATES),
+        )
+    )
+    return set(session.scalars(stmt))
+
+
+def _history(session: Session, spec_name: str) -> dict[str, float]:
+    row = session.execute(
+        select(
+            func.count(), func.avg(TeacherCall.completion_tokens), func.avg(TeacherCall.latency_ms)
+        )
+        .join(SpecRow, SpecRow.id == TeacherCall.spec_id)
+        .where(SpecRow.name == spec_name, TeacherCall.status == CallStatus.OK)
+    ).one()
+    if not row[0]:
+        return {}
+    return {
+        "completion_tokens": math.ceil(float(row[1] or 0)),
+        "latency_s": float(row[2] or 0) / 1000,
+    }

@@ -1,0 +1,171 @@
+"""Turn one batch's teacher outcomes into rows: ledger, cached responses, labels, releases."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.errors import ConfigError, PermanentError, StillhouseError
+from storage.items import ClaimedItem
+from storage.models import CallStatus, Verdict
+from storage.results import BatchResult, CallRecord, LabelRecord, NewResponse, Release
+from workers.checks import Checker
+from workers.spec import Spec
+from workers.teacher import TeacherOutcome, TeacherRequest
+
+__all__ = ["BatchContext", "BatchSummary", "assemble"]
+
+
+@dataclass(slots=True)
+class BatchSummary:
+    claimed: int = 0
+    labeled: int = 0
+    accepted: int = 0
+    cache_hits: int = 0
+    teacher_calls: int = 0
+    released: int = 0
+    failed: int = 0
+    spent_usd: float = 0.0
+
+    def add(self, other: BatchSummary) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass(slots=True)
+class BatchContext:
+    """Everything one batch knows before it is written."""
+
+    spec: Spec
+    checker: Checker
+    claimed: list[ClaimedItem]
+    requests: dict[int, TeacherRequest]
+    known: dict[int, dict[str, Any]]
+    cached: dict[str, dict[str, Any]]
+    outcomes: dict[str, TeacherOutcome]
+    config_pause_s: float = 0.0
+    # Requests left unsent because the budget could not cover them, and why.
+    unsent: dict[str, ConfigError] = field(default_factory=dict)
+
+
+def assemble(ctx: BatchContext) -> tuple[BatchResult, BatchSummary, ConfigError | None]:
+    """Rows for one batch; a config error (bad key, budget spent) is returned to stop the run."""
+    batch = BatchResult([], [], [], [])
+    summary = BatchSummary(claimed=len(ctx.claimed))
+    stop: ConfigError | None = None
+    charged: set[str] = set()  # one request answered once, even if two items asked it
+    for item in ctx.claimed:
+        rhash = ctx.requests[item.id].request_hash
+        if rhash in ctx.unsent:
+            stop = stop or ctx.unsent[rhash]
+            _release(ctx, item, ctx.unsent[rhash], batch, summary)
+            continue
+        if rhash in ctx.cached or rhash in charged:
+            body = ctx.cached.get(rhash) or ctx.outcomes[rhash].body
+            batch.calls.append(CallRecord(item.id, rhash, 0, CallStatus.CACHE_HIT))
+            summary.cache_hits += 1
+        else:
+            charged.add(rhash)
+            outcome = ctx.outcomes[rhash]
+            _ledger(ctx.spec, item.id, ctx.requests[item.id], outcome, batch, summary)
+            body = outcome.body
+            if body is None:
+                error = outcome.error or PermanentError("no answer")
+                stop = stop or _release(ctx, item, error, batch, summary)
+                continue
+        if body is not None:
+            _label(ctx, item.id, rhash, body, batch, summary)
+    return batch, summary, stop
+
+
+def _ledger(
+    spec: Spec,
+    item_id: int,
+    request: TeacherRequest,
+    outcome: TeacherOutcome,
+    batch: BatchResult,
+    summary: BatchSummary,
+) -> None:
+    rhash = request.request_hash
+    for number, attempt in enumerate(outcome.attempts, start=1):
+        cost = round(spec.teacher.cost_usd(attempt.prompt_tokens, attempt.completion_tokens), 10)
+        status = CallStatus.OK if attempt.ok else CallStatus.ERROR
+        batch.calls.append(
+            CallRecord(
+                item_id,
+                rhash,
+                number,
+                status,
+                attempt.error_kind,
+                attempt.http_status,
+                attempt.prompt_tokens,
+                attempt.completion_tokens,
+                cost,
+                attempt.latency_ms,
+            )
+        )
+        summary.spent_usd += cost
+    summary.teacher_calls += len(outcome.attempts)
+    if outcome.body is not None and outcome.answer is not None:
+        batch.responses.append(
+            NewResponse(
+                rhash,
+                request.provider,
+                request.model,
+                request.body,
+                outcome.body,
+                outcome.answer.prompt_tokens,
+                outcome.answer.completion_tokens,
+            )
+        )
+
+
+def _release(
+    ctx: BatchContext,
+    item: ClaimedItem,
+    error: StillhouseError,
+    batch: BatchResult,
+    summary: BatchSummary,
+) -> ConfigError | None:
+    summary.released += 1
+    if isinstance(error, ConfigError):
+        # Not the item's fault: it keeps its attempt and waits (workers) until the key,
+        # the budget or the setting is fixed; the run stops with the message.
+        wait = ctx.config_pause_s or None
+        batch.releases.append(
+            Release(item.id, f"{error.kind}: {error}", wait, failed=False, refund_attempt=True)
+        )
+        return error
+    failed = isinstance(error, PermanentError) or (
+        item.attempts >= ctx.spec.labeling["max_attempts"]
+    )
+    wait = getattr(error, "retry_after_s", None)
+    batch.releases.append(Release(item.id, f"{error.kind}: {error}", wait, failed=failed))
+    summary.failed += int(failed)
+    summary.released -= int(failed)
+    return None
+
+
+def _label(
+    ctx: BatchContext,
+    item_id: int,
+    rhash: str,
+    body: dict[str, Any],
+    batch: BatchResult,
+    summary: BatchSummary,
+) -> None:
+    result = ctx.checker.check_body(body, ctx.known.get(item_id), ctx.spec.teacher.provider)
+    batch.labels.append(
+        LabelRecord(
+            item_id,
+            result.output,
+            result.verdict,
+            result.reasons,
+            result.confidence,
+            result.known_good_match,
+            rhash,
+        )
+    )
+    summary.labeled += 1
+    summary.accepted += int(result.verdict == Verdict.ACCEPTED)
