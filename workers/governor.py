@@ -247,23 +247,39 @@ return 0
 
 
 class RedisGovernor:
-    """The governor shared by every worker through Redis (atomic Lua scripts)."""
+    """The governor shared by every worker through Redis (atomic Lua scripts).
 
-    def __init__(self, redis: Any, key: str, limits: GovernorLimits) -> None:
+    Without rpm/tpm limits there is nothing to count per call, only blocks (Retry-After, an
+    open circuit) to notice: then a clear answer from Redis is trusted for ``clear_ttl_s``, so
+    a busy process asks Redis a few times a second rather than once per call. A 429 or a
+    failure seen locally ends that trust at once.
+    """
+
+    def __init__(
+        self, redis: Any, key: str, limits: GovernorLimits, *, clear_ttl_s: float = 0.1
+    ) -> None:
         self.redis = redis
         self.key = key
         self.limits = limits
+        self.clear_ttl_s = clear_ttl_s if not (limits.rpm or limits.tpm) else 0.0
+        self._clear_until = 0.0
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._report = redis.register_script(REPORT_LUA)
 
     async def acquire(self, tokens: int) -> tuple[float, bool]:
+        if self.clear_ttl_s and time.monotonic() < self._clear_until:
+            return 0.0, False
         lim = self.limits
         wait, report_ok = await self._acquire(
             keys=[self.key], args=[lim.rpm or 0, lim.tpm or 0, tokens, lim.recovery_per_s, PROBE_MS]
         )
+        if float(wait) == 0 and not int(report_ok):
+            self._clear_until = time.monotonic() + self.clear_ttl_s
         return float(wait), bool(int(report_ok))
 
     async def report(self, outcome: str, retry_after_s: float | None = None) -> None:
+        if outcome != "ok":
+            self._clear_until = 0.0
         lim = self.limits
         retry = retry_after_s if retry_after_s is not None else DEFAULT_RETRY_AFTER_S
         await self._report(

@@ -55,6 +55,7 @@ class TeacherRequest:
     """A normalized request body and its hash (the cache key); carries no secret."""
 
     body: dict[str, Any]
+    payload: bytes
     request_hash: str
     provider: str
     model: str
@@ -100,16 +101,13 @@ def build_request(
     """Build the provider's body; its hash covers everything that shapes the answer."""
     provider = provider_for(config.provider)
     body = provider.body(config, messages, output_schema, schema_name)
-    canonical = json.dumps(
-        {"provider": provider.name, "body": body},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    # Encoded once, canonically: the same bytes are hashed (the cache key) and sent.
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     chars = sum(len(m["content"]) for m in messages)
     return TeacherRequest(
         body=body,
-        request_hash=hashlib.sha256(canonical.encode()).hexdigest(),
+        payload=payload,
+        request_hash=hashlib.sha256(provider.name.encode() + b"\n" + payload).hexdigest(),
         provider=provider.name,
         model=config.model,
         prompt_tokens_estimate=math.ceil(chars / CHARS_PER_TOKEN_ESTIMATE) + 8 * len(messages),
@@ -140,10 +138,22 @@ def make_http_client(config: TeacherConfig, *, transport: str = "aiohttp") -> ht
             base_url=base_url,
             headers=headers,
             timeout=timeout,
-            transport=AiohttpTransport(limits=limits, trust_env=False),
+            transport=AiohttpTransport(
+                limits=limits, trust_env=False, client=lambda: _aiohttp_session(config)
+            ),
         )
     return _StatelessClient(
         base_url=base_url, headers=headers, timeout=timeout, limits=limits, trust_env=False
+    )
+
+
+def _aiohttp_session(config: TeacherConfig) -> Any:
+    """The aiohttp session under httpx: sized to the spec, and keeping no cookies either."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
     )
 
 
@@ -240,7 +250,7 @@ class TeacherClient:
         status: int | None = None
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                response = await self.http.post(self._url, json=request.body)
+                response = await self.http.post(self._url, content=request.payload)
                 status = response.status_code
                 if status >= 400:
                     raise self.provider.map_error(response, self.config.api_key_env)
