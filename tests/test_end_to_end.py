@@ -144,9 +144,31 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
     assert os.path.exists(f"{tmp_path}/runs/triage-v1/model.safetensors")
 
 
+def _stored_text(url: str) -> str:
+    """Every row of every table, as text, so a test can search the whole database."""
+    from sqlalchemy import text
+
+    from storage.models import Base
+
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            rows = [
+                conn.execute(text(f"SELECT t::text FROM {name} t")).scalars().all()
+                for name in Base.metadata.tables
+            ]
+        else:
+            rows = [
+                [str(tuple(r)) for r in conn.execute(text(f"SELECT * FROM {name}"))]
+                for name in Base.metadata.tables
+            ]
+    engine.dispose()
+    return "\n".join(line for table in rows for line in table)
+
+
 @pytest.mark.slow
 def test_api_key_is_sent_but_never_stored_or_logged(
-    tmp_path: Path, teacher_url: str, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, teacher_url: str, database_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     secret = "sk-test-" + "9f3c" * 8
     body = (ROOT / "examples/specs/triage.yaml").read_text()
@@ -157,11 +179,10 @@ def test_api_key_is_sent_but_never_stored_or_logged(
             "  model: minilm-zero-shot\n  api_key_env: TRIAGE_TEACHER_KEY",
         )
     )
-    db = tmp_path / "keyed.db"
     env = {
         "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
         "STILLHOUSE_BROKER_URL": "",
-        "STILLHOUSE_DATABASE_URL": f"sqlite:///{db}",
+        "STILLHOUSE_DATABASE_URL": database_url,
         "TRIAGE_TEACHER_KEY": secret,
     }
     result = runner.invoke(
@@ -174,7 +195,10 @@ def test_api_key_is_sent_but_never_stored_or_logged(
     assert json.loads(result.stdout)["labels"] == 5
     captured = capfd.readouterr()
     assert secret not in result.output + captured.out + captured.err
-    for path in tmp_path.glob("keyed.db*"):  # the database and its WAL
+    stored = _stored_text(database_url)
+    assert "bbc/" in stored  # the search really sees the rows
+    assert secret not in stored
+    for path in tmp_path.glob("*.db*"):  # SQLite: the file and its WAL, byte for byte
         assert secret.encode() not in path.read_bytes()
 
     missing = runner.invoke(

@@ -47,7 +47,7 @@ class TeacherConfig:
     tpm: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
-    max_inline_wait_s: float = 30.0
+    max_inline_wait_s: float = 5.0
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
 

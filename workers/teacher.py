@@ -204,6 +204,8 @@ class TeacherClient:
         self.config = config
         self.http = http
         self.provider: Provider = provider_for(config.provider)
+        # A server may echo the key in an error body; it must not reach a log or the database.
+        self._secret = os.environ.get(config.api_key_env) if config.api_key_env else None
         self.governor = governor or LocalGovernor(GovernorLimits.from_config(config))
         self.max_inline_wait_s = (
             config.max_inline_wait_s if max_inline_wait_s is None else max_inline_wait_s
@@ -257,6 +259,7 @@ class TeacherClient:
                 body = _json_body(response)
                 answer = self.provider.parse(body)
         except StillhouseError as exc:
+            self._redact(exc)
             await self._failed(outcome, started, status, exc)
             raise
         except (TimeoutError, httpx.TransportError) as exc:
@@ -271,6 +274,10 @@ class TeacherClient:
                 True, _ms(started), status, None, answer.prompt_tokens, answer.completion_tokens
             )
         )
+
+    def _redact(self, exc: StillhouseError) -> None:
+        if self._secret and self._secret in str(exc):
+            exc.args = (str(exc).replace(self._secret, "***"),)
 
     def _transport_error(self, exc: Exception) -> StillhouseError:
         # httpx-aiohttp reports a refused connection as ConnectTimeout: both mean the teacher
