@@ -348,3 +348,24 @@ def test_parse_json_answer(content: str, expected: Any) -> None:
 def test_parse_json_answer_raises_value_error(content: str) -> None:
     with pytest.raises(ValueError):
         parse_json_answer(content)
+
+
+def test_an_answer_over_the_size_limit_is_rejected_before_parsing() -> None:
+    checker = Checker(triage_with(checks={"max_output_chars": 50}))
+    result = checker.check_body(answer(label="sport", confidence=0.9, note="x" * 60), None)
+    assert result.verdict == Verdict.REJECTED
+    assert result.reasons == ["output_too_large"]
+
+
+def test_an_answer_nested_too_deep_is_rejected() -> None:
+    checker = Checker(triage_with(checks={"max_depth": 3}))
+    deep = {"label": "sport", "confidence": 0.9, "why": {"a": {"b": {"c": 1}}}}
+    result = checker.check_body(completion(json.dumps(deep)), None)
+    assert result.reasons == ["output_too_deep"]
+    shallow = {"label": "sport", "confidence": 0.9}
+    assert (
+        Checker(triage_with(checks={"max_depth": 1}))
+        .check_body(completion(json.dumps(shallow)), None)
+        .verdict
+        == Verdict.ACCEPTED
+    )

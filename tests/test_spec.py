@@ -70,7 +70,12 @@ def test_bundled_triage_spec_loads() -> None:
     assert spec.slice_fields == ["length", "queue"]
     assert spec.known_good == {"label": {"source": "queue", "compare": "exact"}}
     assert spec.budget_usd == 5.0
-    assert spec.checks == {"min_confidence": 0.0, "require_known_good_match": True}
+    assert spec.checks == {
+        "min_confidence": 0.0,
+        "require_known_good_match": True,
+        "max_output_chars": 20000,
+        "max_depth": 10,
+    }
     assert spec.labeling == {"batch_size": 64, "max_attempts": 5, "lease_s": 600}
 
 
@@ -144,7 +149,12 @@ def test_minimal_spec_gets_defaults(tmp_path: Path) -> None:
     assert spec.slice_fields == []
     assert spec.known_good == {}
     assert spec.budget_usd is None
-    assert spec.checks == {"min_confidence": 0.0, "require_known_good_match": True}
+    assert spec.checks == {
+        "min_confidence": 0.0,
+        "require_known_good_match": True,
+        "max_output_chars": 20000,
+        "max_depth": 10,
+    }
     assert spec.labeling == {"batch_size": 50, "max_attempts": 5, "lease_s": 600}
     assert spec.teacher.base_url == "http://127.0.0.1:8765/v1"
     assert spec.teacher.response_format == "json_schema"

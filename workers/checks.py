@@ -65,6 +65,8 @@ class Checker:
         self.validator: Draft202012Validator = spec.output_validator()
         self.min_confidence = float(spec.checks["min_confidence"])
         self.require_match = bool(spec.checks["require_known_good_match"])
+        self.max_chars = int(spec.checks["max_output_chars"])
+        self.max_depth = int(spec.checks["max_depth"])
 
     def check_body(
         self, body: dict[str, Any], known_good: dict[str, Any] | None, provider: str = "openai"
@@ -81,13 +83,19 @@ class Checker:
         if answer.content is None:
             refused = answer.refusal or answer.finish_reason == "refusal"
             return CheckResult(Verdict.REJECTED, ["refused" if refused else "empty_answer"])
+        if len(answer.content) > self.max_chars:
+            return CheckResult(Verdict.REJECTED, ["output_too_large"])
         try:
             output = parse_json_answer(answer.content)
         except ValueError:
             reason = "truncated" if answer.finish_reason == "length" else "parse_error"
             return CheckResult(Verdict.REJECTED, [reason])
+        except RecursionError:
+            return CheckResult(Verdict.REJECTED, ["output_too_deep"])
         if not isinstance(output, dict):
             return CheckResult(Verdict.REJECTED, ["schema:$"], None)
+        if _depth(output) > self.max_depth:
+            return CheckResult(Verdict.REJECTED, ["output_too_deep"])
         confidence = _confidence(output)
         if confidence is None:
             confidence = answer.logprob_confidence
@@ -117,6 +125,17 @@ class Checker:
         result.known_good_match = not mismatched
         if self.require_match:
             result.reasons += [f"known_good_mismatch:{name}" for name in mismatched]
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    """Nesting depth of a parsed JSON value (an object of scalars is 1)."""
+    children = (
+        value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    )
+    return max(
+        (_depth(child, level + 1) for child in children if isinstance(child, (dict, list))),
+        default=level,
+    )
 
 
 def _confidence(output: dict[str, Any]) -> float | None:

@@ -95,6 +95,8 @@ class Spec:
         return {
             "min_confidence": 0.0,
             "require_known_good_match": True,
+            "max_output_chars": 20000,
+            "max_depth": 10,
             **self.body.get("checks", {}),
         }
 
