@@ -369,3 +369,16 @@ def test_an_answer_nested_too_deep_is_rejected() -> None:
         .verdict
         == Verdict.ACCEPTED
     )
+
+
+def test_repairable_problems_name_what_to_fix(checker: Checker) -> None:
+    assert checker.repairable_problems(answer(label="sport", confidence=0.9)) == []
+    assert checker.repairable_problems(completion('{"label": "sport"')) == [
+        "parse error: the answer must be one JSON object"
+    ]
+    problems = checker.repairable_problems(answer(label="cooking", confidence=0.9))
+    assert problems and problems[0].startswith("at $.label: 'cooking' is not one of")
+    # Not a format problem: a re-ask would not help.
+    assert checker.repairable_problems(answer(label="tech", confidence=0.9)) == []
+    refusal = {"choices": [{"message": {"content": None, "refusal": "no"}}]}
+    assert checker.repairable_problems(refusal) == []

@@ -143,9 +143,11 @@ def test_bad_answers_are_rejected_with_their_reason_and_kept(
     tmp_path: Path, kind: str, reason: str
 ) -> None:
     result = _run(tmp_path, kind, 1.0)
-    assert not result["errors"]  # a bad answer is paid once and never retried
+    assert not result["errors"]  # a bad answer is an answer: never retried as an error
     assert len(result["labels"]) == ITEMS
     assert {tuple(reasons) for _, reasons, _, _, _ in result["labels"]} == {(reason,)}
+    # A cut answer is re-asked once (and cut again); a refusal is not a format problem.
+    assert result["ok"] == (2 * ITEMS if kind == "truncated" else ITEMS)
 
 
 @pytest.mark.slow
@@ -161,11 +163,13 @@ def test_wrong_answers_are_caught_by_the_known_good_records(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_malformed_answers_are_rejected_unless_only_fenced(tmp_path: Path) -> None:
+def test_malformed_answers_are_re_asked_once_then_rejected_unless_only_fenced(
+    tmp_path: Path,
+) -> None:
     result = _run(tmp_path, "malformed", 1.0)
     assert not result["errors"]
     assert len(result["labels"]) == ITEMS
-    outcomes = Counter()
+    outcomes: Counter[bool] = Counter()
     for _, reasons, _, _, raw in result["labels"]:
         content = raw["choices"][0]["message"]["content"]
         # A Markdown fence around valid JSON is what real models do: it is parsed, not lost.
@@ -173,3 +177,16 @@ def test_malformed_answers_are_rejected_unless_only_fenced(tmp_path: Path) -> No
         assert reasons == ([] if fenced else ["parse_error"]), content
         outcomes[fenced] += 1
     assert outcomes[False] > 0
+    # Every unusable first answer was re-asked once (each re-ask is a paid, ledgered call).
+    assert ITEMS < result["ok"] <= 2 * ITEMS
+
+
+@pytest.mark.slow
+def test_a_re_ask_repairs_answers_that_were_broken_only_sometimes(tmp_path: Path) -> None:
+    result = _run(tmp_path, "truncated", 0.5)
+    repaired = result["ok"] - ITEMS
+    assert repaired > 0  # some first answers were cut and re-asked
+    rejected = [reasons for _, reasons, _, _, _ in result["labels"] if reasons]
+    # Only items whose re-ask was cut as well stay rejected.
+    assert len(rejected) < repaired
+    assert all(reasons == ["truncated"] for reasons in rejected)

@@ -22,6 +22,9 @@ from workers.spec import Spec
 
 __all__ = ["CheckResult", "Checker", "extract_content", "parse_json_answer"]
 
+# Reason codes a re-ask that quotes the problem back can fix.
+_REPAIRABLE = ("parse_error", "truncated", "schema:", "output_too_large", "output_too_deep")
+
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
@@ -77,6 +80,27 @@ class Checker:
         except BadResponse:
             return CheckResult(Verdict.REJECTED, ["bad_response"])
         return self.check(answer, known_good)
+
+    def repairable_problems(self, body: dict[str, Any], provider: str = "openai") -> list[str]:
+        """What is structurally wrong with an answer that a re-ask could fix, in words.
+
+        Empty when the answer parses and fits the schema, or when its problem is not the
+        format (a refusal, a disagreement with the known-good record, low confidence).
+        """
+        try:
+            answer = provider_for(provider).parse(body)
+        except BadResponse:
+            return []
+        result = self.check(answer, None)
+        structural = [r for r in result.reasons if r.startswith(_REPAIRABLE)]
+        if not structural:
+            return []
+        if result.output is None:
+            return [f"{structural[0].replace('_', ' ')}: the answer must be one JSON object"]
+        return [
+            f"at {path}: {message}"
+            for path, message in schema_problems(self.validator, result.output)
+        ][:5]
 
     def check(self, answer: Answer, known_good: dict[str, Any] | None) -> CheckResult:
         """Run the chain on one answer: parse, schema, confidence, known-good comparison."""

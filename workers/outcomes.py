@@ -47,6 +47,24 @@ class BatchContext:
     config_pause_s: float = 0.0
     # Requests left unsent because the budget could not cover them, and why.
     unsent: dict[str, ConfigError] = field(default_factory=dict)
+    # The conversation each item's first request carried, and one dict per repair round.
+    messages: dict[int, list[dict[str, str]]] = field(default_factory=dict)
+    repairs: list[dict[int, TeacherRequest]] = field(default_factory=list)
+
+    def body_for(self, request: TeacherRequest) -> dict[str, Any] | None:
+        """The answer a request got in this batch, from the cache or from the teacher."""
+        cached = self.cached.get(request.request_hash)
+        if cached is not None:
+            return cached
+        outcome = self.outcomes.get(request.request_hash)
+        return outcome.body if outcome is not None else None
+
+    def latest_request(self, item_id: int) -> TeacherRequest:
+        """The last request made for an item: its first, or its latest repair."""
+        for round_ in reversed(self.repairs):
+            if item_id in round_:
+                return round_[item_id]
+        return self.requests[item_id]
 
 
 def assemble(ctx: BatchContext) -> tuple[BatchResult, BatchSummary, ConfigError | None]:
@@ -56,27 +74,47 @@ def assemble(ctx: BatchContext) -> tuple[BatchResult, BatchSummary, ConfigError 
     stop: ConfigError | None = None
     charged: set[str] = set()  # one request answered once, even if two items asked it
     for item in ctx.claimed:
-        rhash = ctx.requests[item.id].request_hash
-        if rhash in ctx.unsent:
-            stop = stop or ctx.unsent[rhash]
-            _release(ctx, item, ctx.unsent[rhash], batch, summary)
+        request = ctx.requests[item.id]
+        if request.request_hash in ctx.unsent:
+            stop = stop or ctx.unsent[request.request_hash]
+            _release(ctx, item, ctx.unsent[request.request_hash], batch, summary)
             continue
-        if rhash in ctx.cached or rhash in charged:
-            body = ctx.cached.get(rhash) or ctx.outcomes[rhash].body
-            batch.calls.append(CallRecord(item.id, rhash, 0, CallStatus.CACHE_HIT))
-            summary.cache_hits += 1
-        else:
-            charged.add(rhash)
-            outcome = ctx.outcomes[rhash]
-            _ledger(ctx.spec, item.id, ctx.requests[item.id], outcome, batch, summary)
-            body = outcome.body
-            if body is None:
-                error = outcome.error or PermanentError("no answer")
-                stop = stop or _release(ctx, item, error, batch, summary)
-                continue
-        if body is not None:
-            _label(ctx, item.id, rhash, body, batch, summary)
+        body, error = _answer(ctx, item.id, request, charged, batch, summary)
+        if body is None:
+            stop = stop or _release(ctx, item, error or PermanentError("no answer"), batch, summary)
+            continue
+        final, repair_failed = request.request_hash, False
+        for round_ in ctx.repairs:
+            repair = round_.get(item.id)
+            if repair is None or repair.request_hash in ctx.unsent:
+                break
+            repaired, _ = _answer(ctx, item.id, repair, charged, batch, summary)
+            if repaired is None:
+                repair_failed = True
+                break
+            body, final = repaired, repair.request_hash
+        _label(ctx, item.id, final, body, batch, summary, repair_failed)
     return batch, summary, stop
+
+
+def _answer(
+    ctx: BatchContext,
+    item_id: int,
+    request: TeacherRequest,
+    charged: set[str],
+    batch: BatchResult,
+    summary: BatchSummary,
+) -> tuple[dict[str, Any] | None, StillhouseError | None]:
+    """The body one request got, with its ledger rows (a cache hit costs nothing)."""
+    rhash = request.request_hash
+    if rhash in ctx.cached or rhash in charged:
+        batch.calls.append(CallRecord(item_id, rhash, 0, CallStatus.CACHE_HIT))
+        summary.cache_hits += 1
+        return ctx.body_for(request), None
+    charged.add(rhash)
+    outcome = ctx.outcomes[rhash]
+    _ledger(ctx.spec, item_id, request, outcome, batch, summary)
+    return outcome.body, outcome.error
 
 
 def _ledger(
@@ -154,8 +192,11 @@ def _label(
     body: dict[str, Any],
     batch: BatchResult,
     summary: BatchSummary,
+    repair_failed: bool = False,
 ) -> None:
     result = ctx.checker.check_body(body, ctx.known.get(item_id), ctx.spec.teacher.provider)
+    if repair_failed and result.reasons:
+        result.reasons.append("repair_failed")  # the re-ask itself got no answer
     batch.labels.append(
         LabelRecord(
             item_id,

@@ -29,6 +29,7 @@ from workers.checks import Checker
 from workers.governor import Governor, GovernorLimits, LocalGovernor, RedisGovernor, governor_key
 from workers.outcomes import BatchContext, BatchSummary, assemble
 from workers.prompt import render_messages
+from workers.providers import Answer, provider_for
 from workers.spec import Spec, TeacherConfig, parse_spec
 from workers.teacher import (
     TeacherClient,
@@ -163,33 +164,79 @@ class LabelRuntime:
         misses = {
             r.request_hash: r for r in ctx.requests.values() if r.request_hash not in ctx.cached
         }
-        reservation = self._reserve(spec_id, loaded.spec, misses, ctx)
+        reservations = [self._reserve(spec_id, loaded.spec, misses, ctx)]
         ctx.outcomes = self._runner.run(_call_all(loaded.client, list(misses.values())))
+        for _ in range(int(loaded.spec.checks["repair_attempts"])):
+            if not self._repair_round(spec_id, loaded, ctx, reservations):
+                break
         batch, summary, stop = assemble(ctx)
         with self.sessions.begin() as session:
             record_batch(session, spec_id, batch)
-            if reservation is not None:
-                settle(session, loaded.spec.name, reservation, summary.spent_usd)
+            spent = summary.spent_usd
+            for reservation in reservations:
+                if reservation is not None:
+                    settle(session, loaded.spec.name, reservation, spent)
+                    spent = 0.0
         if stop is not None:
             raise stop
         return summary
 
+    def _repair_round(
+        self, spec_id: int, loaded: _Loaded, ctx: BatchContext, reservations: list[int | None]
+    ) -> bool:
+        """Re-ask, once, every item whose latest answer does not parse or fit the schema,
+        quoting the problem back; returns whether anything was re-asked."""
+        spec, provider = loaded.spec, provider_for(loaded.spec.teacher.provider)
+        round_: dict[int, TeacherRequest] = {}
+        for item in ctx.claimed:
+            previous = ctx.latest_request(item.id)
+            body = ctx.body_for(previous)
+            problems = loaded.checker.repairable_problems(body, provider.name) if body else []
+            if problems and previous.request_hash not in ctx.unsent:
+                messages = [
+                    *ctx.messages[item.id],
+                    *_repair_turn(provider.parse(body or {}), problems),
+                ]
+                ctx.messages[item.id] = messages
+                round_[item.id] = build_request(
+                    spec.teacher, messages, spec.output_schema, f"{spec.name}_v{spec.version}"
+                )
+        if not round_:
+            return False
+        ctx.repairs.append(round_)
+        with self.sessions() as session:
+            ctx.cached.update(cached_responses(session, [r.request_hash for r in round_.values()]))
+        misses = {
+            r.request_hash: r
+            for r in round_.values()
+            if r.request_hash not in ctx.cached and r.request_hash not in ctx.outcomes
+        }
+        reservations.append(self._reserve(spec_id, spec, misses, ctx))
+        ctx.outcomes.update(self._runner.run(_call_all(loaded.client, list(misses.values()))))
+        return True
+
     def _context(self, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
         spec = loaded.spec
+        messages = {c.id: render_messages(spec, c.text) for c in claimed}
         requests = {
-            c.id: build_request(
-                spec.teacher,
-                render_messages(spec, c.text),
-                spec.output_schema,
-                f"{spec.name}_v{spec.version}",
+            item_id: build_request(
+                spec.teacher, conversation, spec.output_schema, f"{spec.name}_v{spec.version}"
             )
-            for c in claimed
+            for item_id, conversation in messages.items()
         }
         with self.sessions() as session:
             known = known_good_for(session, [c.id for c in claimed])
             cached = cached_responses(session, [r.request_hash for r in requests.values()])
         return BatchContext(
-            spec, loaded.checker, claimed, requests, known, cached, {}, self.config_pause_s
+            spec,
+            loaded.checker,
+            claimed,
+            requests,
+            known,
+            cached,
+            {},
+            self.config_pause_s,
+            messages=messages,
         )
 
     def _reserve(
@@ -222,6 +269,20 @@ class LabelRuntime:
                 ctx.unsent[rhash] = error
                 del misses[rhash]
         return reservation
+
+
+def _repair_turn(answer: Answer, problems: list[str]) -> list[dict[str, str]]:
+    """The assistant's unusable answer and the user's re-ask that says what to fix."""
+    listed = "\n".join(f"- {p}" for p in problems)
+    return [
+        {"role": "assistant", "content": answer.content or ""},
+        {
+            "role": "user",
+            "content": "Your answer could not be used:\n"
+            + listed
+            + "\nReply again with only one JSON object that fits the required schema.",
+        },
+    ]
 
 
 async def _make_client(config: TeacherConfig, transport: str) -> Any:

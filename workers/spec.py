@@ -97,6 +97,7 @@ class Spec:
             "require_known_good_match": True,
             "max_output_chars": 20000,
             "max_depth": 10,
+            "repair_attempts": 1,
             **self.body.get("checks", {}),
         }
 

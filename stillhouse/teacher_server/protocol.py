@@ -111,7 +111,10 @@ def parse_chat_request(body: object, *, default_model: str = "minilm-zero-shot")
     user = [m for m in messages if m.role == "user"]
     if not user:
         raise RequestError("'messages' has no message with role 'user'")
-    prompt = user[-1].content
+    # The document is wherever the conversation gave it: a repair re-ask comes after it.
+    prompt = next(
+        (m.content for m in reversed(user) if "<document>" in m.content), user[-1].content
+    )
     schema = _schema(body.get("response_format"))
     labels = _labels(schema, messages)
     model = body.get("model")
