@@ -382,3 +382,48 @@ def test_repairable_problems_name_what_to_fix(checker: Checker) -> None:
     assert checker.repairable_problems(answer(label="tech", confidence=0.9)) == []
     refusal = {"choices": [{"message": {"content": None, "refusal": "no"}}]}
     assert checker.repairable_problems(refusal) == []
+
+
+EXTRACTION = {
+    "name": "deals",
+    "version": 1,
+    "kind": "extraction",
+    "input": {"text": "{body}"},
+    "output_schema": {
+        "type": "object",
+        "properties": {
+            "money": {"type": "array", "items": {"type": "string"}},
+            "date": {"type": "string"},
+            "orgs": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["money"],
+    },
+    "known_good": {
+        "money": {"source": "amount", "compare": "set"},
+        "date": {"source": "day", "compare": "date"},
+        "orgs": {"source": "orgs", "compare": "set", "min_overlap": 0.5},
+    },
+    "prompt": {"user": "Extract.\n{document}"},
+    "teacher": {"model": "spacy"},
+    "checks": {"grounded_fields": ["money", "orgs"]},
+}
+
+
+def test_extraction_fields_are_compared_by_kind_and_grounded_in_the_document() -> None:
+    checker = Checker(parse_spec(copy.deepcopy(EXTRACTION)))
+    document = "TimeWarner made $1.13bn on 21 January 2005, ahead of Google."
+    known = {"money": ["$1.13bn"], "date": "2005-01-21", "orgs": ["TimeWarner", "Google"]}
+    good = {"money": ["$1.13bn"], "date": "21 January 2005", "orgs": ["timewarner"]}
+    result = checker.check_body(completion(json.dumps(good)), known, document=document)
+    assert result.verdict == Verdict.ACCEPTED, result.reasons
+    assert result.known_good_match is True
+
+    invented = {"money": ["$2bn"], "date": "22 January 2005", "orgs": ["Yahoo"]}
+    result = checker.check_body(completion(json.dumps(invented)), known, document=document)
+    assert result.reasons == [
+        "ungrounded:money",
+        "ungrounded:orgs",
+        "known_good_mismatch:money",
+        "known_good_mismatch:date",
+        "known_good_mismatch:orgs",
+    ]

@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 from schemas.errors import BadResponse
 from schemas.loader import schema_problems
 from storage.models import Verdict
+from workers.compare import compare, ungrounded
 from workers.providers import Answer, provider_for
 from workers.spec import Spec
 
@@ -70,16 +71,21 @@ class Checker:
         self.require_match = bool(spec.checks["require_known_good_match"])
         self.max_chars = int(spec.checks["max_output_chars"])
         self.max_depth = int(spec.checks["max_depth"])
+        self.grounded = list(spec.checks.get("grounded_fields", []))
 
     def check_body(
-        self, body: dict[str, Any], known_good: dict[str, Any] | None, provider: str = "openai"
+        self,
+        body: dict[str, Any],
+        known_good: dict[str, Any] | None,
+        provider: str = "openai",
+        document: str | None = None,
     ) -> CheckResult:
         """Check a stored raw response (e.g. from the cache) as the provider answered it."""
         try:
             answer = provider_for(provider).parse(body)
         except BadResponse:
             return CheckResult(Verdict.REJECTED, ["bad_response"])
-        return self.check(answer, known_good)
+        return self.check(answer, known_good, document)
 
     def repairable_problems(self, body: dict[str, Any], provider: str = "openai") -> list[str]:
         """What is structurally wrong with an answer that a re-ask could fix, in words.
@@ -102,7 +108,9 @@ class Checker:
             for path, message in schema_problems(self.validator, result.output)
         ][:5]
 
-    def check(self, answer: Answer, known_good: dict[str, Any] | None) -> CheckResult:
+    def check(
+        self, answer: Answer, known_good: dict[str, Any] | None, document: str | None = None
+    ) -> CheckResult:
         """Run the chain on one answer: parse, schema, confidence, known-good comparison."""
         if answer.content is None:
             refused = answer.refusal or answer.finish_reason == "refusal"
@@ -127,6 +135,12 @@ class Checker:
         result.reasons += [f"schema:{path}" for path, _ in schema_problems(self.validator, output)]
         if result.confidence is not None and result.confidence < self.min_confidence:
             result.reasons.append("low_confidence")
+        if document is not None:
+            result.reasons += [
+                f"ungrounded:{name}"
+                for name in self.grounded
+                if ungrounded(output.get(name), document)
+            ]
         self._compare(result, output, known_good)
         if result.reasons:
             result.verdict = Verdict.REJECTED
@@ -137,15 +151,14 @@ class Checker:
     ) -> None:
         if not known_good:
             return
-        mismatched = [
-            name
-            for name, rule in self.spec.known_good.items()
-            if name in known_good
-            and not _same(output.get(name), known_good[name], rule.get("compare"))
-        ]
-        compared = [name for name in self.spec.known_good if name in known_good]
+        compared = {name: rule for name, rule in self.spec.known_good.items() if name in known_good}
         if not compared:
             return
+        mismatched = [
+            name
+            for name, rule in compared.items()
+            if not compare(output.get(name), known_good[name], {"compare": "exact", **rule}).match
+        ]
         result.known_good_match = not mismatched
         if self.require_match:
             result.reasons += [f"known_good_mismatch:{name}" for name in mismatched]
@@ -167,9 +180,3 @@ def _confidence(output: dict[str, Any]) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
-
-
-def _same(value: Any, reference: Any, how: str | None) -> bool:
-    if how == "casefold" and isinstance(value, str) and isinstance(reference, str):
-        return value.strip().casefold() == reference.strip().casefold()
-    return bool(value == reference)

@@ -51,6 +51,11 @@ class BatchContext:
     messages: dict[int, list[dict[str, str]]] = field(default_factory=dict)
     repairs: list[dict[int, TeacherRequest]] = field(default_factory=list)
 
+    @property
+    def texts(self) -> dict[int, str]:
+        """Each claimed item's input text: what grounding checks extracted strings against."""
+        return {item.id: item.text for item in self.claimed}
+
     def body_for(self, request: TeacherRequest) -> dict[str, Any] | None:
         """The answer a request got in this batch, from the cache or from the teacher."""
         cached = self.cached.get(request.request_hash)
@@ -194,7 +199,10 @@ def _label(
     summary: BatchSummary,
     repair_failed: bool = False,
 ) -> None:
-    result = ctx.checker.check_body(body, ctx.known.get(item_id), ctx.spec.teacher.provider)
+    document = ctx.texts.get(item_id) if ctx.checker.grounded else None
+    result = ctx.checker.check_body(
+        body, ctx.known.get(item_id), ctx.spec.teacher.provider, document
+    )
     if repair_failed and result.reasons:
         result.reasons.append("repair_failed")  # the re-ask itself got no answer
     batch.labels.append(
