@@ -93,6 +93,19 @@ def estimate(
 
 
 @app.command()
+def report(spec: SpecOpt, as_json: JsonOpt = False) -> None:
+    """What the checks accepted and rejected, by slice and class, against known-good records.
+
+    Also measures the filter without known-good records, on the withheld share of items.
+
+    Example: stillhouse report --spec triage --json
+    """
+    from stillhouse.commands import run_report
+
+    run_report(Settings(), spec, as_json=as_json, console=err)
+
+
+@app.command()
 def status(
     spec: Annotated[str | None, typer.Option("--spec", "-s", help="spec name")] = None,
     as_json: JsonOpt = False,

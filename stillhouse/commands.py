@@ -273,6 +273,58 @@ def run_estimate(
     return result
 
 
+def run_report(
+    settings: Settings, spec_ref: str, *, as_json: bool, console: Console
+) -> dict[str, Any]:
+    """Print the filter report for the spec's current version."""
+    import json
+    import sys
+
+    from storage.training import report_rows
+    from workers.report import build_report
+
+    spec = load_spec(spec_ref)
+    _, sessions = open_database(settings)
+    spec_id = _spec_id_or_fail(sessions, spec)
+    with sessions() as session:
+        result = build_report(spec, report_rows(session, spec_id))
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return result
+    table = Table(title=f"{spec.name} v{spec.version}: what the checks kept")
+    for column in (
+        "group",
+        "labels",
+        "accepted",
+        "rejected",
+        "teacher vs known-good",
+        "accepted vs known-good",
+        "top reasons",
+    ):
+        table.add_column(column)
+    for name, tally in [("overall", result["overall"]), *result["slices"].items()]:
+        reasons = ", ".join(
+            f"{k} {v}" for k, v in sorted(tally["by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        )
+        table.add_row(
+            name,
+            str(tally["labels"]),
+            str(tally["by_verdict"].get("accepted", 0)),
+            str(tally["by_verdict"].get("rejected", 0)),
+            _pct(tally["teacher_agreement"]),
+            _pct(tally["accepted_accuracy"]),
+            reasons,
+        )
+    Console().print(table)
+    held = result["withheld"]
+    console.print(
+        f"withheld known-good ({held['labels']} items): the other checks accepted "
+        f"{_pct(held['accepted_share'])}, and {_pct(held['accepted_accuracy'])} of "
+        f"those were right (raw teacher: {_pct(held['raw_accuracy'])})"
+    )
+    return result
+
+
 def run_status(
     settings: Settings, spec_name: str | None, *, as_json: bool, console: Console
 ) -> None:

@@ -1,4 +1,4 @@
-"""Read accepted labels for training (issue-2 minimal form; frozen snapshots come later)."""
+"""Read labels for training and reports (frozen snapshots come with the dataset issue)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import Item, KnownGood, Label, Verdict
 
-__all__ = ["TrainingRow", "labeled_rows"]
+__all__ = ["ReportRow", "TrainingRow", "labeled_rows", "report_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +35,32 @@ def labeled_rows(
         .order_by(Item.id)
     )
     return [TrainingRow(*row) for row in session.execute(stmt)]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    external_id: str
+    slices: dict[str, Any]
+    output: dict[str, Any] | None
+    verdict: Verdict
+    reasons: list[Any]
+    known_good: dict[str, Any] | None
+
+
+def report_rows(session: Session, spec_id: int) -> list[ReportRow]:
+    """Every label of one spec version with its item's slices and known-good record."""
+    stmt = (
+        select(
+            Item.external_id,
+            Item.slices,
+            Label.output,
+            Label.verdict,
+            Label.reasons,
+            KnownGood.fields,
+        )
+        .join(Label, Label.item_id == Item.id)
+        .outerjoin(KnownGood, KnownGood.item_id == Item.id)
+        .where(Label.spec_id == spec_id)
+        .order_by(Item.id)
+    )
+    return [ReportRow(*row) for row in session.execute(stmt)]

@@ -137,6 +137,23 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
         "STILLHOUSE_RUNS_DIR": f"{tmp_path}/runs",
     }
     _cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "150", "--json")
+    filtered = _cli(env, "report", "--spec", "triage", "--json")
+    overall, held = filtered["overall"], filtered["withheld"]
+    assert isinstance(overall, dict) and isinstance(held, dict)
+    assert set(overall) >= {"by_verdict", "by_reason", "teacher_agreement", "accepted_accuracy"}
+    # Outside the withheld share the known-good check rejects every disagreement.
+    assert overall["accepted_accuracy"] == 1.0
+    assert overall["by_reason"].get("known_good_mismatch:label", 0) == overall["by_verdict"].get(
+        "rejected", 0
+    )
+    slices = filtered["slices"]
+    assert isinstance(slices, dict) and "queue=sport" in slices and "length=short" in slices
+    assert any(name.startswith("class=") for name in slices)
+    # About 10 % of 150 items are labeled as if live: accepted without the record.
+    assert 5 <= held["labels"] <= 30
+    assert held["accepted_share"] == 1.0 and 0.5 <= held["accepted_accuracy"] <= 1.0
+    assert overall["labels"] + held["labels"] == 150
+
     report = _cli(env, "train", "--spec", "triage", "--epochs", "5", "--json")
     assert int(report["n_val"]) > 10  # type: ignore[call-overload]
     assert report["teacher_accuracy"] is not None

@@ -76,6 +76,7 @@ def test_bundled_triage_spec_loads() -> None:
         "max_output_chars": 20000,
         "max_depth": 10,
         "repair_attempts": 1,
+        "withhold_share": 0.0,
     }
     assert spec.labeling == {"batch_size": 64, "max_attempts": 5, "lease_s": 600}
 
@@ -156,6 +157,7 @@ def test_minimal_spec_gets_defaults(tmp_path: Path) -> None:
         "max_output_chars": 20000,
         "max_depth": 10,
         "repair_attempts": 1,
+        "withhold_share": 0.0,
     }
     assert spec.labeling == {"batch_size": 50, "max_attempts": 5, "lease_s": 600}
     assert spec.teacher.base_url == "http://127.0.0.1:8765/v1"

@@ -30,7 +30,7 @@ from workers.governor import Governor, GovernorLimits, LocalGovernor, RedisGover
 from workers.outcomes import BatchContext, BatchSummary, assemble
 from workers.prompt import render_messages
 from workers.providers import Answer, provider_for
-from workers.spec import Spec, TeacherConfig, parse_spec
+from workers.spec import Spec, TeacherConfig, is_withheld, parse_spec
 from workers.teacher import (
     TeacherClient,
     TeacherOutcome,
@@ -218,6 +218,7 @@ class LabelRuntime:
     def _context(self, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
         spec = loaded.spec
         messages = {c.id: render_messages(spec, c.text) for c in claimed}
+        ctx_ids = {c.id: c.external_id for c in claimed}
         requests = {
             item_id: build_request(
                 spec.teacher, conversation, spec.output_schema, f"{spec.name}_v{spec.version}"
@@ -225,7 +226,13 @@ class LabelRuntime:
             for item_id, conversation in messages.items()
         }
         with self.sessions() as session:
-            known = known_good_for(session, [c.id for c in claimed])
+            share = float(spec.checks["withhold_share"])
+            # Withheld records stay in the store for the report, but the checks never see them.
+            known = {
+                item_id: fields
+                for item_id, fields in known_good_for(session, [c.id for c in claimed]).items()
+                if not is_withheld(ctx_ids[item_id], share)
+            }
             cached = cached_responses(session, [r.request_hash for r in requests.values()])
         return BatchContext(
             spec,

@@ -18,6 +18,7 @@ from schemas.loader import compile_validator, error_path, schema_problems, spec_
 __all__ = [
     "Spec",
     "TeacherConfig",
+    "is_withheld",
     "labeling_hash",
     "load_spec",
     "parse_spec",
@@ -98,6 +99,7 @@ class Spec:
             "max_output_chars": 20000,
             "max_depth": 10,
             "repair_attempts": 1,
+            "withhold_share": 0.0,
             **self.body.get("checks", {}),
         }
 
@@ -117,6 +119,14 @@ class Spec:
 
     def output_validator(self) -> Draft202012Validator:
         return compile_validator(self.output_schema)
+
+
+def is_withheld(external_id: str, share: float) -> bool:
+    """Whether an item's known-good record is kept from the checks (stable, by id hash)."""
+    if share <= 0:
+        return False
+    digest = hashlib.blake2b(f"withhold\x00{external_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
 
 
 def resolve_spec_path(name_or_path: str) -> Path:

@@ -1,0 +1,110 @@
+"""What the filter kept and refused, by slice and class, measured against known-good records.
+
+Live samples have no known-good record, so the report also measures the filter without one:
+on the withheld share of items (``checks.withhold_share``) the checks never saw the record,
+so the accuracy of the labels they accepted there is what to expect on live traffic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.models import Verdict
+from storage.training import ReportRow
+from workers.compare import compare
+from workers.spec import Spec, is_withheld
+
+__all__ = ["build_report"]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Counts for one group of labels."""
+
+    labels: int = 0
+    by_verdict: Counter[str] = field(default_factory=Counter)
+    by_reason: Counter[str] = field(default_factory=Counter)
+    compared: int = 0
+    agree: int = 0
+    accepted_compared: int = 0
+    accepted_agree: int = 0
+
+    def add(self, row: ReportRow, agrees: bool | None) -> None:
+        self.labels += 1
+        self.by_verdict[str(row.verdict)] += 1
+        self.by_reason.update(
+            str(r).split(":")[0] if str(r).startswith("schema:") else str(r) for r in row.reasons
+        )
+        if agrees is not None:
+            self.compared += 1
+            self.agree += int(agrees)
+            if row.verdict == Verdict.ACCEPTED:
+                self.accepted_compared += 1
+                self.accepted_agree += int(agrees)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "by_verdict": dict(self.by_verdict),
+            "by_reason": dict(self.by_reason),
+            "with_known_good": self.compared,
+            "teacher_agreement": _ratio(self.agree, self.compared),
+            "accepted_accuracy": _ratio(self.accepted_agree, self.accepted_compared),
+        }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _agrees(spec: Spec, row: ReportRow) -> bool | None:
+    """Whether the teacher's answer matches the known-good record on every compared field."""
+    if not row.known_good or row.output is None:
+        return None if not row.known_good else False
+    fields = {n: r for n, r in spec.known_good.items() if n in row.known_good}
+    if not fields:
+        return None
+    return all(
+        compare(row.output.get(n), row.known_good[n], {"compare": "exact", **r}).match
+        for n, r in fields.items()
+    )
+
+
+def _groups(spec: Spec, row: ReportRow) -> Iterable[str]:
+    for name in spec.slice_fields:
+        yield f"{name}={row.slices.get(name)}"
+    if spec.kind == "classification" and row.output is not None:
+        yield f"class={row.output.get('label')}"
+
+
+def build_report(spec: Spec, rows: list[ReportRow]) -> dict[str, Any]:
+    """The report as one JSON-ready object: ``overall``, ``slices`` and ``withheld``."""
+    share = float(spec.checks["withhold_share"])
+    overall, withheld = _Tally(), _Tally()
+    slices: dict[str, _Tally] = defaultdict(_Tally)
+    for row in rows:
+        agrees = _agrees(spec, row)
+        if is_withheld(row.external_id, share):
+            withheld.add(row, agrees)
+            continue
+        overall.add(row, agrees)
+        for group in _groups(spec, row):
+            slices[group].add(row, agrees)
+    held = withheld.as_dict()
+    return {
+        "spec": spec.name,
+        "version": spec.version,
+        "overall": overall.as_dict(),
+        "slices": {name: tally.as_dict() for name, tally in sorted(slices.items())},
+        "withheld": {
+            "share": share,
+            "labels": withheld.labels,
+            "accepted_share": _ratio(withheld.by_verdict[Verdict.ACCEPTED.value], withheld.labels),
+            "accepted_accuracy": held["accepted_accuracy"],
+            "raw_accuracy": held["teacher_agreement"],
+            "by_reason": held["by_reason"],
+        },
+    }
