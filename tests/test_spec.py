@@ -76,7 +76,7 @@ def test_bundled_triage_spec_loads() -> None:
         "max_output_chars": 20000,
         "max_depth": 10,
         "repair_attempts": 1,
-        "withhold_share": 0.0,
+        "withhold_share": 0.1,
     }
     assert spec.labeling == {"batch_size": 64, "max_attempts": 5, "lease_s": 600}
 
