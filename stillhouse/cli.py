@@ -27,9 +27,11 @@ app = typer.Typer(
 teacher_app = typer.Typer(no_args_is_help=True, help="Run a local OpenAI-compatible teacher.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 spec_app = typer.Typer(no_args_is_help=True, help="Spec files.")
+review_app = typer.Typer(no_args_is_help=True, help="Labels waiting for a person's decision.")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(db_app, name="db")
 app.add_typer(spec_app, name="spec")
+app.add_typer(review_app, name="review")
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -254,6 +256,37 @@ def spec_check(spec: Annotated[str, typer.Argument(help="spec file or bundled na
             "output_schema": loaded.output_schema,
         }
     )
+
+
+@review_app.command("list")
+def review_list(
+    spec: SpecOpt,
+    limit: Annotated[int, typer.Option(help="how many")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Labels that disagree with their known-good record while the teacher was confident.
+
+    Example: stillhouse review list --spec triage
+    """
+    from stillhouse.commands import run_review_list
+
+    run_review_list(Settings(), spec, limit=limit, as_json=as_json)
+
+
+@review_app.command("resolve")
+def review_resolve(
+    item: Annotated[str, typer.Argument(help="the item's external id")],
+    spec: SpecOpt,
+    accept: Annotated[bool, typer.Option("--accept/--reject", help="the teacher was right")],
+    note: Annotated[str | None, typer.Option(help="why, kept with the label")] = None,
+) -> None:
+    """Decide one waiting label: --accept (the record was wrong) or --reject.
+
+    Example: stillhouse review resolve bbc/tech/042 --spec triage --accept --note "record wrong"
+    """
+    from stillhouse.commands import run_review_resolve
+
+    run_review_resolve(Settings(), spec, item, accept=accept, note=note, console=err)
 
 
 def main() -> None:

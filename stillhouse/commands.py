@@ -325,6 +325,54 @@ def run_report(
     return result
 
 
+def run_review_list(settings: Settings, spec_ref: str, *, limit: int, as_json: bool) -> None:
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from storage.review import review_queue
+
+    spec = load_spec(spec_ref)
+    _, sessions = open_database(settings)
+    spec_id = _spec_id_or_fail(sessions, spec)
+    with sessions() as session:
+        entries = review_queue(session, spec_id, limit=limit)
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(e) for e in entries], indent=2) + "\n")
+        return
+    table = Table(title=f"{spec.name} v{spec.version}: waiting for review ({len(entries)})")
+    for column in ("item", "teacher", "known-good", "confidence", "text"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            e.external_id,
+            json.dumps(e.output),
+            json.dumps(e.known_good),
+            "n/a" if e.confidence is None else f"{e.confidence:.2f}",
+            e.text[:80].replace("\n", " "),
+        )
+    Console().print(table)
+
+
+def run_review_resolve(
+    settings: Settings,
+    spec_ref: str,
+    item: str,
+    *,
+    accept: bool,
+    note: str | None,
+    console: Console,
+) -> None:
+    from storage.review import resolve_review
+
+    spec = load_spec(spec_ref)
+    _, sessions = open_database(settings)
+    spec_id = _spec_id_or_fail(sessions, spec)
+    with sessions.begin() as session:
+        verdict = resolve_review(session, spec_id, item, accept=accept, note=note)
+    console.print(f"{item}: {verdict.value}", markup=False, highlight=False)
+
+
 def run_status(
     settings: Settings, spec_name: str | None, *, as_json: bool, console: Console
 ) -> None:

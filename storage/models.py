@@ -70,10 +70,11 @@ class ItemState(StrEnum):
     LEASED = "leased"
     ACCEPTED = "accepted"
     REJECTED = "rejected"
+    REVIEW = "review"  # labeled, waiting for a person (`stillhouse review`)
     FAILED = "failed"
 
 
-FINAL_STATES = (ItemState.ACCEPTED, ItemState.REJECTED, ItemState.FAILED)
+FINAL_STATES = (ItemState.ACCEPTED, ItemState.REJECTED, ItemState.REVIEW, ItemState.FAILED)
 
 
 class Verdict(StrEnum):

@@ -137,6 +137,7 @@ def _finish_labeled(session: Session, spec_id: int, item_ids: list[int]) -> None
         .values(
             state=case(
                 (verdict == Verdict.ACCEPTED.value, ItemState.ACCEPTED.value),
+                (verdict == Verdict.NEEDS_REVIEW.value, ItemState.REVIEW.value),
                 else_=ItemState.REJECTED.value,
             ),
             lease_owner=None,

@@ -427,3 +427,15 @@ def test_extraction_fields_are_compared_by_kind_and_grounded_in_the_document() -
         "known_good_mismatch:date",
         "known_good_mismatch:orgs",
     ]
+
+
+def test_a_confident_disagreement_goes_to_review_not_rejection() -> None:
+    checker = Checker(triage_with(checks={"review_confidence": 0.8}))
+    confident = checker.check_body(answer(label="tech", confidence=0.9), {"label": "sport"})
+    assert confident.verdict == Verdict.NEEDS_REVIEW
+    assert confident.reasons == ["known_good_mismatch:label"]
+    unsure = checker.check_body(answer(label="tech", confidence=0.5), {"label": "sport"})
+    assert unsure.verdict == Verdict.REJECTED
+    # Any other problem is a rejection whatever the confidence.
+    broken = checker.check_body(answer(label="cooking", confidence=0.99), {"label": "sport"})
+    assert broken.verdict == Verdict.REJECTED

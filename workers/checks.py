@@ -72,6 +72,8 @@ class Checker:
         self.max_chars = int(spec.checks["max_output_chars"])
         self.max_depth = int(spec.checks["max_depth"])
         self.grounded = list(spec.checks.get("grounded_fields", []))
+        review = spec.checks.get("review_confidence")
+        self.review_confidence = None if review is None else float(review)
 
     def check_body(
         self,
@@ -143,8 +145,18 @@ class Checker:
             ]
         self._compare(result, output, known_good)
         if result.reasons:
-            result.verdict = Verdict.REJECTED
+            result.verdict = self._verdict_for(result)
         return result
+
+    def _verdict_for(self, result: CheckResult) -> Verdict:
+        # A confident teacher that only disagrees with the record may be right: a person decides.
+        only_mismatch = all(r.startswith("known_good_mismatch:") for r in result.reasons)
+        confident = (
+            self.review_confidence is not None
+            and result.confidence is not None
+            and result.confidence >= self.review_confidence
+        )
+        return Verdict.NEEDS_REVIEW if only_mismatch and confident else Verdict.REJECTED
 
     def _compare(
         self, result: CheckResult, output: dict[str, Any], known_good: dict[str, Any] | None

@@ -1,0 +1,73 @@
+"""The review queue: labels a person must decide (the teacher may be right, the record wrong)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from schemas.errors import ConfigError
+from storage.models import Item, ItemState, KnownGood, Label, Verdict
+
+__all__ = ["ReviewEntry", "resolve_review", "review_queue"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewEntry:
+    external_id: str
+    output: dict[str, Any] | None
+    known_good: dict[str, Any] | None
+    confidence: float | None
+    reasons: list[Any]
+    text: str
+
+
+def review_queue(session: Session, spec_id: int, *, limit: int = 50) -> list[ReviewEntry]:
+    """Labels waiting for review, oldest first."""
+    stmt = (
+        select(
+            Item.external_id,
+            Label.output,
+            KnownGood.fields,
+            Label.confidence,
+            Label.reasons,
+            Item.text,
+        )
+        .join(Label, Label.item_id == Item.id)
+        .outerjoin(KnownGood, KnownGood.item_id == Item.id)
+        .where(Label.spec_id == spec_id, Label.verdict == Verdict.NEEDS_REVIEW)
+        .order_by(Label.id)
+        .limit(limit)
+    )
+    return [ReviewEntry(*row) for row in session.execute(stmt)]
+
+
+def resolve_review(
+    session: Session, spec_id: int, external_id: str, *, accept: bool, note: str | None = None
+) -> Verdict:
+    """Accept (the teacher was right) or reject one waiting label; keeps the reasons and adds
+    ``reviewed:accepted`` or ``reviewed:rejected`` (with the note) to them."""
+    row = session.execute(
+        select(Label, Item)
+        .join(Item, Item.id == Label.item_id)
+        .where(Label.spec_id == spec_id, Item.external_id == external_id)
+    ).one_or_none()
+    if row is None:
+        raise ConfigError(f"no label for item {external_id!r} under this spec version")
+    label, item = row
+    if label.verdict != Verdict.NEEDS_REVIEW:
+        raise ConfigError(
+            f"item {external_id!r} is not waiting for review (its label is {label.verdict.value})"
+        )
+    verdict = Verdict.ACCEPTED if accept else Verdict.REJECTED
+    reason = f"reviewed:{verdict.value}" + (f":{note}" if note else "")
+    label.verdict, label.reasons = verdict, [*label.reasons, reason]
+    session.execute(
+        update(Item)
+        .where(Item.id == item.id)
+        .values(state=ItemState.ACCEPTED if accept else ItemState.REJECTED)
+    )
+    session.flush()
+    return verdict

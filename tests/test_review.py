@@ -1,0 +1,67 @@
+"""The review queue end to end: confident disagreements wait for a person, who decides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stillhouse", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_review_list_and_resolve(tmp_path: Path, teacher_url: str) -> None:
+    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body["checks"]["review_confidence"] = 0.0  # every disagreement goes to a person
+    spec = tmp_path / "review.yaml"
+    spec.write_text(yaml.safe_dump(body))
+    env = {
+        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/r.db",
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+    }
+    run = _cli(env, "backfill", "bbc", "--spec", str(spec), "--limit", "60")
+    assert run.returncode == 0, run.stderr
+    waiting = json.loads(_cli(env, "review", "list", "--spec", str(spec), "--json").stdout)
+    assert waiting, "a zero-shot teacher disagrees with some of 60 BBC records"
+    state = json.loads(_cli(env, "status", "--json").stdout)
+    assert state["by_state"]["review"] == len(waiting) == state["by_verdict"]["needs_review"]
+
+    first, second = waiting[0]["external_id"], waiting[-1]["external_id"]
+    assert (
+        _cli(
+            env,
+            "review",
+            "resolve",
+            first,
+            "--spec",
+            str(spec),
+            "--accept",
+            "--note",
+            "record wrong",
+        ).returncode
+        == 0
+    )
+    if second != first:
+        assert (
+            _cli(env, "review", "resolve", second, "--spec", str(spec), "--reject").returncode == 0
+        )
+    again = _cli(env, "review", "resolve", first, "--spec", str(spec), "--reject")
+    assert again.returncode == 2 and "not waiting for review" in again.stderr
+    left = json.loads(_cli(env, "review", "list", "--spec", str(spec), "--json").stdout)
+    assert len(left) == len(waiting) - (2 if second != first else 1)
