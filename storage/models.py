@@ -216,6 +216,7 @@ class Label(Base):
     verdict: Mapped[Verdict] = mapped_column(_enum(Verdict, "verdict"))
     reasons: Mapped[list[Any]]
     confidence: Mapped[float | None] = mapped_column(Float)
+    agreement: Mapped[float | None] = mapped_column(Float)  # share of k samples that agreed
     known_good_match: Mapped[bool | None] = mapped_column(Boolean)
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())

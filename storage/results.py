@@ -60,6 +60,7 @@ class LabelRecord:
     confidence: float | None
     known_good_match: bool | None
     request_hash: str | None
+    agreement: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -439,3 +439,31 @@ def test_a_confident_disagreement_goes_to_review_not_rejection() -> None:
     # Any other problem is a rejection whatever the confidence.
     broken = checker.check_body(answer(label="cooking", confidence=0.99), {"label": "sport"})
     assert broken.verdict == Verdict.REJECTED
+
+
+def _samples(*labels: str) -> dict[str, Any]:
+    return {
+        "choices": [
+            {"index": i, "message": {"content": json.dumps({"label": lb})}, "finish_reason": "stop"}
+            for i, lb in enumerate(labels)
+        ]
+    }
+
+
+def test_k_samples_vote_and_their_agreement_is_the_confidence() -> None:
+    spec = triage_with(checks={"min_agreement": 0.6})
+    # Without a confidence property the answer's confidence is the agreement.
+    body = copy.deepcopy(spec.body)
+    body["output_schema"] = {
+        "type": "object",
+        "properties": {"label": {"enum": spec.label_names}},
+        "required": ["label"],
+    }
+    checker = Checker(parse_spec(body))
+    result = checker.check_body(_samples("sport", "sport", "tech", "sport", "sport"), None)
+    assert result.output == {"label": "sport"}
+    assert result.agreement == 0.8 and result.confidence == 0.8
+    assert result.verdict == Verdict.ACCEPTED
+    split = checker.check_body(_samples("sport", "tech", "politics", "sport", "tech"), None)
+    assert split.agreement == 0.4 and split.reasons == ["low_agreement"]
+    assert split.verdict == Verdict.REJECTED

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -36,6 +38,7 @@ class CheckResult:
     output: dict[str, Any] | None = None
     confidence: float | None = None
     known_good_match: bool | None = None
+    agreement: float | None = None  # share of samples that gave this answer (k > 1)
 
 
 def extract_content(body: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -72,6 +75,7 @@ class Checker:
         self.max_chars = int(spec.checks["max_output_chars"])
         self.max_depth = int(spec.checks["max_depth"])
         self.grounded = list(spec.checks.get("grounded_fields", []))
+        self.min_agreement = float(spec.checks.get("min_agreement", 0.0))
         review = spec.checks.get("review_confidence")
         self.review_confidence = None if review is None else float(review)
 
@@ -117,6 +121,8 @@ class Checker:
         if answer.content is None:
             refused = answer.refusal or answer.finish_reason == "refusal"
             return CheckResult(Verdict.REJECTED, ["refused" if refused else "empty_answer"])
+        if len(answer.samples) > 1:
+            return self._check_samples(answer, known_good, document)
         if len(answer.content) > self.max_chars:
             return CheckResult(Verdict.REJECTED, ["output_too_large"])
         try:
@@ -148,6 +154,29 @@ class Checker:
             result.verdict = self._verdict_for(result)
         return result
 
+    def _check_samples(
+        self, answer: Answer, known_good: dict[str, Any] | None, document: str | None
+    ) -> CheckResult:
+        """Self-consistency: check every sample, keep the majority answer, record agreement."""
+        results = [
+            self.check(dc_replace(answer, content=c, samples=[]), known_good, document)
+            for c in answer.samples
+            if c is not None
+        ]
+        usable = [r for r in results if r.output is not None]
+        if not usable:
+            return results[0] if results else CheckResult(Verdict.REJECTED, ["empty_answer"])
+        votes = Counter(_vote_key(r.output) for r in usable)
+        winner_key, count = votes.most_common(1)[0]
+        winner = next(r for r in usable if _vote_key(r.output) == winner_key)
+        winner.agreement = round(count / len(answer.samples), 4)
+        if winner.confidence is None:
+            winner.confidence = winner.agreement
+        if winner.agreement < self.min_agreement:
+            winner.reasons.append("low_agreement")
+            winner.verdict = self._verdict_for(winner)
+        return winner
+
     def _verdict_for(self, result: CheckResult) -> Verdict:
         # A confident teacher that only disagrees with the record may be right: a person decides.
         only_mismatch = all(r.startswith("known_good_mismatch:") for r in result.reasons)
@@ -174,6 +203,15 @@ class Checker:
         result.known_good_match = not mismatched
         if self.require_match:
             result.reasons += [f"known_good_mismatch:{name}" for name in mismatched]
+
+
+def _vote_key(output: dict[str, Any] | None) -> str:
+    """What samples vote on: the label when there is one, else the whole answer."""
+    if output is not None and "label" in output:
+        return json.dumps(output["label"], sort_keys=True)
+    return json.dumps(
+        {k: v for k, v in (output or {}).items() if k != "confidence"}, sort_keys=True
+    )
 
 
 def _depth(value: Any, level: int = 1) -> int:

@@ -214,6 +214,7 @@ def _label(
             result.confidence,
             result.known_good_match,
             rhash,
+            result.agreement,
         )
     )
     summary.labeled += 1
