@@ -19,11 +19,17 @@ from jsonschema import Draft202012Validator
 from schemas.errors import BadResponse
 from schemas.loader import schema_problems
 from storage.models import Verdict
-from workers.compare import compare, ungrounded
+from workers.compare import compare, compare_ranking, ungrounded
 from workers.providers import Answer, provider_for
 from workers.spec import Spec
 
-__all__ = ["CheckResult", "Checker", "extract_content", "parse_json_answer"]
+__all__ = [
+    "CheckResult",
+    "Checker",
+    "extract_content",
+    "field_matches",
+    "parse_json_answer",
+]
 
 # Reason codes a re-ask that quotes the problem back can fix.
 _REPAIRABLE = ("parse_error", "truncated", "schema:", "output_too_large", "output_too_deep")
@@ -198,11 +204,22 @@ class Checker:
         mismatched = [
             name
             for name, rule in compared.items()
-            if not compare(output.get(name), known_good[name], {"compare": "exact", **rule}).match
+            if not field_matches(output.get(name), known_good[name], rule)
         ]
         result.known_good_match = not mismatched
         if self.require_match:
             result.reasons += [f"known_good_mismatch:{name}" for name in mismatched]
+
+
+def field_matches(value: Any, reference: Any, rule: dict[str, Any]) -> bool:
+    """One field against its known-good value, by the rule's ``compare`` kind."""
+    if rule.get("compare") == "ranking":
+        # The reference is an order (a list of ids) or graded relevance ({id: grade}).
+        relevance = reference if isinstance(reference, dict) else None
+        order = sorted(reference, key=lambda k: -float(reference[k])) if relevance else reference
+        given = [str(v) for v in value] if isinstance(value, list) else []
+        return compare_ranking(given, [str(o) for o in order], relevance, rule).match
+    return compare(value, reference, {"compare": "exact", **rule}).match
 
 
 def _vote_key(output: dict[str, Any] | None) -> str:

@@ -35,7 +35,14 @@ __all__ = [
     "store_spec",
 ]
 
-BUILTIN_SOURCES = ("bbc",)
+
+def _builtin_names() -> tuple[str, ...]:
+    from examples import SOURCES
+
+    return tuple(SOURCES)
+
+
+BUILTIN_SOURCES = _builtin_names()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +79,10 @@ def read_source(source: str, *, limit: int | None = None) -> Iterator[SourceRow]
     A missing file or an unsupported type fails here, before anything is read or written.
     """
     if source in BUILTIN_SOURCES:
-        from examples.bbc import iter_bbc
+        from examples import builtin_source
 
-        return (SourceRow(n, row) for n, row in enumerate(iter_bbc(limit), start=1))
+        rows = builtin_source(source)(limit)
+        return (SourceRow(n, row) for n, row in enumerate(rows, start=1))
     path = Path(source)
     if not path.is_file():
         raise ConfigError(

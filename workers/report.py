@@ -14,7 +14,7 @@ from typing import Any
 
 from storage.models import Verdict
 from storage.training import ReportRow
-from workers.compare import compare
+from workers.checks import field_matches
 from workers.spec import Spec, is_withheld
 
 __all__ = ["build_report"]
@@ -67,10 +67,7 @@ def _agrees(spec: Spec, row: ReportRow) -> bool | None:
     fields = {n: r for n, r in spec.known_good.items() if n in row.known_good}
     if not fields:
         return None
-    return all(
-        compare(row.output.get(n), row.known_good[n], {"compare": "exact", **r}).match
-        for n, r in fields.items()
-    )
+    return all(field_matches(row.output.get(n), row.known_good[n], r) for n, r in fields.items())
 
 
 def _groups(spec: Spec, row: ReportRow) -> Iterable[str]:
