@@ -33,6 +33,7 @@ def _spec(tmp_path: Path, *, require_match: bool) -> Path:
         circuit_breaker={"failures": 1000, "cooldown_s": 1},
     )
     body["checks"]["require_known_good_match"] = require_match
+    body["checks"]["withhold_share"] = 0  # every record is checked here
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
