@@ -148,3 +148,8 @@ def test_wnut_filter_keeps_precision(tmp_path: Path, spacy_url: str) -> None:
     assert report.returncode == 0, report.stderr
     body = json.loads(report.stdout)
     assert {"overall", "slices", "withheld"} <= set(body)
+    # The report scores list fields the same way, on the items whose record was checked.
+    fields = body["overall"]["fields"]
+    assert {"people", "places", "organizations", "all"} <= set(fields["accepted"])
+    assert fields["accepted"]["all"]["precision"] >= fields["raw"]["all"]["precision"]
+    print(json.dumps({"report_fields": fields}))

@@ -70,6 +70,59 @@ def _agrees(spec: Spec, row: ReportRow) -> bool | None:
     return all(field_matches(row.output.get(n), row.known_good[n], r) for n, r in fields.items())
 
 
+@dataclass(slots=True)
+class _FieldScore:
+    """Micro precision and recall of list fields (extracted entities) against the record."""
+
+    counts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+
+    def add(self, name: str, value: Any, reference: Any) -> None:
+        got, want = _folded(value), _folded(reference)
+        tally = self.counts[name]
+        tally[0], tally[1], tally[2] = (
+            tally[0] + len(got & want),
+            tally[1] + len(got),
+            tally[2] + len(want),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        scores = {name: _pr(*tally) for name, tally in sorted(self.counts.items())}
+        if self.counts:
+            scores["all"] = _pr(*(sum(t[i] for t in self.counts.values()) for i in range(3)))
+        return scores
+
+
+def _folded(value: Any) -> set[str]:
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    return {str(v).strip().casefold() for v in items if str(v).strip()}
+
+
+def _pr(true_positive: int, predicted: int, gold: int) -> dict[str, Any]:
+    return {
+        "precision": _ratio(true_positive, predicted),
+        "recall": _ratio(true_positive, gold),
+        "predicted": predicted,
+        "gold": gold,
+    }
+
+
+def _field_scores(spec: Spec, rows: list[ReportRow], share: float) -> dict[str, Any]:
+    """Per known-good list field: precision/recall of accepted labels and of all raw labels."""
+    accepted, raw = _FieldScore(), _FieldScore()
+    list_fields = [n for n, r in spec.known_good.items() if r.get("compare") == "set"]
+    for row in rows:
+        if not list_fields or not row.known_good or row.output is None:
+            continue
+        if is_withheld(row.external_id, share):
+            continue
+        for name in list_fields:
+            if name in row.known_good:
+                raw.add(name, row.output.get(name), row.known_good[name])
+                if row.verdict == Verdict.ACCEPTED:
+                    accepted.add(name, row.output.get(name), row.known_good[name])
+    return {"accepted": accepted.as_dict(), "raw": raw.as_dict()} if list_fields else {}
+
+
 def _groups(spec: Spec, row: ReportRow) -> Iterable[str]:
     for name in spec.slice_fields:
         yield f"{name}={row.slices.get(name)}"
@@ -94,7 +147,7 @@ def build_report(spec: Spec, rows: list[ReportRow]) -> dict[str, Any]:
     return {
         "spec": spec.name,
         "version": spec.version,
-        "overall": overall.as_dict(),
+        "overall": {**overall.as_dict(), "fields": _field_scores(spec, rows, share)},
         "slices": {name: tally.as_dict() for name, tally in sorted(slices.items())},
         "withheld": {
             "share": share,
