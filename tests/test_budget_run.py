@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clitools import embedded_env, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,19 +20,7 @@ def _spec_with_budget(tmp_path: Path, budget: float) -> Path:
 
 
 def _cli(tmp_path: Path, teacher_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/b.db",
-        "STILLHOUSE_BROKER_URL": "",
-        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "stillhouse", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_cli(embedded_env(f"sqlite:///{tmp_path}/b.db", teacher_url), *args)
 
 
 @pytest.mark.slow

@@ -8,14 +8,12 @@ entities as known-good records), each labeled through the CLI against ``teacher 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clitools import embedded_env, run_cli
 from sqlalchemy import select
 
 from storage.models import Item, Label, Verdict
@@ -38,22 +36,11 @@ def spacy_url() -> Iterator[str]:
         yield url
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stillhouse", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=300,
-    )
+_cli = run_cli
 
 
 def _env(tmp_path: Path, url: str) -> dict[str, str]:
-    return {
-        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
-        "STILLHOUSE_BROKER_URL": "",
-        "STILLHOUSE_TEACHER_BASE_URL": url,
-    }
+    return embedded_env(f"sqlite:///{tmp_path}/x.db", url)
 
 
 def _labels(tmp_path: Path) -> list[tuple[Item, Label]]:

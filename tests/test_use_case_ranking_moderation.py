@@ -7,10 +7,7 @@ loopback, with SQLite in a temporary folder, and reads the stored labels back.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +15,7 @@ from statistics import mean
 from typing import Any
 
 import pytest
+from clitools import embedded_env, run_cli
 
 from examples.ranking import iter_ranking
 from workers.compare import kendall_tau
@@ -47,22 +45,11 @@ def moderation_teacher() -> Iterator[str]:
         yield url
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stillhouse", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-    )
+_cli = run_cli
 
 
 def _env(tmp_path: Path, teacher_url: str) -> dict[str, str]:
-    return {
-        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/use_case.db",
-        "STILLHOUSE_BROKER_URL": "",
-        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
-    }
+    return embedded_env(f"sqlite:///{tmp_path}/use_case.db", teacher_url)
 
 
 def _labels(tmp_path: Path) -> list[dict[str, Any]]:

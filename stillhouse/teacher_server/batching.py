@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-__all__ = ["MicroBatcher"]
+__all__ = ["BatchedModelBackend", "MicroBatcher"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -64,3 +64,45 @@ class MicroBatcher(Generic[In, Out]):
         for future, result in zip(futures, results, strict=True):
             if not future.done():  # the client may have gone away meanwhile
                 future.set_result(result)
+
+
+class BatchedModelBackend:
+    """A backend whose model loads once, in a thread, and answers requests in micro-batches.
+
+    Subclasses give ``_load_model`` (blocking, returns the model), ``_complete_batch`` (runs in
+    the batcher's thread, may use ``self._model``) and, if needed, ``_validate`` (raises the
+    caller's 400 before the request joins a batch).
+    """
+
+    def __init__(self, *, name: str, max_batch: int) -> None:
+        self._name = name
+        self._model: Any = None
+        self._batcher: MicroBatcher[Any, Any] = MicroBatcher(
+            self._complete_batch, max_batch=max_batch
+        )
+
+    @property
+    def name(self) -> str:
+        """The model id reported by ``/v1/models``."""
+        return self._name
+
+    async def load(self) -> None:
+        """Load the model in a thread; a no-op once loaded."""
+        if self._model is None:
+            self._model = await asyncio.to_thread(self._load_model)
+
+    async def complete(self, request: Any) -> Any:
+        """Validate one request, then answer it as part of the next batch."""
+        if self._model is None:
+            raise RuntimeError(f"{type(self).__name__}.complete() called before load()")
+        self._validate(request)
+        return await self._batcher.submit(request)
+
+    def _load_model(self) -> Any:
+        raise NotImplementedError
+
+    def _validate(self, request: Any) -> None:
+        return None
+
+    def _complete_batch(self, requests: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError

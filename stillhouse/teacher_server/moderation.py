@@ -9,13 +9,12 @@ names). Its ONNX graph needs the ``en_US.UTF-8`` locale installed on the machine
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server.batching import MicroBatcher
+from stillhouse.teacher_server.batching import BatchedModelBackend
 from stillhouse.teacher_server.protocol import (
     ChatRequest,
     Completion,
@@ -34,37 +33,22 @@ LOCALE_FIX = (
 )
 
 
-class ModerationBackend:
+class ModerationBackend(BatchedModelBackend):
     """Three-class moderation with hatesonar; concurrent texts share one worker thread."""
 
     def __init__(self, *, name: str = "hatesonar", max_batch: int = 64) -> None:
-        self._name = name
-        self._sonar: Any = None
-        self._batcher: MicroBatcher[ChatRequest, Completion] = MicroBatcher(
-            self._complete_batch, max_batch=max_batch
-        )
+        super().__init__(name=name, max_batch=max_batch)
 
-    @property
-    def name(self) -> str:
-        """The model id reported by ``/v1/models``."""
-        return self._name
+    def _load_model(self) -> Any:
+        return _load_sonar()  # ``ConfigError`` with the fix when the locale is missing
 
-    async def load(self) -> None:
-        """Build the ONNX session; ``ConfigError`` with the fix when the locale is missing."""
-        if self._sonar is None:
-            self._sonar = await asyncio.to_thread(_load_sonar)
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        """Score the request's document and answer with the allowed top class."""
-        if self._sonar is None:
-            raise RuntimeError("ModerationBackend.complete() called before load()")
+    def _validate(self, request: ChatRequest) -> None:
         _allowed(request.schema)  # a bad enum is the caller's 400, checked before batching
-        return await self._batcher.submit(request)
 
     def _complete_batch(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         completions = []
         for request in requests:
-            result = self._sonar.ping(text=request.document)
+            result = self._model.ping(text=request.document)
             scores = {c["class_name"]: float(c["confidence"]) for c in result["classes"]}
             content = json.dumps(moderation_answer(request.schema, scores))
             completions.append(
