@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError
@@ -19,11 +22,20 @@ from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
 from storage.models import SpecRow
 from storage.stats import label_stats, status
-from workers.ingest import IngestSummary, load_source, read_source
+from workers.ingest import (
+    DEFAULT_MAX_DOC_BYTES,
+    IngestSummary,
+    RejectsFile,
+    SourceRow,
+    load_source,
+    position_name,
+    read_source,
+    read_sql,
+)
 from workers.pipeline import BatchSummary, label_until_done
 from workers.spec import Spec, load_spec
 
-__all__ = ["run_backfill", "run_demo", "run_status", "run_train", "run_worker"]
+__all__ = ["BackfillOptions", "run_backfill", "run_demo", "run_status", "run_train"]
 
 
 def _progress(console: Console) -> Progress:
@@ -38,20 +50,52 @@ def _progress(console: Console) -> Progress:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BackfillOptions:
+    """How `backfill` reads and loads, beyond the source and the spec."""
+
+    from_sql: str | None = None  # a query to read instead of a file
+    sql_url: str | None = None  # where the query runs (default: the store itself)
+    rejects: Path | None = None  # default: .stillhouse/rejects/<spec>-<time>.jsonl
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+    keep_duplicate_content: bool = False
+    load_only: bool = False
+
+
 def run_backfill(
     settings: Settings,
-    source: str,
+    source: str | None,
     spec_ref: str,
     *,
     limit: int | None,
     wait: bool,
     console: Console,
+    options: BackfillOptions | None = None,
 ) -> dict[str, Any]:
     """Load, then label (embedded) or dispatch (distributed); returns a summary."""
+    options = options or BackfillOptions()
     spec = load_spec(spec_ref)
+    rows, position = _open_source(settings, source, limit, options)
     _, sessions = open_database(settings)
     started = time.monotonic()
-    ingest = _ingest(sessions, spec, source, limit, console)
+    rejects = RejectsFile(options.rejects or _rejects_path(settings, spec.name), position=position)
+    with rejects:
+        ingest = _ingest(sessions, spec, rows, limit, console, options, rejects)
+    loaded = {
+        "spec": spec.name,
+        "version": spec.version,
+        "rows": ingest.rows,
+        "inserted": ingest.counts.inserted,
+        "already_loaded": ingest.counts.existing,
+        "duplicate_content": ingest.counts.duplicate_content,
+        "changed_documents": ingest.counts.changed,
+        "bad_rows": ingest.bad_count,
+        "rejects": str(rejects.path) if rejects.count else None,
+        "load_seconds": round(time.monotonic() - started, 2),
+    }
+    if options.load_only:
+        _report_load(loaded, ingest, console)
+        return loaded
     spec_id = _spec_id(sessions, spec)
     if settings.distributed:
         labeled = _label_distributed(settings, sessions, spec, spec_id, wait, console)
@@ -62,13 +106,7 @@ def run_backfill(
         stats = label_stats(session, spec_id)
         error = last_error(session, spec_id)
     result = {
-        "spec": spec.name,
-        "version": spec.version,
-        "rows": ingest.rows,
-        "inserted": ingest.counts.inserted,
-        "already_loaded": ingest.counts.existing,
-        "changed_documents": ingest.counts.changed,
-        "bad_rows": ingest.bad_count,
+        **loaded,
         **labeled,
         "seconds": round(elapsed, 2),
         "teacher_accuracy": stats.teacher_accuracy,
@@ -81,16 +119,52 @@ def run_backfill(
     return result
 
 
+def _open_source(
+    settings: Settings, source: str | None, limit: int | None, options: BackfillOptions
+) -> tuple[Iterator[SourceRow], str]:
+    # Fails before anything is written: a missing file, a bad type, a failing query.
+    if options.from_sql is not None:
+        if source is not None:
+            raise ConfigError("give either a SOURCE or --from-sql, not both")
+        url = options.sql_url or settings.database_url
+        return read_sql(options.from_sql, url, limit=limit), "row"
+    if options.sql_url is not None:
+        raise ConfigError("--sql-url goes with --from-sql QUERY")
+    if source is None:
+        raise ConfigError("give a SOURCE (a .jsonl, .csv or .parquet file) or --from-sql QUERY")
+    rows = read_source(source, limit=limit, max_doc_bytes=options.max_doc_bytes)
+    return rows, position_name(source)
+
+
+def _rejects_path(settings: Settings, spec_name: str) -> Path:
+    # Next to the store: the SQLite file's folder, else .stillhouse/ in the working directory.
+    folder = Path(".stillhouse")
+    if settings.is_sqlite:
+        database = make_url(settings.database_url).database
+        if database and database != ":memory:":
+            folder = Path(database).parent
+    return folder / "rejects" / f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+
+
 def _ingest(
-    sessions: sessionmaker[Session], spec: Spec, source: str, limit: int | None, console: Console
+    sessions: sessionmaker[Session],
+    spec: Spec,
+    rows: Iterator[SourceRow],
+    limit: int | None,
+    console: Console,
+    options: BackfillOptions,
+    rejects: RejectsFile,
 ) -> IngestSummary:
     with _progress(console) as progress:
         task = progress.add_task("loading", total=limit)
         summary = load_source(
             sessions,
             spec,
-            read_source(source, limit=limit),
+            rows,
             on_chunk=lambda s: progress.update(task, completed=s.rows),
+            rejects=rejects,
+            max_doc_bytes=options.max_doc_bytes,
+            keep_duplicate_content=options.keep_duplicate_content,
         )
         progress.update(task, completed=summary.rows, total=summary.rows)
     return summary
@@ -135,13 +209,11 @@ def _label_distributed(
     wait: bool,
     console: Console,
 ) -> dict[str, Any]:
-    from workers.celery_app import app as celery
-    from workers.celery_app import configure
-    from workers.dispatch import dispatch_pending
+    from stillhouse.distributed import spec_dispatcher
 
-    configure(celery, str(settings.broker_url), task_time_limit_s=settings.task_time_limit_s)
+    dispatch = spec_dispatcher(settings, sessions, [spec_id])
     batch = spec.labeling["batch_size"]
-    sent = dispatch_pending(sessions, celery, spec_id, batch_size=batch)
+    sent = dispatch().sent
     console.print(f"queued {sent} items in batches of {batch} for `stillhouse worker`")
     if not wait:
         return {"queued": sent}
@@ -163,7 +235,8 @@ def _label_distributed(
             elif time.monotonic() - last_change > 30:
                 _hint_stalled(sessions, spec_id, console)
                 last_change = time.monotonic()
-            sent += dispatch_pending(sessions, celery, spec_id, batch_size=batch)
+            # The same pass `stillhouse dispatch` runs: sweeps, then queues what is ready.
+            sent += dispatch().sent
             time.sleep(0.5)
     return {"queued": sent, "by_state": now.by_state}
 
@@ -187,20 +260,28 @@ def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Consol
     )
 
 
-def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
+def _report_load(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
+    seconds = max(result["load_seconds"], 0.01)
     console.print(
-        f"loaded {result['rows']} rows: {result['inserted']} new, "
-        f"{result['already_loaded']} already loaded, {result['bad_rows']} bad"
+        f"loaded {result['rows']} rows in {seconds:.1f} s ({result['rows'] / seconds:,.0f}/s): "
+        f"{result['inserted']} new, {result['already_loaded']} already loaded, "
+        f"{result['duplicate_content']} duplicate content, {result['bad_rows']} bad"
     )
     for bad in ingest.bad[:20]:
         console.print(f"  line {bad.line}: {bad.reason}", markup=False, highlight=False)
     if ingest.bad_count > 20:
         console.print(f"  … and {ingest.bad_count - 20} more bad rows")
+    if result["rejects"]:
+        console.print(f"bad rows written to {result['rejects']}", markup=False, highlight=False)
     if ingest.counts.changed:
         console.print(
             f"{ingest.counts.changed} documents changed under an existing id and were "
             f"kept as first loaded (e.g. {', '.join(ingest.counts.changed_ids[:3])})"
         )
+
+
+def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
+    _report_load(result, ingest, console)
     if "labeled" in result:
         console.print(
             f"labeled {result['labeled']} items: {result['teacher_calls']} teacher "
@@ -431,37 +512,6 @@ def _spec_id_or_fail(sessions: sessionmaker[Session], spec: Spec) -> int:
             f"`stillhouse backfill SOURCE --spec {spec.name}` first"
         )
     return spec_id
-
-
-def run_worker(settings: Settings, *, concurrency: int | None, pool: str, loglevel: str) -> None:
-    if not settings.broker_url:
-        raise ConfigError(
-            "`stillhouse worker` needs STILLHOUSE_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"
-        )
-    if settings.is_sqlite:
-        raise ConfigError(
-            "distributed workers need a shared database: set STILLHOUSE_DATABASE_URL "
-            "to postgresql+psycopg://…"
-        )
-    from workers import tasks
-    from workers.celery_app import app as celery
-    from workers.celery_app import configure
-
-    configure(celery, settings.broker_url, task_time_limit_s=settings.task_time_limit_s)
-    open_database(settings)[0].dispose()  # fail fast on a bad URL or an old schema
-    tasks.set_runtime_factory(lambda: open_runtime(settings, config_pause_s=60.0))
-    celery.worker_main(
-        [
-            "worker",
-            f"--loglevel={loglevel}",
-            f"--pool={pool}",
-            f"--concurrency={concurrency or settings.worker_concurrency}",
-            "--queues=label",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
 
 
 def run_demo(settings: Settings, *, limit: int | None, console: Console) -> None:

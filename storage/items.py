@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +10,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
-from storage.dialect import db_now, db_now_plus, insert_for
+from storage.dialect import db_now, db_now_plus, insert_for, picked_ids
 from storage.models import Item, ItemState, KnownGood, SpecRow
 
 __all__ = [
@@ -18,11 +18,9 @@ __all__ = [
     "IngestCounts",
     "ItemIn",
     "claim_items",
-    "dispatchable_item_ids",
     "ensure_spec",
     "known_good_for",
     "last_error",
-    "mark_queued",
     "pending_item_ids",
     "upsert_items",
 ]
@@ -38,12 +36,15 @@ class ItemIn:
     slices: dict[str, Any]
     content_hash: str
     known_good: dict[str, Any] | None = None
+    # The payload as JSON text when the caller has it already (the COPY path reuses it).
+    payload_json: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
 class IngestCounts:
     inserted: int = 0
-    existing: int = 0
+    existing: int = 0  # the id was loaded before (or earlier in the same load)
+    duplicate_content: int = 0  # a new id whose normalized text is stored under another id
     relabel: int = 0
     changed: int = 0
     known_good: int = 0
@@ -52,6 +53,7 @@ class IngestCounts:
     def add(self, other: IngestCounts) -> None:
         self.inserted += other.inserted
         self.existing += other.existing
+        self.duplicate_content += other.duplicate_content
         self.relabel += other.relabel
         self.changed += other.changed
         self.known_good += other.known_good
@@ -174,13 +176,14 @@ def _insert_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn
     return len(ids)
 
 
-def _claimable(session: Session) -> Any:
+def _claimable(session: Session, max_attempts: int | None = None) -> Any:
     now = db_now(session)
     waiting = or_(Item.retry_at.is_(None), Item.retry_at <= now)
-    return or_(
-        and_(Item.state.in_([ItemState.PENDING, ItemState.QUEUED]), waiting),
-        and_(Item.state == ItemState.LEASED, Item.lease_expires_at < now),
-    )
+    expired = and_(Item.state == ItemState.LEASED, Item.lease_expires_at < now)
+    if max_attempts is not None:
+        # An expired lease on the last attempt is the sweeper's to fail, not another try.
+        expired = and_(expired, Item.attempts < max_attempts)
+    return or_(and_(Item.state.in_([ItemState.PENDING, ItemState.QUEUED]), waiting), expired)
 
 
 def pending_item_ids(session: Session, spec_id: int, *, limit: int | None = None) -> list[int]:
@@ -194,31 +197,6 @@ def pending_item_ids(session: Session, spec_id: int, *, limit: int | None = None
     return list(session.scalars(stmt))
 
 
-def dispatchable_item_ids(session: Session, spec_id: int, *, limit: int) -> list[int]:
-    """Ready items not already handed to the broker: pending (wait over) or lease expired."""
-    now = db_now(session)
-    ready = or_(
-        and_(Item.state == ItemState.PENDING, or_(Item.retry_at.is_(None), Item.retry_at <= now)),
-        and_(Item.state == ItemState.LEASED, Item.lease_expires_at < now),
-    )
-    stmt = select(Item.id).where(Item.spec_id == spec_id, ready).order_by(Item.id).limit(limit)
-    return list(session.scalars(stmt))
-
-
-def mark_queued(session: Session, item_ids: Iterable[int]) -> int:
-    """Mark ready items as handed to the broker (the sweeper can return them later)."""
-    ids = list(item_ids)
-    if not ids:
-        return 0
-    result = session.execute(
-        update(Item)
-        .where(Item.id.in_(ids), Item.state.in_([ItemState.PENDING, ItemState.LEASED]))
-        .values(state=ItemState.QUEUED)
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
 def claim_items(
     session: Session,
     spec_id: int,
@@ -227,15 +205,16 @@ def claim_items(
     *,
     item_ids: Sequence[int] | None = None,
     limit: int = 100,
+    max_attempts: int | None = None,
 ) -> list[ClaimedItem]:
     """Lease claimable items to ``owner``; an id already leased by someone else is skipped."""
-    pick = select(Item.id).where(Item.spec_id == spec_id, _claimable(session))
+    pick = select(Item.id).where(Item.spec_id == spec_id, _claimable(session, max_attempts))
     if item_ids is not None:
         pick = pick.where(Item.id.in_(list(item_ids)))
     pick = pick.order_by(Item.id).limit(limit).with_for_update(skip_locked=True)
     stmt = (
         update(Item)
-        .where(Item.id.in_(pick.scalar_subquery()))
+        .where(Item.id.in_(picked_ids(session, pick)))
         .values(
             state=ItemState.LEASED,
             lease_owner=owner,

@@ -77,7 +77,7 @@ def test_malformed_jsonl_line_is_reported_and_good_rows_still_load(
             [
                 json.dumps({**good, "id": "t1"}),
                 '{"id": "t2", "headline": "broken',
-                json.dumps({**good, "id": "t3"}),
+                json.dumps({**good, "id": "t3", "body": good["body"] + " A second report."}),
                 json.dumps({"headline": "no id", "body": "x", "queue": "sport"}),
             ]
         )

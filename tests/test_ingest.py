@@ -216,12 +216,18 @@ def test_csv_bom_header_and_multiline_field(tmp_path: Path) -> None:
     assert [r.line for r in rows] == [3, 4]  # a row's number is the line it ends on
 
 
-def test_csv_invalid_utf8_is_a_config_error(tmp_path: Path) -> None:
+def test_csv_invalid_utf8_is_a_bad_row_and_reading_goes_on(tmp_path: Path) -> None:
     path = tmp_path / "rows.csv"
-    path.write_bytes(b"id,body\n1,ok\n2,\xff\xfe\n")
+    path.write_bytes(b"id,body\n1,ok\n2,\xff\xfe\n3,fine\n")
 
-    with pytest.raises(ConfigError, match="cannot read CSV"):
-        list(read_source(str(path)))
+    rows = list(read_source(str(path)))
+
+    assert rows == [
+        SourceRow(2, {"id": "1", "body": "ok"}),
+        SourceRow(3, None, "not valid UTF-8 (in column 'body')"),
+        SourceRow(4, {"id": "3", "body": "fine"}),
+    ]
+    assert rows[1].raw is not None and "\\udcff" in rows[1].raw
 
 
 # --- read_source: errors ---------------------------------------------------------------------
@@ -292,7 +298,8 @@ def test_make_item_renders_text_known_good_and_slices(spec: Spec) -> None:
     assert item.text == "Cup final\n\nCaf\u00e9 wins\nagain"
     assert item.known_good == {"label": "sport"}
     assert item.slices == {"length": "short", "queue": "sport"}
-    assert item.payload == row
+    # The fields the template renders live in `text`; the rest of the row is kept as it came.
+    assert item.payload == {k: v for k, v in row.items() if k not in ("headline", "body")}
     assert item.content_hash == hashlib.sha256(item.text.encode()).hexdigest()
 
 
@@ -417,7 +424,8 @@ def test_load_source_inserts_good_rows_and_reports_bad_ones(
     assert all(i.state == ItemState.PENDING and i.attempts == 0 for i in items)
     assert all(i.spec_name == "triage" for i in items)
     assert items[0].text == "Headline a\n\nBody of a."
-    assert items[0].payload == ticket("a", "sport")
+    # The rest of the row, without the fields the template rendered into `text`.
+    assert items[0].payload == {"id": "a", "queue": "sport", "length": "short"}
     assert items[0].slices == {"length": "short", "queue": "sport"}
     assert _known_good(sessions) == {
         "a": {"label": "sport"},
@@ -435,7 +443,9 @@ def test_load_source_inserts_good_rows_and_reports_bad_ones(
 def test_load_source_stores_no_nul(
     tmp_path: Path, sessions: sessionmaker[Session], spec: Spec
 ) -> None:
-    path = write_jsonl(tmp_path / "rows.jsonl", [ticket("a", body="nul\x00here"), ticket("b")])
+    path = write_jsonl(
+        tmp_path / "rows.jsonl", [ticket("a", body="nul\x00here", note="x\x00y"), ticket("b")]
+    )
 
     summary = load_source(sessions, spec, read_source(str(path)))
 
@@ -443,7 +453,7 @@ def test_load_source_stores_no_nul(
     assert summary.bad_count == 0
     item = _items(sessions)[0]
     assert item.text == "Headline a\n\nnulhere"
-    assert item.payload["body"] == "nulhere"
+    assert item.payload["note"] == "xy"
 
 
 def test_load_source_reports_rows_that_fail_make_item(

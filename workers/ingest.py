@@ -1,55 +1,77 @@
-"""Read sources (JSONL, CSV, the bundled BBC corpus), normalize rows and load them as items.
+"""Normalize source rows into items and load them in chunks, streaming, resumably.
 
-Loading is idempotent on (spec name, external id): re-running a backfill inserts nothing new.
-A bad row never stops the good ones: it is reported with its line number and reason.
+Loading is idempotent on (spec name, external id): re-running a backfill inserts nothing new,
+so an interrupted load (even a killed process) resumes by running it again: every chunk is
+its own committed transaction, and the rows of committed chunks are found and skipped.
+A bad row never stops the good ones: it is counted, and written with its line (or row)
+number, reason and raw text to the rejects file.
+
+The policy, in the order it is applied to each row:
+
+- **Bad rows**: not valid UTF-8 or JSON; not an object; a row whose JSON is over the size
+  limit (``--max-doc-bytes``, default 1 MiB; a longer JSONL line is skipped unread); an id
+  that is missing, empty, longer than 256 characters or not text or an integer; a field of the
+  spec's ``input.text`` template that is missing, an object or a list; an empty rendered text.
+- **Normalization**: NUL characters (U+0000) are removed from the whole row, since Postgres
+  cannot store them. The rendered text is Unicode NFC, without BOM (U+FEFF), with ``\\n`` line
+  endings (``\\r\\n`` and ``\\r`` become ``\\n``) and without leading or trailing whitespace. The
+  content hash is the SHA-256 of that text; the stored payload is the row as read (less NULs).
+- **Duplicate id** (later in the source, or already stored for the spec): the first row
+  wins; the later one counts as ``existing``, and as ``changed`` if its text differs.
+- **Duplicate content**: a new id whose normalized text is already stored (or earlier in the
+  source) under another id of the same spec is not stored; it counts as ``duplicate_content``.
+  ``keep_duplicate_content`` (``--keep-duplicate-content``) stores it as its own item; the
+  teacher cache still answers it without a second paid call.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import itertools
 import json
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
+import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import ConfigError, PermanentError
-from storage.items import IngestCounts, ItemIn, ensure_spec, upsert_items
+from schemas.errors import PermanentError
+from storage.bulk import load_items
+from storage.items import IngestCounts, ItemIn, ensure_spec
 from storage.models import SpecRow
-from workers.prompt import render_input
+from workers.prompt import FIELD_PATTERN, render_input
+from workers.sources import (
+    DEFAULT_MAX_DOC_BYTES,
+    SourceRow,
+    position_name,
+    raw_text,
+    read_source,
+    read_sql,
+)
 from workers.spec import Spec
 
 __all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "DEFAULT_MAX_DOC_BYTES",
     "BadRow",
     "IngestSummary",
+    "RejectsFile",
     "SourceRow",
     "load_source",
     "make_item",
     "normalize_text",
+    "position_name",
     "read_source",
+    "read_sql",
     "store_spec",
 ]
 
-
-def _builtin_names() -> tuple[str, ...]:
-    from examples import SOURCES
-
-    return tuple(SOURCES)
-
-
-BUILTIN_SOURCES = _builtin_names()
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRow:
-    line: int
-    row: dict[str, Any] | None
-    error: str | None = None
+DEFAULT_CHUNK_ROWS = 5000  # one transaction each: large enough to amortize round trips
+MAX_ID_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,106 +84,192 @@ class BadRow:
 class IngestSummary:
     rows: int = 0
     counts: IngestCounts = field(default_factory=IngestCounts)
-    bad: list[BadRow] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)  # the first 100, for the terminal
     bad_count: int = 0
 
 
+class RejectsFile:
+    """Bad rows as JSON lines (position, reason, raw text); the file is made on the first."""
+
+    def __init__(self, path: Path, *, position: str = "line") -> None:
+        self.path = path
+        self.position = position
+        self.count = 0
+        self._handle: IO[str] | None = None
+
+    def write(self, number: int, reason: str, raw: str | None) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # backslashreplace writes an undecodable byte (a lone surrogate) as a JSON escape.
+            self._handle = self.path.open("w", encoding="utf-8", errors="backslashreplace")
+        record = {self.position: number, "reason": reason, "raw": raw}
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> RejectsFile:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 def normalize_text(text: str) -> str:
-    """Unicode NFC, no BOM or NUL bytes, ``\\n`` line endings, no trailing whitespace."""
-    text = text.replace("\ufeff", "").replace("\x00", "")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    """Unicode NFC, no BOM or NUL bytes, ``\\n`` line endings, no outer whitespace."""
+    # `in` first: most documents hold none of these, and a scan is cheaper than a copy.
+    if "\ufeff" in text:
+        text = text.replace("\ufeff", "")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     return unicodedata.normalize("NFC", text).strip()
 
 
-def read_source(source: str, *, limit: int | None = None) -> Iterator[SourceRow]:
-    """Stream rows from a file or a built-in source name, with line numbers.
+@dataclass(frozen=True, slots=True)
+class _RowPlan:
+    """What make_item needs from a spec, computed once per spec (the per-row path is hot)."""
 
-    A missing file or an unsupported type fails here, before anything is read or written.
-    """
-    if source in BUILTIN_SOURCES:
-        from examples import builtin_source
+    id_field: str
+    template_fields: tuple[str, ...]
+    known_good: tuple[tuple[str, str], ...]
+    slice_fields: tuple[str, ...]
+    rendered_only: frozenset[str]  # rendered into `text` and needed nowhere else
 
-        rows = builtin_source(source)(limit)
-        return (SourceRow(n, row) for n, row in enumerate(rows, start=1))
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(
-            f"source not found: {path} (give a .jsonl or .csv file, or a "
-            f"built-in source: {', '.join(BUILTIN_SOURCES)})"
-        )
-    readers: dict[str, Callable[[Path], Iterator[SourceRow]]] = {
-        ".jsonl": _read_jsonl,
-        ".ndjson": _read_jsonl,
-        ".csv": _read_csv,
+
+_plans: dict[int, tuple[Spec, _RowPlan]] = {}
+
+
+def _plan(spec: Spec) -> _RowPlan:
+    cached = _plans.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    template_fields = tuple(FIELD_PATTERN.findall(str(spec.body["input"]["text"])))
+    known_good = tuple((name, rule["source"]) for name, rule in spec.known_good.items())
+    kept = {
+        spec.id_field,
+        *spec.slice_fields,
+        *(source for _, source in known_good),
+        *spec.sampling.get("slices", {}),  # what live-sample rates are decided on
     }
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise ConfigError(
-            f"{path}: unsupported source type {path.suffix!r}; use .jsonl, .ndjson or .csv"
-        )
-    return itertools.islice(reader(path), limit)
+    plan = _RowPlan(
+        id_field=spec.id_field,
+        template_fields=template_fields,
+        known_good=known_good,
+        slice_fields=tuple(spec.slice_fields),
+        rendered_only=frozenset(template_fields) - kept,
+    )
+    if len(_plans) >= 64:  # long-lived processes may parse many specs: stay small
+        _plans.clear()
+    _plans[id(spec)] = (spec, plan)
+    return plan
 
 
-def _read_jsonl(path: Path) -> Iterator[SourceRow]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except UnicodeDecodeError as exc:
-                yield SourceRow(number, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            except ValueError as exc:
-                yield SourceRow(number, None, f"not valid JSON: {exc}")
-                continue
-            if not isinstance(value, dict):
-                yield SourceRow(number, None, f"expected a JSON object, got {type(value).__name__}")
-                continue
-            yield SourceRow(number, value)
-
-
-def _read_csv(path: Path) -> Iterator[SourceRow]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        try:
-            for row in reader:
-                if None in row:
-                    yield SourceRow(reader.line_num, None, "more values than header columns")
-                    continue
-                yield SourceRow(reader.line_num, dict(row))
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise ConfigError(
-                f"{path}: cannot read CSV near line {reader.line_num}: {exc}"
-            ) from exc
-
-
-def make_item(spec: Spec, row: dict[str, Any]) -> ItemIn:
+def make_item(
+    spec: Spec, row: dict[str, Any], *, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+) -> ItemIn:
     """Turn one source row into an item: id, rendered text, slices, known-good record."""
-    row = _without_nul(row)
-    raw_id = row.get(spec.id_field)
-    if raw_id is None or isinstance(raw_id, (dict, list, bool)) or str(raw_id).strip() == "":
-        raise PermanentError(f"missing or invalid id field {spec.id_field!r}")
+    plan = _plan(spec)
+    measured = _checked_size(row, max_doc_bytes)
+    # JSON always escapes U+0000 as \u0000. Postgres text and JSONB cannot hold it: one such
+    # row would fail its whole chunk.
+    if b"\\u0000" in measured if measured is not None else _flat_with_nul(row):
+        row = _without_nul(row)
+    external_id = _external_id(row, plan.id_field)
+    _check_template_fields(row, plan.template_fields)
     text = normalize_text(render_input(spec, row))
     if not text:
         raise PermanentError("the rendered input text is empty")
     known = {
-        name: row[rule["source"]]
-        for name, rule in spec.known_good.items()
-        if row.get(rule["source"]) not in (None, "")
+        name: row[source] for name, source in plan.known_good if row.get(source) not in (None, "")
     }
+    rendered = plan.rendered_only
+    if rendered and any(name in row for name in rendered):
+        # The fields the template renders live in `text` already: storing them twice doubles
+        # every row, and a bulk load is bound by the bytes Postgres writes.
+        row = {key: value for key, value in row.items() if key not in rendered}
+    payload = _json_bytes(row)
     return ItemIn(
-        external_id=str(raw_id).strip()[:256],
+        external_id=external_id,
         text=text,
         payload=row,
-        slices={name: row.get(name) for name in spec.slice_fields},
+        slices={name: row.get(name) for name in plan.slice_fields},
         content_hash=hashlib.sha256(text.encode()).hexdigest(),
         known_good=known or None,
+        payload_json=payload.decode(),
     )
 
 
+def _checked_size(row: dict[str, Any], max_doc_bytes: int) -> bytes | None:
+    """Refuse a row over the size limit; the row's JSON when it had to be made to know.
+
+    A flat row of short strings is measured without serializing it (UTF-8 takes at most 4
+    bytes a character): the per-row path of a bulk load is hot.
+    """
+    flat = all(isinstance(v, (str, int, float, bool)) or v is None for v in row.values())
+    if flat and sum(len(v) for v in row.values() if isinstance(v, str)) * 4 < max_doc_bytes // 2:
+        return None
+    payload = _json_bytes(row)
+    if len(payload) > max_doc_bytes:
+        raise PermanentError(
+            f"row is {len(payload):,} bytes of JSON, over the {max_doc_bytes:,}-byte limit "
+            f"(--max-doc-bytes)"
+        )
+    return payload
+
+
+def _flat_with_nul(row: dict[str, Any]) -> bool:
+    return any(isinstance(v, str) and "\x00" in v for v in row.values()) or any(
+        "\x00" in k for k in row
+    )
+
+
+def _json_bytes(row: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(row)
+    except TypeError:  # a >64-bit integer, a non-text key, an unusual type
+        try:
+            return json.dumps(row, ensure_ascii=False, default=str).encode()
+        except UnicodeEncodeError:
+            raise PermanentError("not valid Unicode (a lone surrogate)") from None
+
+
+def _external_id(row: dict[str, Any], id_field: str) -> str:
+    raw_id = row.get(id_field)
+    if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+        kind = "missing" if raw_id is None else type(raw_id).__name__
+        raise PermanentError(
+            f"missing or invalid id field {id_field!r} (expected text or an integer, got {kind})"
+        )
+    external_id = str(raw_id).strip()
+    if not external_id:
+        raise PermanentError(f"missing or invalid id field {id_field!r} (empty)")
+    if len(external_id) > MAX_ID_CHARS:
+        raise PermanentError(
+            f"id field {id_field!r} is {len(external_id):,} characters, over {MAX_ID_CHARS}"
+        )
+    return external_id
+
+
+def _check_template_fields(row: dict[str, Any], fields: tuple[str, ...]) -> None:
+    for name in fields:
+        value = row.get(name)
+        if isinstance(value, (dict, list)):
+            kind = "an object" if isinstance(value, dict) else "a list"
+            raise PermanentError(
+                f"field {name!r} used by the spec's input.text is {kind}, not text or a number"
+            )
+
+
 def _without_nul(value: Any) -> Any:
-    # Postgres text and JSONB cannot hold U+0000: one such row would fail its whole chunk.
     if isinstance(value, str):
         return value.replace("\x00", "")
     if isinstance(value, dict):
@@ -180,61 +288,131 @@ def load_source(
     spec: Spec,
     rows: Iterable[SourceRow],
     *,
-    chunk_size: int = 1000,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
     on_chunk: Callable[[IngestSummary], None] | None = None,
+    rejects: RejectsFile | None = None,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    keep_duplicate_content: bool = False,
 ) -> IngestSummary:
-    """Load rows in chunks, one committed transaction per chunk (so an interrupted load resumes)."""
+    """Load rows in chunks, one committed transaction per chunk (so an interrupted load resumes).
+
+    One writer thread stores chunk N while this thread reads and normalizes chunk N+1: the
+    database's work overlaps the parsing. ``on_chunk`` runs here after each commit.
+    """
     summary = IngestSummary()
     with sessions.begin() as session:
         spec_id = store_spec(session, spec).id
-    chunk: list[ItemIn] = []
-    for source_row in rows:
-        summary.rows += 1
-        item = _to_item(spec, source_row, summary)
-        if item is not None:
-            chunk.append(item)
-        if len(chunk) >= chunk_size:
-            _flush(sessions, spec_id, chunk, summary, on_chunk)
-            chunk = []
-    _flush(sessions, spec_id, chunk, summary, on_chunk)
+    with _ChunkWriter(sessions, spec_id, summary, on_chunk, rejects, keep_duplicate_content) as w:
+        chunk: list[ItemIn] = []
+        for source_row in rows:
+            summary.rows += 1
+            item = _to_item(spec, source_row, summary, rejects, max_doc_bytes)
+            if item is not None:
+                chunk.append(item)
+                if len(chunk) >= chunk_size:
+                    w.submit(chunk)
+                    chunk = []
+        w.submit(chunk)
     return summary
 
 
-def _to_item(spec: Spec, source_row: SourceRow, summary: IngestSummary) -> ItemIn | None:
-    error = source_row.error
-    item = None
+def _to_item(
+    spec: Spec,
+    source_row: SourceRow,
+    summary: IngestSummary,
+    rejects: RejectsFile | None,
+    max_doc_bytes: int,
+) -> ItemIn | None:
+    error, raw = source_row.error, source_row.raw
     if source_row.row is not None:
         try:
-            item = make_item(spec, source_row.row)
+            return make_item(spec, source_row.row, max_doc_bytes=max_doc_bytes)
         except PermanentError as exc:
-            error = str(exc)
-    if error is not None:
-        summary.bad_count += 1
-        if len(summary.bad) < 100:
-            summary.bad.append(BadRow(source_row.line, error))
-    return item
+            error, raw = str(exc), raw_text(source_row.row)
+    reason = error or "unreadable row"
+    summary.bad_count += 1
+    if len(summary.bad) < 100:
+        summary.bad.append(BadRow(source_row.line, reason))
+    if rejects is not None:
+        rejects.write(source_row.line, reason, raw)
+    return None
 
 
-def _flush(
-    sessions: sessionmaker[Session],
-    spec_id: int,
-    chunk: list[ItemIn],
-    summary: IngestSummary,
-    on_chunk: Callable[[IngestSummary], None] | None,
-) -> None:
-    if not chunk:
-        return
-    with sessions.begin() as session:
-        spec_row = session.get(SpecRow, spec_id)
-        assert spec_row is not None
-        summary.counts.add(upsert_items(session, spec_row, _dedupe(chunk)))
-    if on_chunk is not None:
-        on_chunk(summary)
+class _ChunkWriter:
+    """Writes chunks on one background thread, one at a time, in order."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spec_id: int,
+        summary: IngestSummary,
+        on_chunk: Callable[[IngestSummary], None] | None,
+        rejects: RejectsFile | None,
+        keep_duplicate_content: bool,
+    ) -> None:
+        self._sessions, self._spec_id, self._summary = sessions, spec_id, summary
+        self._on_chunk, self._rejects, self._keep = on_chunk, rejects, keep_duplicate_content
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stillhouse-load")
+        self._pending: Future[IngestCounts] | None = None
+
+    def submit(self, chunk: list[ItemIn]) -> None:
+        self._finish_pending()
+        if chunk:
+            self._pending = self._pool.submit(self._write, chunk)
+
+    def _finish_pending(self) -> None:
+        if self._pending is None:
+            return
+        future, self._pending = self._pending, None
+        self._summary.counts.add(future.result())
+        if self._rejects is not None:
+            self._rejects.flush()
+        if self._on_chunk is not None:
+            self._on_chunk(self._summary)
+
+    def _write(self, chunk: list[ItemIn]) -> IngestCounts:
+        unique, counts = _dedupe(chunk, keep_duplicate_content=self._keep)
+        with self._sessions.begin() as session:
+            spec_row = session.get(SpecRow, self._spec_id)
+            assert spec_row is not None
+            counts.add(load_items(session, spec_row, unique, keep_duplicate_content=self._keep))
+        return counts
+
+    def __enter__(self) -> _ChunkWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        _exc: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self._finish_pending()
+        finally:
+            self._pool.shutdown(wait=True)  # a chunk in flight commits, even on Ctrl-C
 
 
-def _dedupe(chunk: list[ItemIn]) -> list[ItemIn]:
-    # The first row with a given id wins, within a chunk as across chunks.
-    seen: dict[str, ItemIn] = {}
+def _dedupe(
+    chunk: list[ItemIn], *, keep_duplicate_content: bool
+) -> tuple[list[ItemIn], IngestCounts]:
+    # The first row with a given id (or, unless kept, a given content) wins within a chunk;
+    # the database applies the same rule across chunks and runs.
+    counts = IngestCounts()
+    by_id: dict[str, ItemIn] = {}
+    hashes: set[str] = set()
     for item in chunk:
-        seen.setdefault(item.external_id, item)
-    return list(seen.values())
+        first = by_id.get(item.external_id)
+        if first is not None:
+            counts.existing += 1
+            if first.content_hash != item.content_hash:
+                counts.changed += 1
+                counts.changed_ids.append(item.external_id)
+        elif not keep_duplicate_content and item.content_hash in hashes:
+            counts.duplicate_content += 1
+        else:
+            by_id[item.external_id] = item
+            hashes.add(item.content_hash)
+    counts.changed_ids = counts.changed_ids[:20]
+    return list(by_id.values()), counts
