@@ -5,7 +5,7 @@ Postgres is the source of truth. Every item carries its state; Redis only ever s
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Enum,
     Float,
@@ -33,6 +34,7 @@ __all__ = [
     "Budget",
     "BudgetReservation",
     "CallStatus",
+    "IngestCounter",
     "Item",
     "ItemState",
     "KnownGood",
@@ -89,6 +91,10 @@ class CallStatus(StrEnum):
     OK = "ok"
     CACHE_HIT = "cache_hit"
     ERROR = "error"
+    # Written before a request is sent and replaced by its attempts when the batch commits:
+    # one left behind means the worker died with the call in flight (counted as sent and paid:
+    # the ledger errs on the side of spend).
+    IN_FLIGHT = "in_flight"
 
 
 def _enum(cls: type[StrEnum], name: str) -> Enum:
@@ -215,8 +221,11 @@ class Label(Base):
     output: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     verdict: Mapped[Verdict] = mapped_column(_enum(Verdict, "verdict"))
     reasons: Mapped[list[Any]]
+    # One {"reason", "path", "message"} per problem, so people can group by reason and read why.
+    problems: Mapped[list[Any] | None] = mapped_column(JsonType)
     confidence: Mapped[float | None] = mapped_column(Float)
-    agreement: Mapped[float | None] = mapped_column(Float)  # share of k samples that agreed
+    # Share of the k samples, or of the jury's teachers, that gave the kept answer.
+    agreement: Mapped[float | None] = mapped_column(Float)
     known_good_match: Mapped[bool | None] = mapped_column(Boolean)
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
@@ -246,3 +255,20 @@ class BudgetReservation(Base):
     amount_usd: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class IngestCounter(Base):
+    """Items accepted over HTTP per spec name and UTC day: the ledger of the daily cap.
+
+    Incremented in the transaction that inserts the items, with the row locked, so concurrent
+    requests can never both take the last places under the cap.
+    """
+
+    __tablename__ = "ingest_counters"
+
+    spec_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_now(), onupdate=_now()
+    )

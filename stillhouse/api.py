@@ -1,0 +1,380 @@
+"""The ingest API: producers POST live samples, which land as pending items for the workers.
+
+Routes:
+
+- ``POST /v1/items`` (bearer token): ``{"spec": NAME, "items": [ROW, ...]}`` or
+  ``{"spec": NAME, "item": ROW}``. A row is a source row as a backfill reads it (the id in the
+  spec's ``input.id_field``). The answer gives each row's outcome (``inserted``,
+  ``duplicate``, ``sampled_out``, ``capped``, ``invalid`` with the reason) and the counts:
+  200 when any row was valid, 422 when none was.
+- ``GET /v1/limits`` (bearer token): batch and body limits and the specs served, for clients.
+- ``GET /healthz`` and ``GET /metrics`` (Prometheus text), open: they reveal no data.
+
+Errors are ``{"error": {"code", "message"}}``: 401 (no or wrong token), 413 (body or batch
+over the limit), 415 (not JSON), 422 (bad JSON, shape or spec name), 429 with ``Retry-After``
+(the spec's backlog is over the limit) and 503 with ``Retry-After`` (database unreachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from schemas.errors import ConfigError
+from stillhouse.api_metrics import ApiMetrics, Instrumented
+from stillhouse.settings import Settings
+from storage.intake import backlog_by_spec
+from workers.ingest import store_spec
+from workers.intake import IntakeResult, ingest_live
+from workers.sampling import SamplingRules
+from workers.spec import Spec
+
+__all__ = ["ApiLimits", "create_app"]
+
+log = logging.getLogger(__name__)
+
+SHAPE = '{"spec": NAME, "items": [ROW, ...]} or {"spec": NAME, "item": ROW}'
+
+
+@dataclass(frozen=True, slots=True)
+class ApiLimits:
+    max_body_bytes: int
+    max_batch: int
+    max_backlog: int
+    retry_after_s: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiLimits:
+        return cls(
+            settings.api_max_body_bytes,
+            settings.api_max_batch,
+            settings.api_max_backlog,
+            settings.api_retry_after_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    spec: Spec
+    spec_id: int
+    rules: SamplingRules
+
+
+class _Rejected(Exception):
+    """A request refused before any row is looked at; becomes one error response."""
+
+    def __init__(self, status: int, code: str, message: str, **headers: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"code": self.code, "message": self.message}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers or None)
+
+
+class _Backlog:
+    """Backlog per spec, counted at most once per ``ttl_s`` whatever the request rate."""
+
+    def __init__(self, sessions: sessionmaker[Session], served: dict[str, _Served], ttl_s: float):
+        self.sessions, self.served, self.ttl_s = sessions, served, ttl_s
+        self.counts: dict[str, int] = {}
+        self.at = float("-inf")
+        self.lock = asyncio.Lock()
+
+    async def get(self, metrics: ApiMetrics) -> dict[str, int]:
+        if time.monotonic() - self.at < self.ttl_s:
+            return self.counts
+        async with self.lock:  # one refresh at a time; the others use its result
+            if time.monotonic() - self.at >= self.ttl_s:
+                by_id = await run_in_threadpool(self._count)
+                self.counts = {name: by_id[s.spec_id] for name, s in self.served.items()}
+                self.at = time.monotonic()
+                for name, n in self.counts.items():
+                    metrics.backlog.labels(name).set(n)
+        return self.counts
+
+    def _count(self) -> dict[int, int]:
+        with self.sessions() as session:
+            return backlog_by_spec(session, [s.spec_id for s in self.served.values()])
+
+
+def _utc_today() -> date:
+    return datetime.now(UTC).date()
+
+
+class _IngestApi:
+    """The handlers, bound to the specs, the database, the limits and the tokens."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        served: dict[str, _Served],
+        limits: ApiLimits,
+        tokens: Sequence[bytes] | None,
+        backlog_ttl_s: float,
+        today: Callable[[], date],
+    ) -> None:
+        self.sessions, self.served, self.limits = sessions, served, limits
+        self.tokens, self.today = tokens, today
+        self.metrics = ApiMetrics()
+        self.backlog = _Backlog(sessions, served, backlog_ttl_s)
+
+    def check_token(self, request: Request) -> None:
+        if self.tokens is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise _Rejected(
+                401,
+                "unauthorized",
+                "missing bearer token: send 'Authorization: Bearer <token>'",
+                **{"WWW-Authenticate": 'Bearer realm="stillhouse"'},
+            )
+        candidate = given.strip().encode()
+        matched = False
+        for token in self.tokens:  # every token, no early exit: timing says nothing
+            matched |= hmac.compare_digest(candidate, token)
+        if not matched:
+            raise _Rejected(
+                401,
+                "unauthorized",
+                "the bearer token is not valid for this server",
+                **{"WWW-Authenticate": 'Bearer realm="stillhouse", error="invalid_token"'},
+            )
+
+    async def items(self, request: Request) -> Response:
+        try:
+            self.check_token(request)
+            served, rows = self._parse(await self._json_body(request))
+            await self._check_backlog(served)
+            result = await run_in_threadpool(self._ingest, served, rows)
+        except _Rejected as exc:
+            return exc.response()
+        except SQLAlchemyError:
+            log.exception("ingest failed on a database error")
+            return self._unavailable().response()
+        counts = result.counts()
+        self.metrics.count_items(served.spec.name, counts)
+        body = {
+            "spec": served.spec.name,
+            "version": served.spec.version,
+            "counts": counts,
+            "results": [row.as_json() for row in result.outcomes],
+        }
+        return JSONResponse(body, status_code=422 if counts["invalid"] == len(rows) else 200)
+
+    async def _json_body(self, request: Request) -> Any:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise _Rejected(
+                415,
+                "unsupported_media_type",
+                f"send the body as JSON with 'Content-Type: application/json' "
+                f"(got {media_type or 'no content type'!r})",
+            )
+        body = await self._read_limited(request)
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _Rejected(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+
+    async def _read_limited(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        too_large = _Rejected(
+            413,
+            "body_too_large",
+            f"the body is over the limit of {limit} bytes: send fewer items per request",
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # also holds a chunked body to the limit
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, data: Any) -> tuple[_Served, list[Any]]:
+        def shape_error(message: str) -> _Rejected:
+            return _Rejected(422, "invalid_request", f"{message}; send {SHAPE}")
+
+        if not isinstance(data, dict):
+            raise shape_error(f"the body must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"spec", "items", "item"})
+        if unknown:
+            raise shape_error(f"unknown field(s) {', '.join(map(repr, unknown))}")
+        served = self._spec(data.get("spec"))
+        if ("items" in data) == ("item" in data):
+            raise shape_error("give exactly one of 'items' (a batch) and 'item' (one row)")
+        if "item" in data:
+            if not isinstance(data["item"], dict):
+                raise shape_error("'item' must be a JSON object (one source row)")
+            return served, [data["item"]]
+        rows = data["items"]
+        if not isinstance(rows, list) or not rows:
+            raise shape_error("'items' must be a non-empty array of source rows")
+        if len(rows) > self.limits.max_batch:
+            raise _Rejected(
+                413,
+                "batch_too_large",
+                f"a batch of {len(rows)} items is over the limit of {self.limits.max_batch}: "
+                f"split it into smaller batches",
+            )
+        return served, rows
+
+    def _spec(self, name: Any) -> _Served:
+        served = self.served.get(name) if isinstance(name, str) else None
+        if served is None:
+            raise _Rejected(
+                422,
+                "unknown_spec",
+                f"'spec' must name a spec this server serves ({', '.join(sorted(self.served))}), "
+                f"got {json.dumps(name)}",
+            )
+        return served
+
+    async def _check_backlog(self, served: _Served) -> None:
+        waiting = (await self.backlog.get(self.metrics)).get(served.spec.name, 0)
+        if waiting > self.limits.max_backlog:
+            raise _Rejected(
+                429,
+                "backlog_full",
+                f"spec {served.spec.name!r} has {waiting} items waiting for labeling, over the "
+                f"limit of {self.limits.max_backlog}: retry in {self.limits.retry_after_s} s",
+                **{"Retry-After": str(self.limits.retry_after_s)},
+            )
+
+    def _unavailable(self) -> _Rejected:
+        return _Rejected(
+            503,
+            "unavailable",
+            "the database is unavailable: retry later",
+            **{"Retry-After": str(self.limits.retry_after_s)},
+        )
+
+    def _ingest(self, served: _Served, rows: list[Any]) -> IntakeResult:
+        with self.sessions.begin() as session:
+            return ingest_live(
+                session, served.spec, served.spec_id, rows, day=self.today(), rules=served.rules
+            )
+
+    async def limits_route(self, request: Request) -> Response:
+        try:
+            self.check_token(request)
+        except _Rejected as exc:
+            return exc.response()
+        specs = {
+            name: {"version": s.spec.version, "id_field": s.spec.id_field, **s.spec.sampling}
+            for name, s in self.served.items()
+        }
+        return JSONResponse(
+            {
+                "max_batch": self.limits.max_batch,
+                "max_body_bytes": self.limits.max_body_bytes,
+                "specs": specs,
+            }
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await run_in_threadpool(self._ping)
+        except SQLAlchemyError as exc:
+            log.warning("health check: database unreachable: %s", exc)
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
+        return JSONResponse({"status": "ok", "database": "ok", "specs": sorted(self.served)})
+
+    def _ping(self) -> None:
+        with self.sessions() as session:
+            session.execute(text("select 1"))
+
+    async def metrics_route(self, request: Request) -> Response:
+        # A scrape sees a current gauge; in an outage it keeps its last value (see /healthz).
+        with contextlib.suppress(SQLAlchemyError):
+            await self.backlog.get(self.metrics)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(
+    settings: Settings,
+    specs: Sequence[Spec],
+    *,
+    sessions: sessionmaker[Session] | None = None,
+    insecure_no_auth: bool = False,
+    backlog_ttl_s: float = 1.0,
+    today: Callable[[], date] = _utc_today,
+) -> Starlette:
+    """Build the ingest app for ``specs``; their rows are stored before the first request.
+
+    Without ``sessions`` the app opens the database from ``settings`` and closes it at
+    shutdown. Tokens come from ``settings.api_tokens``; none is refused unless
+    ``insecure_no_auth`` (loopback development) says otherwise.
+    """
+    tokens = [t.get_secret_value().encode() for t in settings.api_tokens if t.get_secret_value()]
+    if not tokens and not insecure_no_auth:
+        raise ConfigError(
+            "no API tokens: set STILLHOUSE_API_TOKENS=token1,token2 (or, for development on "
+            "127.0.0.1 only, pass --insecure-no-auth)"
+        )
+    names = [spec.name for spec in specs]
+    if not specs or len(set(names)) != len(names):
+        raise ConfigError(f"give one or more distinct specs to serve, got {names}")
+    engine = None
+    if sessions is None:
+        from stillhouse.context import open_database
+
+        engine, sessions = open_database(settings)
+    with sessions.begin() as session:
+        served = {
+            spec.name: _Served(spec, store_spec(session, spec).id, SamplingRules.from_spec(spec))
+            for spec in specs
+        }
+    api = _IngestApi(
+        sessions,
+        served,
+        ApiLimits.from_settings(settings),
+        None if insecure_no_auth and not tokens else tokens,
+        backlog_ttl_s,
+        today,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        if engine is not None:
+            engine.dispose()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/items", api.items, methods=["POST"]),
+            Route("/v1/limits", api.limits_route, methods=["GET"]),
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/metrics", api.metrics_route, methods=["GET"]),
+        ],
+        middleware=[Middleware(Instrumented, metrics=api.metrics)],
+        lifespan=lifespan,
+    )
+    app.state.ingest = api
+    app.state.engine = engine
+    return app

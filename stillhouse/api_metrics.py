@@ -1,0 +1,78 @@
+"""Prometheus metrics of the ingest API, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["ApiMetrics", "Instrumented"]
+
+# Fixed route labels: a raw path would let any client mint new time series.
+ROUTES = ("/v1/items", "/v1/limits", "/healthz", "/metrics")
+
+
+class ApiMetrics:
+    """Requests by route and status, latency, items by outcome, and the backlog per spec."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "stillhouse_api_requests",
+            "HTTP requests answered, by route and status code",
+            ("route", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "stillhouse_api_request_duration_seconds",
+            "Time to answer one HTTP request, by route",
+            ("route",),
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.items = Counter(
+            "stillhouse_api_items",
+            "Submitted items, by spec and outcome",
+            ("spec", "outcome"),
+            registry=self.registry,
+        )
+        self.backlog = Gauge(
+            "stillhouse_api_backlog_items",
+            "Items of the spec's current version waiting for workers (pending, queued, leased)",
+            ("spec",),
+            registry=self.registry,
+        )
+
+    def count_items(self, spec: str, counts: dict[str, int]) -> None:
+        for outcome, n in counts.items():
+            if n:
+                self.items.labels(spec, outcome).inc(n)
+
+
+class Instrumented:
+    """ASGI middleware that counts every HTTP response and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500  # what the client sees if the app fails before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

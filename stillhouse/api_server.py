@@ -1,0 +1,119 @@
+"""Run the ingest API under uvicorn, in one process or several (``--workers N``).
+
+Each worker process builds its own engine and app after it starts (the factory reads the
+served specs from an environment variable the parent sets), so no connection crosses a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from starlette.applications import Starlette
+
+from schemas.errors import ConfigError
+from stillhouse.api import create_app
+from stillhouse.settings import Settings
+from workers.spec import load_spec
+
+__all__ = ["app_from_environment", "build_app", "serve"]
+
+OPTIONS_ENV = "STILLHOUSE_SERVE_OPTIONS"
+
+
+def build_app(
+    settings: Settings, spec_names: Sequence[str], *, insecure_no_auth: bool
+) -> Starlette:
+    """Load the specs and build the app (connects to the database and stores the specs)."""
+    return create_app(
+        settings, [load_spec(name) for name in spec_names], insecure_no_auth=insecure_no_auth
+    )
+
+
+def app_from_environment() -> Starlette:
+    """The uvicorn factory of each worker process: settings and specs from the environment."""
+    options = json.loads(os.environ[OPTIONS_ENV])
+    return build_app(Settings(), options["specs"], insecure_no_auth=options["insecure_no_auth"])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_options(settings: Settings, host: str, *, insecure_no_auth: bool) -> None:
+    """Refuse to serve without tokens, and refuse --insecure-no-auth beyond loopback."""
+    if insecure_no_auth and not _is_loopback(host):
+        raise ConfigError(
+            f"--insecure-no-auth serves without tokens and is only allowed on a loopback "
+            f"address (127.0.0.1, ::1), not {host}: set STILLHOUSE_API_TOKENS instead"
+        )
+
+
+def serve(
+    settings: Settings,
+    spec_names: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    workers: int = 1,
+    insecure_no_auth: bool = False,
+    log_level: str = "warning",
+) -> None:
+    """Serve until interrupted; prints ``stillhouse api listening on URL`` once bound."""
+    check_options(settings, host, insecure_no_auth=insecure_no_auth)
+    # Built here even with several workers: a bad spec, token or database fails at once,
+    # with one clear message, before any worker starts.
+    app = build_app(settings, spec_names, insecure_no_auth=insecure_no_auth)
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    if workers > 1:
+        if app.state.engine is not None:
+            app.state.engine.dispose()  # the workers open their own after they start
+        os.environ[OPTIONS_ENV] = json.dumps(
+            {"specs": list(spec_names), "insecure_no_auth": insecure_no_auth}
+        )
+        print(
+            f"stillhouse api starting {workers} workers on http://{host}:{port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        uvicorn.run(
+            f"{__name__}:app_from_environment",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            http=http,
+            log_level=log_level,
+            access_log=False,
+        )
+        return
+    config = uvicorn.Config(
+        app, host=host, port=port, http=http, log_level=log_level, access_log=False
+    )
+    asyncio.run(_serve(uvicorn.Server(config), host))
+
+
+async def _serve(server: uvicorn.Server, host: str) -> None:
+    announce = asyncio.create_task(_announce_when_started(server, host))
+    try:
+        await server.serve()
+    finally:
+        announce.cancel()
+
+
+async def _announce_when_started(server: uvicorn.Server, host: str) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    print(f"stillhouse api listening on http://{host}:{port}", file=sys.stderr, flush=True)

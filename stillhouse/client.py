@@ -1,0 +1,220 @@
+"""A small client for producers: send live samples to ``stillhouse serve``.
+
+    from stillhouse.client import StillhouseClient
+
+    with StillhouseClient("http://127.0.0.1:8080", token="s3cret") as client:
+        result = client.submit("triage", rows)
+        print(result.counts)  # {"inserted": 98, "duplicate": 2, ...}
+
+``submit`` splits rows into batches that fit the server's batch and body limits (read once
+from ``GET /v1/limits``), and retries a batch answered 429 or 503, or lost to a connection
+error, honoring ``Retry-After``, until ``max_wait_s`` of waiting is spent. Retrying is safe:
+the server dedupes on the external id, and sampling is decided by the id, so a retried batch
+gets the same outcome. A 4xx raises ``RequestRejected`` (401: ``Unauthorized``) with the
+server's message; rows the server found invalid are results, not errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "ClientError",
+    "RequestRejected",
+    "ServerBusy",
+    "StillhouseClient",
+    "SubmitResult",
+    "Unauthorized",
+]
+
+OUTCOMES = ("inserted", "duplicate", "sampled_out", "capped", "invalid")
+_ENVELOPE_BYTES = 256  # room for '{"spec": …, "items": [ … ]}' around the rows
+
+
+class ClientError(Exception):
+    """Base of the client's errors; ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class RequestRejected(ClientError):
+    """The server refused the request (4xx): fix the request, retrying will not help."""
+
+
+class Unauthorized(RequestRejected):
+    """401: the token is missing or not one the server accepts."""
+
+
+class ServerBusy(ClientError):
+    """Still 429/503 (or unreachable) after ``max_wait_s`` of retries: try again later."""
+
+
+@dataclass(slots=True)
+class SubmitResult:
+    """Outcomes of every submitted row; ``index`` is the row's position in ``submit``'s input.
+
+    ``requests`` counts the POSTs sent (retries included), ``retries`` the ones repeated.
+    """
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    results: list[dict[str, Any]] = field(default_factory=list)
+    requests: int = 0
+    retries: int = 0
+
+    def _add(self, body: Mapping[str, Any], offset: int) -> None:
+        for outcome, n in body["counts"].items():
+            self.counts[outcome] = self.counts.get(outcome, 0) + int(n)
+        for row in body["results"]:
+            self.results.append({**row, "index": row["index"] + offset})
+
+    def by_outcome(self, outcome: str) -> list[dict[str, Any]]:
+        return [row for row in self.results if row["outcome"] == outcome]
+
+
+class StillhouseClient:
+    """Synchronous client over one ``httpx.Client`` (connection pooling, keep-alive)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        timeout_s: float = 30.0,
+        max_wait_s: float = 60.0,
+        batch_size: int | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+        )
+        self.max_wait_s = max_wait_s
+        self.batch_size = batch_size
+        self._limits: dict[str, Any] | None = None
+
+    def __enter__(self) -> StillhouseClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def limits(self) -> dict[str, Any]:
+        """The server's ``max_batch``, ``max_body_bytes`` and served specs (fetched once)."""
+        if self._limits is None:
+            self._limits = self._send("GET", "/v1/limits", None, SubmitResult())
+        return self._limits
+
+    def submit(self, spec: str, items: Iterable[Mapping[str, Any]]) -> SubmitResult:
+        """Send rows for ``spec`` in batches; returns every row's outcome and the counts."""
+        result = SubmitResult()
+        limits = self.limits()
+        max_batch = min(self.batch_size or limits["max_batch"], limits["max_batch"])
+        max_bytes = int(limits["max_body_bytes"]) - _ENVELOPE_BYTES
+        for offset, batch in _batches(items, max_batch, max_bytes, result):
+            body = self._send("POST", "/v1/items", {"spec": spec, "items": batch}, result)
+            result._add(body, offset)
+        result.results.sort(key=lambda row: row["index"])
+        return result
+
+    def _send(self, method: str, path: str, payload: Any, result: SubmitResult) -> dict[str, Any]:
+        deadline = time.monotonic() + self.max_wait_s
+        attempt = 0
+        while True:
+            result.requests += 1
+            try:
+                response = self._http.request(method, path, json=payload)
+            except httpx.TransportError as exc:
+                wait, why = _backoff(attempt), f"cannot reach the server: {exc!r}"
+            else:
+                if response.status_code not in (429, 503):
+                    return _body_or_raise(response)
+                wait = _retry_after(response, attempt)
+                why = f"{response.status_code}: {_message(response)}"
+            if time.monotonic() + wait > deadline:
+                raise ServerBusy(f"gave up after {attempt + 1} attempts ({why})")
+            time.sleep(wait)
+            attempt += 1
+            result.retries += 1
+
+
+def _batches(
+    items: Iterable[Mapping[str, Any]], max_batch: int, max_bytes: int, result: SubmitResult
+) -> Iterator[tuple[int, list[Mapping[str, Any]]]]:
+    """Batches under both limits, with the input index of their first row."""
+    batch: list[Mapping[str, Any]] = []
+    start, size = 0, 0
+    for index, row in enumerate(items):
+        row_bytes = len(json.dumps(row, ensure_ascii=False).encode()) + 2
+        if row_bytes > max_bytes:  # would be refused whole: report it, keep the others
+            result.counts["invalid"] += 1
+            result.results.append(
+                {"index": index, "id": None, "outcome": "invalid", "reason": "row too large"}
+            )
+            continue
+        if batch and (len(batch) >= max_batch or size + row_bytes > max_bytes):
+            yield start, batch
+            batch, size = [], 0
+        if not batch:
+            start = index
+        batch.append(row)
+        size += row_bytes
+    if batch:
+        yield start, batch
+
+
+def _backoff(attempt: int) -> float:
+    return float(min(0.5 * 2**attempt, 10.0))
+
+
+def _retry_after(response: httpx.Response, attempt: int) -> float:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):  # absent, or an HTTP date: fall back to our backoff
+        return _backoff(attempt)
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+def _body_or_raise(response: httpx.Response) -> dict[str, Any]:
+    body: Any = None
+    with contextlib.suppress(ValueError):  # a proxy's HTML error page, say
+        body = response.json()
+    if response.status_code == 422 and isinstance(body, dict) and "results" in body:
+        return body  # every row invalid: outcomes, not an error
+    if response.is_success and isinstance(body, dict):
+        return body
+    code = body["error"].get("code") if isinstance(body, dict) and "error" in body else None
+    error: type[ClientError] = RequestRejected
+    if response.status_code == 401:
+        error = Unauthorized
+    elif not response.is_client_error:
+        error = ClientError
+    raise error(
+        f"{response.request.method} {response.request.url.path} answered "
+        f"{response.status_code}: {_message(response)}",
+        status=response.status_code,
+        code=code,
+    )

@@ -1,0 +1,115 @@
+"""The producers' client against the real ingest API on a real socket and real Postgres."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from ingest_tools import TOKEN, row, running_api
+from sqlalchemy import update
+
+from stillhouse.client import RequestRejected, ServerBusy, StillhouseClient, Unauthorized
+from storage.models import Item, ItemState
+
+
+def test_submit_batches_to_the_server_limit_and_keeps_input_order(postgres_url: str) -> None:
+    with (
+        running_api(postgres_url, api_max_batch=100) as api,
+        StillhouseClient(api.root, TOKEN) as client,
+    ):
+        rows = [row(n) for n in range(250)]
+        rows[10] = {"headline": "no id"}
+        rows[120] = row(5)  # a duplicate of an earlier row, in another batch
+        result = client.submit("triage", rows)
+        again = client.submit("triage", rows[:50])
+
+        assert result.requests == 3  # three batches of at most 100
+        assert result.counts == {
+            "inserted": 248,
+            "duplicate": 1,
+            "sampled_out": 0,
+            "capped": 0,
+            "invalid": 1,
+        }
+        assert [r["index"] for r in result.results] == list(range(250))
+        assert result.results[10]["outcome"] == "invalid"
+        assert result.results[120] == {"index": 120, "id": "doc-5", "outcome": "duplicate"}
+        assert again.counts["duplicate"] == 49 and again.counts["invalid"] == 1
+        assert len(api.stored_ids()) == 248
+
+
+def test_submit_splits_by_body_size_and_reports_oversized_rows(postgres_url: str) -> None:
+    with (
+        running_api(postgres_url, api_max_body_bytes=4096) as api,
+        StillhouseClient(api.root, TOKEN) as client,
+    ):
+        rows = [row(n, body="word " * 150) for n in range(12)]  # about 800 bytes each
+        rows[3] = row(3, body="x" * 5000)
+        result = client.submit("triage", rows)
+
+        assert result.counts["inserted"] == 11
+        assert result.by_outcome("invalid") == [
+            {"index": 3, "id": None, "outcome": "invalid", "reason": "row too large"}
+        ]
+        assert result.requests == 3  # four rows of ~850 bytes fill a 4 KiB body
+
+
+def test_retries_after_429_honoring_retry_after(postgres_url: str) -> None:
+    with (
+        running_api(postgres_url, api_max_backlog=2, api_retry_after_s=1, backlog_ttl_s=0.0) as api,
+        StillhouseClient(api.root, TOKEN, max_wait_s=20) as client,
+    ):
+        client.submit("triage", [row(n) for n in range(3)])  # backlog 3 > 2: full
+
+        def workers_catch_up() -> None:
+            time.sleep(1.5)
+            with api.sessions.begin() as session:
+                session.execute(update(Item).values(state=ItemState.ACCEPTED))
+
+        drain = threading.Thread(target=workers_catch_up)
+        drain.start()
+        started = time.monotonic()
+        result = client.submit("triage", [row(99)])
+        waited = time.monotonic() - started
+        drain.join()
+
+        assert result.counts["inserted"] == 1
+        assert result.retries >= 1
+        assert waited >= 1.0  # it slept for Retry-After, not in a tight loop
+
+
+def test_gives_up_when_the_wait_would_pass_the_budget(postgres_url: str) -> None:
+    with (
+        running_api(postgres_url, api_max_backlog=1, api_retry_after_s=5, backlog_ttl_s=0.0) as api,
+        StillhouseClient(api.root, TOKEN, max_wait_s=2) as client,
+    ):
+        client.submit("triage", [row(1), row(2)])
+        started = time.monotonic()
+        with pytest.raises(ServerBusy, match="429"):
+            client.submit("triage", [row(3)])
+        assert time.monotonic() - started < 1.0  # a 5 s Retry-After cannot fit in 2 s
+
+
+def test_4xx_raises_with_the_server_message(postgres_url: str) -> None:
+    with running_api(postgres_url) as api:
+        with StillhouseClient(api.root, "wrong") as client, pytest.raises(Unauthorized) as auth:
+            client.submit("triage", [row(1)])
+        with StillhouseClient(api.root, TOKEN) as client, pytest.raises(RequestRejected) as spec:
+            client.submit("nope", [row(1)])
+
+        assert auth.value.status == 401 and "not valid" in str(auth.value)
+        assert spec.value.status == 422 and spec.value.code == "unknown_spec"
+        assert "triage" in str(spec.value)
+
+
+def test_unreachable_server_is_retried_then_reported() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        with StillhouseClient(f"http://127.0.0.1:{port}", TOKEN, max_wait_s=1.0) as client:
+            started = time.monotonic()
+            with pytest.raises(ServerBusy, match="cannot reach the server"):
+                client.submit("triage", [row(1)])
+            assert 0.4 < time.monotonic() - started < 3
