@@ -27,7 +27,7 @@ from storage.migrate import upgrade
 from storage.results import cached_responses
 from storage.session import make_engine, make_sessionmaker
 from workers.governor import GovernorLimits, LocalGovernor, RedisGovernor, governor_key
-from workers.pipeline import event_loop_factory
+from workers.loop import event_loop_factory
 from workers.spec import TeacherConfig, load_spec
 from workers.teacher import TeacherClient, build_request, make_http_client
 

@@ -45,30 +45,95 @@ def _print_json(data: Any) -> None:
 
 @app.command()
 def backfill(
-    source: Annotated[str, typer.Argument(help="a .jsonl or .csv file, or 'bbc' (bundled)")],
     spec: SpecOpt,
+    source: Annotated[
+        str | None,
+        typer.Argument(help="a .jsonl, .csv or .parquet file, or 'bbc' (bundled)"),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="load at most this many rows")] = None,
     wait: Annotated[bool, typer.Option(help="distributed mode: wait until labeled")] = True,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="only estimate calls, tokens, cost and time")
     ] = False,
+    load_only: Annotated[
+        bool,
+        typer.Option(
+            "--load-only",
+            help="load (or resume loading) and stop: no labeling, no queueing. "
+            "Example: stillhouse backfill tickets.jsonl --spec triage --load-only",
+        ),
+    ] = False,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help="where bad rows go, one JSON line each (default "
+            ".stillhouse/rejects/SPEC-TIME.jsonl, made only when a row is bad). "
+            "Example: --rejects bad-rows.jsonl",
+        ),
+    ] = None,
+    max_doc_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="a row whose JSON is larger is a bad row. Example: --max-doc-bytes 200000",
+        ),
+    ] = 1 << 20,
+    from_sql: Annotated[
+        str | None,
+        typer.Option(
+            help="read the rows of this SQL query instead of a file (streamed). "
+            "Example: --from-sql 'SELECT id, headline, body FROM tickets'",
+        ),
+    ] = None,
+    sql_url: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL the --from-sql query runs on (default: the store). "
+            "Example: --sql-url sqlite:///legacy.db",
+        ),
+    ] = None,
+    keep_duplicate_content: Annotated[
+        bool,
+        typer.Option(
+            "--keep-duplicate-content",
+            help="store a new id even when its text is already stored under another id. "
+            "Example: stillhouse backfill t.jsonl --spec triage --keep-duplicate-content",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Load a source into the store and label it with the spec's teacher.
 
-    Embedded (no STILLHOUSE_BROKER_URL): labels in-process. Distributed: enqueues id batches
-    for `stillhouse worker` processes and, with --wait, follows them to the end.
+    Streams JSONL, CSV, Parquet or a SQL query (--from-sql) in chunks, in bounded memory;
+    an interrupted load resumes when run again. Bad rows go to the rejects file while the
+    good rows load. Embedded (no STILLHOUSE_BROKER_URL): labels in-process. Distributed:
+    enqueues id batches for `stillhouse worker` processes and, with --wait, follows them.
 
     Example: stillhouse backfill bbc --spec triage --limit 200
+
+    Example: stillhouse backfill --from-sql 'SELECT * FROM tickets' --sql-url
+    sqlite:///legacy.db --spec triage --load-only --rejects bad.jsonl
     """
-    from stillhouse.commands import run_backfill, run_estimate
+    from stillhouse.commands import BackfillOptions, run_backfill, run_estimate
 
     if dry_run:
+        if source is None:
+            raise ConfigError("--dry-run estimates a SOURCE file or built-in source")
         run_estimate(
             Settings(), source, spec, limit=limit, sample=200, as_json=as_json, console=err
         )
         return
-    result = run_backfill(Settings(), source, spec, limit=limit, wait=wait, console=err)
+    options = BackfillOptions(
+        from_sql=from_sql,
+        sql_url=sql_url,
+        rejects=rejects,
+        max_doc_bytes=max_doc_bytes,
+        keep_duplicate_content=keep_duplicate_content,
+        load_only=load_only,
+    )
+    result = run_backfill(
+        Settings(), source, spec, limit=limit, wait=wait, console=err, options=options
+    )
     if as_json:
         _print_json(result)
     if result.get("bad_rows"):
@@ -141,17 +206,94 @@ def train(
 
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None,
-    pool: Annotated[str, typer.Option(help="prefork, threads or solo")] = "prefork",
+    concurrency: Annotated[
+        int | None, typer.Option(help="batches in work at once (threads, or prefork processes)")
+    ] = None,
+    pool: Annotated[str, typer.Option(help="threads, prefork or solo")] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    beat: Annotated[
+        bool, typer.Option("--beat", help="also run the dispatcher and sweeper (one per site)")
+    ] = False,
 ) -> None:
     """Run a Celery label worker (needs STILLHOUSE_BROKER_URL and a Postgres URL).
 
-    Example: STILLHOUSE_BROKER_URL=redis://127.0.0.1:6379/0 stillhouse worker --concurrency 2
-    """
-    from stillhouse.commands import run_worker
+    The default threads pool runs several batches in one process over one event loop and
+    connection pool, so one batch's teacher calls overlap another's database work; run one
+    worker process per core. Refuses to start with a pickle serializer, a Redis that evicts
+    keys, or a visibility timeout shorter than the task time limit. SIGTERM is graceful: the
+    batches in work finish first.
 
-    run_worker(Settings(), concurrency=concurrency, pool=pool, loglevel=loglevel)
+    Example: STILLHOUSE_BROKER_URL=redis://127.0.0.1:6379/0 stillhouse worker --concurrency 2 --beat
+    """
+    from stillhouse.distributed import run_worker
+
+    run_worker(Settings(), concurrency=concurrency, pool=pool, loglevel=loglevel, beat=beat)
+
+
+@app.command()
+def dispatch(
+    once: Annotated[bool, typer.Option("--once", help="one pass, then exit")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue ready items for workers and sweep: expired leases, lost messages, max attempts.
+
+    Runs every STILLHOUSE_DISPATCH_INTERVAL_S until stopped; several may run at once
+    (claims use FOR UPDATE SKIP LOCKED). `stillhouse worker --beat` starts one for you.
+
+    Example: stillhouse dispatch --once --json
+    """
+    import logging
+
+    from stillhouse.distributed import run_dispatch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    done = run_dispatch(Settings(), once=once)
+    if done is not None and as_json:
+        _print_json(
+            {
+                "sent": done.sent,
+                "batches": done.batches,
+                "unsent": done.unsent,
+                "leases_expired": done.sweep.expired,
+                "failed": done.sweep.failed,
+                "requeued": done.sweep.requeued,
+            }
+        )
+
+
+@app.command()
+def serve(
+    spec: Annotated[
+        list[str],
+        typer.Option(
+            "--spec", "-s", metavar="SPEC", help="spec file or bundled name to accept (repeatable)"
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option("--insecure-no-auth", help="accept requests without a token (loopback only)"),
+    ] = False,
+) -> None:
+    """Serve the ingest API: POST /v1/items stores live samples as pending items.
+
+    Tokens come from STILLHOUSE_API_TOKENS (comma-separated). Labeling is done by
+    `stillhouse worker` processes; GET /healthz and GET /metrics are open.
+
+    Example: STILLHOUSE_API_TOKENS=s3cret stillhouse serve --spec triage --port 8080
+    """
+    from stillhouse.api_server import serve as serve_api
+
+    serve_api(
+        Settings(),
+        spec,
+        host=host,
+        port=port,
+        workers=workers,
+        insecure_no_auth=insecure_no_auth,
+    )
 
 
 @app.command()
@@ -253,6 +395,12 @@ def spec_check(spec: Annotated[str, typer.Argument(help="spec file or bundled na
             "kind": loaded.kind,
             "content_hash": loaded.content_hash,
             "labels": loaded.label_names,
+            # The primary first, then the jury that votes with it.
+            "teachers": [
+                {"provider": t.provider, "model": t.model, "base_url": t.base_url}
+                for t in loaded.teachers
+            ],
+            "jury_min_agreement": loaded.jury.min_agreement if loaded.jury.teachers else None,
             "output_schema": loaded.output_schema,
         }
     )

@@ -6,14 +6,16 @@ Everything for one batch goes in one transaction that the caller commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.orm import Session
 
 from storage.dialect import db_now_plus, insert_for
 from storage.models import CallStatus, Item, ItemState, Label, TeacherCall, TeacherResponse, Verdict
+from storage.pgcopy import copy_rows
+from storage.session import is_postgres
 
 __all__ = [
     "BatchResult",
@@ -23,6 +25,7 @@ __all__ = [
     "Release",
     "cached_responses",
     "record_batch",
+    "record_in_flight",
 ]
 
 
@@ -61,6 +64,7 @@ class LabelRecord:
     known_good_match: bool | None
     request_hash: str | None
     agreement: float | None = None
+    problems: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class BatchResult:
     calls: list[CallRecord]
     labels: list[LabelRecord]
     releases: list[Release]
+    in_flight_ids: list[int] = field(default_factory=list)  # write-ahead rows to replace
 
 
 def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -94,23 +99,79 @@ def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[
     return dict(rows.all())
 
 
+def record_in_flight(
+    session: Session, spec_id: int, calls: Sequence[tuple[int, str, float]]
+) -> list[int]:
+    """Ledger rows for requests about to be sent, as (item id, request hash, estimated cost);
+    returns the item ids, which :func:`record_batch` uses to replace the rows.
+
+    Committed before the calls go out, so a worker killed mid-batch leaves a trace of every
+    request it sent: the ledger always accounts for what the teacher was asked. ``attempt``
+    holds the item's claim number, so the rows a later claim writes are told apart.
+    """
+    if not calls:
+        return []
+    item_ids = sorted({item_id for item_id, _, _ in calls})
+    claims = dict(
+        session.execute(select(Item.id, Item.attempts).where(Item.id.in_(item_ids))).all()
+    )
+    rows = [
+        {
+            "item_id": item_id,
+            "spec_id": spec_id,
+            "request_hash": rhash,
+            "attempt": claims.get(item_id, 0),
+            "status": CallStatus.IN_FLIGHT.value,
+            "cost_usd": cost,
+        }
+        for item_id, rhash, cost in calls
+    ]
+    _insert(session, TeacherCall.__table__, rows)
+    return item_ids
+
+
+def _insert(
+    session: Session, table: Any, rows: list[dict[str, Any]], *, ignore_conflicts: bool = False
+) -> None:
+    if not rows:
+        return
+    if is_postgres(session):
+        copy_rows(session, table, rows, on_conflict_do_nothing=ignore_conflicts)
+        return
+    stmt = insert_for(session, table)
+    session.execute(stmt.on_conflict_do_nothing() if ignore_conflicts else stmt, rows)
+
+
 def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
     """Write one batch's responses, ledger rows, labels and item states (flush only)."""
-    if batch.responses:
+    if batch.in_flight_ids:
+        # This claim's write-ahead rows (earlier claims' rows stay: those calls were lost).
+        claim = select(Item.attempts).where(Item.id == TeacherCall.item_id).scalar_subquery()
         session.execute(
-            insert_for(session, TeacherResponse.__table__).on_conflict_do_nothing(),
-            [_as_row(r) for r in batch.responses],
+            delete(TeacherCall)
+            .where(
+                TeacherCall.item_id.in_(batch.in_flight_ids),
+                TeacherCall.status == CallStatus.IN_FLIGHT,
+                TeacherCall.attempt == claim,
+            )
+            .execution_options(synchronize_session=False)
         )
-    if batch.calls:
-        session.execute(
-            insert_for(session, TeacherCall.__table__),
-            [{**_as_row(c), "spec_id": spec_id} for c in batch.calls],
-        )
+    _insert(
+        session,
+        TeacherResponse.__table__,
+        [_as_row(r) for r in batch.responses],
+        ignore_conflicts=True,
+    )
+    _insert(
+        session, TeacherCall.__table__, [{**_as_row(c), "spec_id": spec_id} for c in batch.calls]
+    )
     if batch.labels:
         # ON CONFLICT DO NOTHING: a redelivered batch can never make a second label.
-        session.execute(
-            insert_for(session, Label.__table__).on_conflict_do_nothing(),
+        _insert(
+            session,
+            Label.__table__,
             [{**_as_row(lb), "spec_id": spec_id} for lb in batch.labels],
+            ignore_conflicts=True,
         )
         _finish_labeled(session, spec_id, [lb.item_id for lb in batch.labels])
     for release in batch.releases:

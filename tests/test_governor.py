@@ -501,3 +501,19 @@ def test_api_key_leaves_no_trace_in_redis(redis_url: str, monkeypatch: pytest.Mo
     for key, values in stored.items():
         assert needle not in key
         assert all(needle not in value for value in values), key
+
+
+def test_an_unreachable_redis_governor_delays_calls_and_never_loses_an_answer() -> None:
+    from schemas.errors import Unavailable
+
+    async def go() -> None:
+        # Nothing listens on port 1: every Redis command fails to connect.
+        client = aredis.Redis(port=1, socket_connect_timeout=0.2)
+        governor = RedisGovernor(client, "stillhouse:governor:down", GovernorLimits(rpm=60))
+        with pytest.raises(Unavailable, match="shared rate limiter") as caught:
+            await governor.acquire(10)
+        assert caught.value.retry_after_s and caught.value.retry_after_s > 0
+        await governor.report("ok")  # logged, not raised: the answer is already paid for
+        await client.aclose()
+
+    asyncio.run(go())

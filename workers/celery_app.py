@@ -11,7 +11,15 @@ from typing import Any
 
 from celery import Celery
 
-__all__ = ["LABEL_QUEUE", "LABEL_TASK", "app", "configure"]
+__all__ = [
+    "LABEL_QUEUE",
+    "LABEL_TASK",
+    "app",
+    "broker_idle",
+    "configure",
+    "operational_problems",
+    "send_label_batch",
+]
 
 LABEL_QUEUE = "label"
 LABEL_TASK = "stillhouse.label_batch"
@@ -19,8 +27,18 @@ LABEL_TASK = "stillhouse.label_batch"
 app = Celery("stillhouse", set_as_current=False)
 
 
-def configure(celery: Celery, broker_url: str, *, task_time_limit_s: int = 900) -> Celery:
-    """Apply stillhouse's settings; called at the edges (CLI, worker start), never at import."""
+def configure(
+    celery: Celery,
+    broker_url: str,
+    *,
+    task_time_limit_s: int = 900,
+    config_module: str | None = None,
+) -> Celery:
+    """Apply stillhouse's settings; called at the edges (CLI, worker start), never at import.
+
+    ``config_module`` (a site's own Celery settings, e.g. broker TLS options) is applied last;
+    :func:`operational_problems` then refuses settings that would lose or corrupt work.
+    """
     celery.conf.update(
         broker_url=broker_url,
         result_backend=None,
@@ -41,7 +59,65 @@ def configure(celery: Celery, broker_url: str, *, task_time_limit_s: int = 900) 
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
+    if config_module:
+        celery.config_from_object(config_module, force=True)
     return celery
+
+
+def operational_problems(celery: Celery, redis_client: Any | None = None) -> list[str]:
+    """What in the effective configuration would lose work or run foreign code, in words.
+
+    Refused at start: a pickle serializer (a broker message could run code), a visibility
+    timeout shorter than the task time limit (Redis would hand a running batch to a second
+    worker), and a Redis that evicts keys under memory pressure (queued ids would vanish).
+    """
+    conf = celery.conf
+    problems = []
+    serializers = {
+        "task_serializer": [conf.task_serializer],
+        "result_serializer": [conf.result_serializer],
+        "accept_content": list(conf.accept_content or []),
+        "event_serializer": [conf.event_serializer],
+    }
+    for name, values in serializers.items():
+        if any("pickle" in str(v) for v in values):
+            problems.append(
+                f"Celery {name} includes pickle: set it to json (messages carry only ids)"
+            )
+    visibility = (conf.broker_transport_options or {}).get("visibility_timeout")
+    limit = conf.task_time_limit
+    if visibility is not None and limit is not None and float(visibility) < float(limit):
+        problems.append(
+            f"broker_transport_options visibility_timeout {visibility} s is shorter than "
+            f"task_time_limit {limit} s: Redis would redeliver batches still in work; set "
+            f"visibility_timeout to at least {int(limit) * 2} s or lower the time limit"
+        )
+    if redis_client is not None:
+        problems += _redis_problems(redis_client)
+    return problems
+
+
+def _redis_problems(redis_client: Any) -> list[str]:
+    try:
+        policy = redis_client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except Exception:  # managed Redis often disables CONFIG: nothing to check then
+        return []
+    if policy and policy != "noeviction":
+        return [
+            f"Redis maxmemory-policy is {policy!r}, which evicts keys under memory pressure "
+            f"(queued ids would vanish): run `CONFIG SET maxmemory-policy noeviction` and set "
+            f"it in redis.conf"
+        ]
+    return []
+
+
+def broker_idle(redis_client: Any) -> bool:
+    """True when the label queue is empty and no delivered message is unacknowledged.
+
+    Reads kombu's Redis layout: the queue is a list named after it, unacked deliveries sit
+    in the ``unacked`` hash until acknowledged.
+    """
+    return int(redis_client.llen(LABEL_QUEUE)) == 0 and int(redis_client.hlen("unacked")) == 0
 
 
 def send_label_batch(celery: Celery, spec_id: int, item_ids: list[int]) -> Any:

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from schemas.errors import RateLimited
+from redis.exceptions import RedisError
+
+from schemas.errors import RateLimited, Unavailable
 from workers.spec import TeacherConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Governor",
@@ -37,6 +42,7 @@ __all__ = [
 ]
 
 MIN_FACTOR = 0.05
+REDIS_DOWN_RETRY_S = 2.0  # how long a call waits when the shared limiter cannot be reached
 PROBE_MS = 30_000  # a half-open probe that never reports back frees the slot after this
 DEFAULT_RETRY_AFTER_S = 1.0
 
@@ -270,9 +276,17 @@ class RedisGovernor:
         if self.clear_ttl_s and time.monotonic() < self._clear_until:
             return 0.0, False
         lim = self.limits
-        wait, report_ok = await self._acquire(
-            keys=[self.key], args=[lim.rpm or 0, lim.tpm or 0, tokens, lim.recovery_per_s, PROBE_MS]
-        )
+        try:
+            wait, report_ok = await self._acquire(
+                keys=[self.key],
+                args=[lim.rpm or 0, lim.tpm or 0, tokens, lim.recovery_per_s, PROBE_MS],
+            )
+        except RedisError as exc:
+            # Nothing is sent without the shared limit: the item waits like any transient error.
+            raise Unavailable(
+                f"the shared rate limiter (Redis) is unreachable: {exc}",
+                retry_after_s=REDIS_DOWN_RETRY_S,
+            ) from exc
         if float(wait) == 0 and not int(report_ok):
             self._clear_until = time.monotonic() + self.clear_ttl_s
         return float(wait), bool(int(report_ok))
@@ -282,7 +296,12 @@ class RedisGovernor:
             self._clear_until = 0.0
         lim = self.limits
         retry = retry_after_s if retry_after_s is not None else DEFAULT_RETRY_AFTER_S
-        await self._report(
-            keys=[self.key],
-            args=[outcome, retry, lim.failures, lim.cooldown_s, lim.recovery_per_s, MIN_FACTOR],
-        )
+        try:
+            await self._report(
+                keys=[self.key],
+                args=[outcome, retry, lim.failures, lim.cooldown_s, lim.recovery_per_s, MIN_FACTOR],
+            )
+        except RedisError as exc:
+            # The answer is already paid for: losing one report to the shared state must not
+            # lose the answer with it.
+            log.warning("cannot report %s to the shared rate limiter: %s", outcome, exc)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from workers.celery_app import LABEL_TASK, app
 from workers.pipeline import LabelRuntime
@@ -14,6 +15,7 @@ __all__ = ["label_batch", "set_runtime_factory"]
 
 log = logging.getLogger(__name__)
 _state: dict[str, Any] = {"factory": None, "runtime": None}
+_lock = threading.Lock()  # the threads pool builds the runtime once, shared by its threads
 
 
 def set_runtime_factory(factory: Any) -> None:
@@ -22,12 +24,13 @@ def set_runtime_factory(factory: Any) -> None:
 
 
 def _runtime() -> LabelRuntime:
-    if _state["runtime"] is None:
-        factory = _state["factory"]
-        if factory is None:
-            raise RuntimeError("no runtime factory: start workers with `stillhouse worker`")
-        _state["runtime"] = factory()
-    runtime: LabelRuntime = _state["runtime"]
+    with _lock:
+        if _state["runtime"] is None:
+            factory = _state["factory"]
+            if factory is None:
+                raise RuntimeError("no runtime factory: start workers with `stillhouse worker`")
+            _state["runtime"] = factory()
+        runtime: LabelRuntime = _state["runtime"]
     return runtime
 
 
@@ -37,11 +40,13 @@ def _build_after_fork(**_: Any) -> None:
     _state["runtime"] = None
 
 
-@worker_process_shutdown.connect
+@worker_process_shutdown.connect  # a prefork child exits
+@worker_shutdown.connect  # the threads or solo pool's one process exits
 def _close(**_: Any) -> None:
-    if _state["runtime"] is not None:
-        _state["runtime"].close()
-        _state["runtime"] = None
+    with _lock:
+        if _state["runtime"] is not None:
+            _state["runtime"].close()
+            _state["runtime"] = None
 
 
 @app.task(name=LABEL_TASK, bind=True)
@@ -49,11 +54,13 @@ def label_batch(self: Any, spec_id: int, item_ids: list[int]) -> dict[str, int]:
     """Label one batch of item ids; returns small counts (results are in the database)."""
     summary = _runtime().label_batch(spec_id, item_ids=item_ids)
     log.info(
-        "spec %s: %s of %s ids claimed, %s labeled, %s teacher calls",
+        "spec %s: %s of %s ids claimed, %s labeled, %s teacher calls, cpu_ms=%.1f call_cpu_ms=%.1f",
         spec_id,
         summary.claimed,
         len(item_ids),
         summary.labeled,
         summary.teacher_calls,
+        summary.cpu_ms,
+        summary.call_cpu_ms,
     )
     return {"claimed": summary.claimed, "labeled": summary.labeled}

@@ -1,0 +1,202 @@
+"""The distributed edge: the Celery app, start-up checks, the dispatcher process, workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from schemas.errors import ConfigError
+from stillhouse.context import open_database, open_runtime
+from stillhouse.settings import Settings
+from workers.dispatch import DispatchOptions, DispatchPass, dispatch_once, run_dispatcher
+
+__all__ = [
+    "dispatch_options",
+    "open_celery",
+    "run_dispatch",
+    "run_worker",
+    "spec_dispatcher",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _require_distributed(settings: Settings, what: str) -> str:
+    if not settings.broker_url:
+        raise ConfigError(f"{what} needs STILLHOUSE_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+    if settings.is_sqlite:
+        raise ConfigError(
+            f"{what} needs a shared database: set STILLHOUSE_DATABASE_URL to postgresql+psycopg://…"
+        )
+    return settings.broker_url
+
+
+def _redis(settings: Settings) -> Any | None:
+    url = str(settings.broker_url or "")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def open_celery(settings: Settings, *, check: bool = True) -> Any:
+    """The configured Celery app; refuses to go on with settings that would lose work."""
+    from workers.celery_app import app, configure, operational_problems
+
+    configure(
+        app,
+        _require_distributed(settings, "distributed mode"),
+        task_time_limit_s=settings.task_time_limit_s,
+        config_module=settings.celery_config,
+    )
+    if check:
+        client = _redis(settings)
+        try:
+            problems = operational_problems(app, client)
+        finally:
+            if client is not None:
+                client.close()
+        if problems:
+            raise ConfigError("refusing to start:\n  - " + "\n  - ".join(problems))
+    return app
+
+
+def dispatch_options(settings: Settings) -> DispatchOptions:
+    return DispatchOptions(
+        interval_s=settings.dispatch_interval_s,
+        max_queued=settings.dispatch_max_queued,
+        requeue_after_s=settings.requeue_after_s,
+    )
+
+
+def spec_dispatcher(
+    settings: Settings, sessions: sessionmaker[Session], spec_ids: Sequence[int] = ()
+) -> Any:
+    """A function that runs one dispatch pass (for ``backfill --wait``, which follows one spec)."""
+    from workers.celery_app import broker_idle, send_label_batch
+
+    celery = open_celery(settings)
+    client = _redis(settings)
+    options = dispatch_options(settings)
+
+    def one_pass() -> DispatchPass:
+        return dispatch_once(
+            sessions,
+            lambda spec_id, ids: send_label_batch(celery, spec_id, ids),
+            options,
+            spec_ids=spec_ids,
+            broker_idle=(lambda: broker_idle(client)) if client is not None else None,
+        )
+
+    return one_pass
+
+
+def run_dispatch(settings: Settings, *, once: bool) -> DispatchPass | None:
+    """`stillhouse dispatch`: sweep and dispatch once, or every interval until stopped."""
+    from workers.celery_app import broker_idle, send_label_batch
+
+    celery = open_celery(settings)
+    client = _redis(settings)
+    options = dispatch_options(settings)
+    idle = (lambda: broker_idle(client)) if client is not None else None
+
+    def publish(spec_id: int, ids: list[int]) -> object:
+        return send_label_batch(celery, spec_id, ids)
+
+    if once:
+        return dispatch_once(sessions_of(settings), publish, options, broker_idle=idle)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sessions = _wait_for_database(settings, stop)
+    if sessions is None:
+        return None
+    log.info("dispatcher running every %.2f s", options.interval_s)
+    run_dispatcher(sessions, publish, options, stop, broker_idle=idle)
+    return None
+
+
+def sessions_of(settings: Settings) -> sessionmaker[Session]:
+    return open_database(settings)[1]
+
+
+def _wait_for_database(settings: Settings, stop: threading.Event) -> sessionmaker[Session] | None:
+    """A long-running dispatcher outlives a database restart, at start as in its loop."""
+    while not stop.is_set():
+        try:
+            return sessions_of(settings)
+        except ConfigError as exc:
+            if not str(exc).startswith("cannot connect"):
+                raise  # an old schema or a bad URL: waiting will not fix it
+            log.warning("%s; trying again in 2 s", exc)
+            stop.wait(2.0)
+    return None
+
+
+@contextmanager
+def _dispatcher_process(enabled: bool) -> Iterator[None]:
+    """`worker --beat`: the dispatcher in its own process (no threads across Celery's fork),
+    started again if it dies while the worker runs."""
+    if not enabled:
+        yield
+        return
+    command = [sys.executable, "-m", "stillhouse", "dispatch"]
+    state = {"child": subprocess.Popen(command, env=os.environ)}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(2.0):
+            if state["child"].poll() is not None:
+                log.warning(
+                    "the dispatcher exited (%s); starting it again", state["child"].returncode
+                )
+                state["child"] = subprocess.Popen(command, env=os.environ)
+
+    watcher = threading.Thread(target=watch, name="stillhouse-beat-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        child = state["child"]
+        child.terminate()
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def run_worker(
+    settings: Settings, *, concurrency: int | None, pool: str, loglevel: str, beat: bool
+) -> None:
+    """`stillhouse worker`: Celery label workers (and, with ``beat``, the dispatcher)."""
+    from workers import tasks
+
+    celery = open_celery(settings)
+    open_database(settings)[0].dispose()  # fail fast on a bad URL or an old schema
+    tasks.set_runtime_factory(lambda: open_runtime(settings, config_pause_s=60.0))
+    with _dispatcher_process(beat):
+        celery.worker_main(
+            [
+                "worker",
+                f"--loglevel={loglevel}",
+                f"--pool={pool}",
+                f"--concurrency={concurrency or settings.worker_concurrency}",
+                "--queues=label",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )

@@ -1,0 +1,202 @@
+"""Dispatch and sweep queries: hand ready items to the broker, take back what got lost.
+
+Postgres is the source of truth, so nothing the broker loses is lost: an expired lease goes
+back to pending (or to failed after ``labeling.max_attempts`` claims, so a poison document
+cannot loop), and an item marked queued whose message vanished (a Redis flush or restart) goes
+back to pending. Every time comes from the database clock, never a worker's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.dialect import db_now, db_now_plus, picked_ids
+from storage.models import Item, ItemState, SpecRow
+
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "SweepCounts",
+    "claim_ready",
+    "expire_leases",
+    "max_attempts_by_spec",
+    "queued_counts",
+    "requeue_lost",
+    "return_to_pending",
+]
+
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+@dataclass(slots=True)
+class SweepCounts:
+    """What one sweep changed."""
+
+    expired: int = 0  # leases that ran out: back to pending
+    failed: int = 0  # leases that ran out on the last allowed attempt
+    requeued: int = 0  # queued items whose broker message was lost
+
+
+def max_attempts_by_spec(session: Session, spec_ids: Iterable[int]) -> dict[int, int]:
+    """``labeling.max_attempts`` of each spec version (the spec's default when unset)."""
+    ids = set(spec_ids)
+    if not ids:
+        return {}
+    rows = session.execute(select(SpecRow.id, SpecRow.body).where(SpecRow.id.in_(ids)))
+    return {
+        spec_id: int((body or {}).get("labeling", {}).get("max_attempts", DEFAULT_MAX_ATTEMPTS))
+        for spec_id, body in rows
+    }
+
+
+def expire_leases(session: Session, *, limit: int = 5000) -> SweepCounts:
+    """Return expired leases to pending; fail the items that used their last attempt.
+
+    A claim counts an attempt, so an item whose worker dies every time (a document that
+    crashes the parser, runs out of memory, hangs past the time limit) ends ``failed``.
+    """
+    now = db_now(session)
+    rows = session.execute(
+        select(Item.id, Item.spec_id, Item.attempts, Item.lease_owner)
+        .where(Item.state == ItemState.LEASED, Item.lease_expires_at < now)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    counts = SweepCounts()
+    if not rows:
+        return counts
+    limits = max_attempts_by_spec(session, {row.spec_id for row in rows})
+    failed: list[int] = []
+    back: list[int] = []
+    for row in rows:
+        allowed = limits.get(row.spec_id, DEFAULT_MAX_ATTEMPTS)
+        (failed if row.attempts >= allowed else back).append(row.id)
+    counts.failed = _set_state(
+        session,
+        failed,
+        ItemState.FAILED,
+        "lease_expired: the lease ran out on the last allowed attempt (labeling.max_attempts): "
+        "the worker died or ran past its lease on every try",
+    )
+    counts.expired = _set_state(
+        session,
+        back,
+        ItemState.PENDING,
+        "lease_expired: the worker died or ran past its lease; the item was returned to pending",
+    )
+    return counts
+
+
+def _set_state(session: Session, ids: list[int], state: ItemState, error: str) -> int:
+    if not ids:
+        return 0
+    result = session.execute(
+        update(Item)
+        .where(
+            Item.id.in_(ids),
+            Item.state == ItemState.LEASED,
+            Item.lease_expires_at < db_now(session),
+        )
+        .values(state=state, lease_owner=None, lease_expires_at=None, last_error=error)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def requeue_lost(session: Session, *, older_than_s: float, limit: int = 50_000) -> int:
+    """Queued items not picked up for ``older_than_s``: their message is presumed lost.
+
+    Safe even when the message still exists: a second delivery finds the item leased or done
+    and skips it (claims are leases, labels are ``ON CONFLICT DO NOTHING``).
+    """
+    stale = (
+        select(Item.id)
+        .where(
+            Item.state == ItemState.QUEUED,
+            Item.updated_at < db_now_plus(session, -older_than_s),
+        )
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    result = session.execute(
+        update(Item)
+        .where(Item.id.in_(picked_ids(session, stale)), Item.state == ItemState.QUEUED)
+        .values(state=ItemState.PENDING)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def queued_counts(session: Session) -> dict[int, int]:
+    """Items handed to the broker and not yet claimed, per spec version."""
+    rows = session.execute(
+        select(Item.spec_id, func.count())
+        .where(Item.state == ItemState.QUEUED)
+        .group_by(Item.spec_id)
+    )
+    return {spec_id: int(n) for spec_id, n in rows}
+
+
+def claim_ready(
+    session: Session, *, limits: dict[int, int] | None = None, spec_ids: Sequence[int] = ()
+) -> dict[int, list[int]]:
+    """Mark ready items queued and return their ids per spec version.
+
+    Ready means pending with no wait (or a ``retry_at`` in the past). ``FOR UPDATE SKIP LOCKED``
+    lets several dispatchers run at once without handing out an item twice. ``limits`` caps
+    how many items of each spec version are taken in this pass.
+    """
+    ids = list(spec_ids) or _specs_with_ready_items(session)
+    claimed: dict[int, list[int]] = defaultdict(list)
+    for spec_id in ids:
+        limit = (limits or {}).get(spec_id, 10_000)
+        if limit <= 0:
+            continue
+        pick = (
+            select(Item.id)
+            .where(Item.spec_id == spec_id, _ready(session))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = session.execute(
+            update(Item)
+            .where(Item.id.in_(picked_ids(session, pick)), Item.state == ItemState.PENDING)
+            .values(state=ItemState.QUEUED)
+            .returning(Item.id)
+            .execution_options(synchronize_session=False)
+        )
+        claimed[spec_id] = sorted(row[0] for row in rows)
+    return {spec_id: got for spec_id, got in claimed.items() if got}
+
+
+def _ready(session: Session) -> Any:
+    now = db_now(session)
+    return and_(Item.state == ItemState.PENDING, or_(Item.retry_at.is_(None), Item.retry_at <= now))
+
+
+def _specs_with_ready_items(session: Session) -> list[int]:
+    # Per spec version through the (spec_id, state, retry_at) index, not one scan of items.
+    spec_ids = session.scalars(select(SpecRow.id).order_by(SpecRow.id)).all()
+    return [
+        spec_id
+        for spec_id in spec_ids
+        if session.scalar(select(Item.id).where(Item.spec_id == spec_id, _ready(session)).limit(1))
+    ]
+
+
+def return_to_pending(session: Session, item_ids: Sequence[int]) -> int:
+    """Undo a dispatch whose publish failed (the broker is down): the items are ready again."""
+    if not item_ids:
+        return 0
+    result = session.execute(
+        update(Item)
+        .where(Item.id.in_(list(item_ids)), Item.state == ItemState.QUEUED)
+        .values(state=ItemState.PENDING)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
