@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from typing import Any
@@ -44,7 +45,24 @@ class CheckResult:
     output: dict[str, Any] | None = None
     confidence: float | None = None
     known_good_match: bool | None = None
-    agreement: float | None = None  # share of samples that gave this answer (k > 1)
+    # Share of samples (k > 1), or of the jury's teachers, that gave this answer.
+    agreement: float | None = None
+    # Why, in words: one {"reason", "message"[, "path"]} per reason code, stored with the label.
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, reason: str, message: str, path: str | None = None) -> None:
+        """Add one reason code with the message that explains it."""
+        self.reasons.append(reason)
+        problem = {"reason": reason, "message": message[:500]}
+        if path is not None:
+            problem["path"] = path
+        self.problems.append(problem)
+
+
+def _rejected(reason: str, message: str) -> CheckResult:
+    result = CheckResult(Verdict.REJECTED)
+    result.reject(reason, message)
+    return result
 
 
 def extract_content(body: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -82,6 +100,7 @@ class Checker:
         self.max_depth = int(spec.checks["max_depth"])
         self.grounded = list(spec.checks.get("grounded_fields", []))
         self.min_agreement = float(spec.checks.get("min_agreement", 0.0))
+        self.jury_min_agreement = spec.jury.min_agreement
         review = spec.checks.get("review_confidence")
         self.review_confidence = None if review is None else float(review)
 
@@ -95,8 +114,8 @@ class Checker:
         """Check a stored raw response (e.g. from the cache) as the provider answered it."""
         try:
             answer = provider_for(provider).parse(body)
-        except BadResponse:
-            return CheckResult(Verdict.REJECTED, ["bad_response"])
+        except BadResponse as exc:
+            return _rejected("bad_response", str(exc))
         return self.check(answer, known_good, document)
 
     def repairable_problems(self, body: dict[str, Any], provider: str = "openai") -> list[str]:
@@ -125,36 +144,53 @@ class Checker:
     ) -> CheckResult:
         """Run the chain on one answer: parse, schema, confidence, known-good comparison."""
         if answer.content is None:
-            refused = answer.refusal or answer.finish_reason == "refusal"
-            return CheckResult(Verdict.REJECTED, ["refused" if refused else "empty_answer"])
+            if answer.refusal or answer.finish_reason == "refusal":
+                return _rejected("refused", answer.refusal or "the teacher refused to answer")
+            return _rejected("empty_answer", "the answer has no content")
         if len(answer.samples) > 1:
             return self._check_samples(answer, known_good, document)
         if len(answer.content) > self.max_chars:
-            return CheckResult(Verdict.REJECTED, ["output_too_large"])
+            return _rejected(
+                "output_too_large",
+                f"{len(answer.content)} characters, over checks.max_output_chars {self.max_chars}",
+            )
         try:
             output = parse_json_answer(answer.content)
-        except ValueError:
-            reason = "truncated" if answer.finish_reason == "length" else "parse_error"
-            return CheckResult(Verdict.REJECTED, [reason])
+        except ValueError as exc:
+            if answer.finish_reason == "length":
+                return _rejected("truncated", f"cut off at the token limit: {exc}")
+            return _rejected("parse_error", f"not JSON: {exc}")
         except RecursionError:
-            return CheckResult(Verdict.REJECTED, ["output_too_deep"])
+            return _rejected("output_too_deep", "nested too deeply to parse")
         if not isinstance(output, dict):
-            return CheckResult(Verdict.REJECTED, ["schema:$"], None)
+            result = CheckResult(Verdict.REJECTED)
+            result.reject("schema:$", f"expected a JSON object, got {type(output).__name__}", "$")
+            return result
         if _depth(output) > self.max_depth:
-            return CheckResult(Verdict.REJECTED, ["output_too_deep"])
+            return _rejected(
+                "output_too_deep",
+                f"nesting depth {_depth(output)}, over checks.max_depth {self.max_depth}",
+            )
         confidence = _confidence(output)
         if confidence is None:
             confidence = answer.logprob_confidence
         result = CheckResult(Verdict.ACCEPTED, [], output, confidence)
-        result.reasons += [f"schema:{path}" for path, _ in schema_problems(self.validator, output)]
+        for path, message in schema_problems(self.validator, output):
+            result.reject(f"schema:{path}", message, path)
         if result.confidence is not None and result.confidence < self.min_confidence:
-            result.reasons.append("low_confidence")
+            result.reject(
+                "low_confidence",
+                f"confidence {result.confidence:.3f} is below checks.min_confidence "
+                f"{self.min_confidence:g}",
+            )
         if document is not None:
-            result.reasons += [
-                f"ungrounded:{name}"
-                for name in self.grounded
-                if ungrounded(output.get(name), document)
-            ]
+            for name in self.grounded:
+                missing = ungrounded(output.get(name), document)
+                if missing:
+                    result.reject(
+                        f"ungrounded:{name}",
+                        f"not found in the document: {', '.join(map(repr, missing[:5]))}",
+                    )
         self._compare(result, output, known_good)
         if result.reasons:
             result.verdict = self._verdict_for(result)
@@ -170,18 +206,49 @@ class Checker:
             if c is not None
         ]
         usable = [r for r in results if r.output is not None]
-        if not usable:
-            return results[0] if results else CheckResult(Verdict.REJECTED, ["empty_answer"])
-        votes = Counter(_vote_key(r.output) for r in usable)
-        winner_key, count = votes.most_common(1)[0]
-        winner = next(r for r in usable if _vote_key(r.output) == winner_key)
+        majority = _majority([r.output for r in usable])
+        if majority is None:
+            return results[0] if results else _rejected("empty_answer", "no sample has content")
+        index, count = majority
+        winner = usable[index]
         winner.agreement = round(count / len(answer.samples), 4)
         if winner.confidence is None:
             winner.confidence = winner.agreement
         if winner.agreement < self.min_agreement:
-            winner.reasons.append("low_agreement")
+            winner.reject(
+                "low_agreement",
+                f"{count} of {len(answer.samples)} samples agree, below checks.min_agreement "
+                f"{self.min_agreement:g}",
+            )
             winner.verdict = self._verdict_for(winner)
         return winner
+
+    def vote(self, ballots: Sequence[tuple[str, CheckResult]]) -> int:
+        """A jury's vote on one item: which ballot (teacher name, checked answer) carries the
+        majority answer; that result gets the agreement, and ``low_agreement`` under
+        ``jury.min_agreement``.
+
+        Teachers vote on what k samples vote on (``_vote_key``). A tie goes to the earliest
+        ballot, the primary teacher's; a ballot without a parsed answer disagrees. With no
+        answer at all, the primary's ballot (0) is kept as it is.
+        """
+        majority = _majority([result.output for _, result in ballots])
+        if majority is None:
+            return 0
+        index, count = majority
+        winner = ballots[index][1]
+        winner.agreement = round(count / len(ballots), 4)
+        if winner.confidence is None:
+            winner.confidence = winner.agreement
+        if winner.agreement < self.jury_min_agreement:
+            said = "; ".join(f"{name}: {_said(result)}" for name, result in ballots)
+            winner.reject(
+                "low_agreement",
+                f"{count} of {len(ballots)} teachers give this answer, below "
+                f"jury.min_agreement {self.jury_min_agreement:g} ({said})",
+            )
+            winner.verdict = self._verdict_for(winner)
+        return index
 
     def _verdict_for(self, result: CheckResult) -> Verdict:
         # A confident teacher that only disagrees with the record may be right: a person decides.
@@ -208,7 +275,12 @@ class Checker:
         ]
         result.known_good_match = not mismatched
         if self.require_match:
-            result.reasons += [f"known_good_mismatch:{name}" for name in mismatched]
+            for name in mismatched:
+                result.reject(
+                    f"known_good_mismatch:{name}",
+                    f"teacher gave {_short(output.get(name))}, the known-good record has "
+                    f"{_short(known_good[name])}",
+                )
 
 
 def field_matches(value: Any, reference: Any, rule: dict[str, Any]) -> bool:
@@ -222,6 +294,11 @@ def field_matches(value: Any, reference: Any, rule: dict[str, Any]) -> bool:
     return compare(value, reference, {"compare": "exact", **rule}).match
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _vote_key(output: dict[str, Any] | None) -> str:
     """What samples vote on: the label when there is one, else the whole answer."""
     if output is not None and "label" in output:
@@ -229,6 +306,26 @@ def _vote_key(output: dict[str, Any] | None) -> str:
     return json.dumps(
         {k: v for k, v in (output or {}).items() if k != "confidence"}, sort_keys=True
     )
+
+
+def _majority(outputs: Sequence[dict[str, Any] | None]) -> tuple[int, int] | None:
+    """Where the most common answer first occurs and how many gave it (None: no answers).
+
+    ``most_common`` keeps first-seen order among equal counts, so the earliest wins a tie.
+    """
+    keys = [None if output is None else _vote_key(output) for output in outputs]
+    votes = Counter(key for key in keys if key is not None)
+    if not votes:
+        return None
+    key, count = votes.most_common(1)[0]
+    return keys.index(key), count
+
+
+def _said(result: CheckResult) -> str:
+    """One teacher's vote in a few words, for the low_agreement message."""
+    if result.output is None:
+        return "no usable answer" + (f" ({result.reasons[0]})" if result.reasons else "")
+    return _short(json.loads(_vote_key(result.output)))
 
 
 def _depth(value: Any, level: int = 1) -> int:

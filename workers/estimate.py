@@ -22,7 +22,7 @@ from storage.models import FINAL_STATES, CallStatus, Item, SpecRow, TeacherCall
 from storage.results import cached_responses
 from workers.ingest import SourceRow, make_item
 from workers.prompt import render_messages
-from workers.spec import Spec
+from workers.spec import Spec, TeacherConfig
 from workers.teacher import build_request
 
 __all__ = ["Estimate", "estimate_source"]
@@ -47,6 +47,8 @@ class Estimate:
     budget_usd: float | None
     within_budget: bool | None
     assumptions: list[str] = field(default_factory=list)
+    # One entry per teacher (the primary, then the jury's): model, calls, cost_usd.
+    by_teacher: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,18 +86,15 @@ def estimate_source(
         except PermanentError:
             bad += 1
     done = _already_done(session, spec, [i.external_id for i in items])
-    todo = [i for i in items if i.external_id not in done]
-    requests = [
-        build_request(
-            spec.teacher,
-            render_messages(spec, i.text),
-            spec.output_schema,
-            f"{spec.name}_v{spec.version}",
-        )
-        for i in todo
+    messages = [render_messages(spec, i.text) for i in items if i.external_id not in done]
+    # Every item is asked of every teacher (a jury's too), each with its own cache key.
+    asked = [
+        (teacher, build_request(teacher, m, spec.output_schema, f"{spec.name}_v{spec.version}"))
+        for teacher in spec.teachers
+        for m in messages
     ]
-    cached = cached_responses(session, [r.request_hash for r in requests])
-    paid = [r for r in requests if r.request_hash not in cached]
+    cached = cached_responses(session, [r.request_hash for _, r in asked])
+    paid = [(t, r) for t, r in asked if r.request_hash not in cached]
     scale = (total - round(bad / max(1, len(sample)) * total)) / max(1, len(items))
     history = _history(session, spec.name)
     notes: list[str] = []
@@ -108,28 +107,72 @@ def estimate_source(
             f"per call"
         )
     notes.append(f"prompt tokens estimated at {CHARS_PER_TOKEN:g} characters a token")
-    chars = [sum(len(m["content"]) for m in r.body.get("messages", [])) for r in paid]
+    chars = [sum(len(m["content"]) for m in r.body.get("messages", [])) for _, r in paid]
     prompt_per_call = statistics.fmean(chars) / CHARS_PER_TOKEN if chars else 0.0
-    calls = round(len(paid) * scale)
-    prompt_tokens = round(calls * prompt_per_call)
-    completion_tokens = round(calls * completion * spec.teacher.samples)
-    cost = spec.teacher.cost_usd(prompt_tokens, completion_tokens)
-    rate = _calls_per_s(spec, latency, workers)
+    shares = [
+        _teacher_share(
+            teacher,
+            round(sum(1 for asked_of, _ in paid if asked_of is teacher) * scale),
+            prompt_per_call,
+            completion,
+            _calls_per_s(teacher, latency, workers),
+        )
+        for teacher in spec.teachers
+    ]
+    calls = sum(share.calls for share in shares)
+    cost = sum(share.cost_usd for share in shares)
+    if spec.jury.teachers:
+        notes.append(
+            f"every item is asked of {len(spec.teachers)} teachers (the primary and its "
+            f"jury); calls and cost add up over them: see by_teacher"
+        )
     budget = spec.budget_usd
     return Estimate(
         rows=total,
         bad_rows=round(bad * total / max(1, len(sample))),
         sampled=len(sample),
         already_done_share=_share(len(done), len(items)),
-        cached_share=_share(len(requests) - len(paid), len(requests)),
+        cached_share=_share(len(asked) - len(paid), len(asked)),
         calls=calls,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
+        prompt_tokens=sum(share.prompt_tokens for share in shares),
+        completion_tokens=sum(share.completion_tokens for share in shares),
         cost_usd=round(cost, 4),
-        seconds=round(calls / rate, 1) if calls else 0.0,
+        # The teachers are asked side by side: the slowest one sets the time.
+        seconds=round(max(share.seconds for share in shares), 1),
         budget_usd=budget,
         within_budget=None if budget is None else cost <= budget,
         assumptions=notes,
+        by_teacher=[
+            {"model": share.model, "calls": share.calls, "cost_usd": round(share.cost_usd, 4)}
+            for share in shares
+        ],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _TeacherShare:
+    """One teacher's part of an estimate."""
+
+    model: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    seconds: float
+
+
+def _teacher_share(
+    teacher: TeacherConfig, calls: int, prompt_per_call: float, completion: float, rate: float
+) -> _TeacherShare:
+    prompt_tokens = round(calls * prompt_per_call)
+    completion_tokens = round(calls * completion * teacher.samples)
+    return _TeacherShare(
+        teacher.model,
+        calls,
+        prompt_tokens,
+        completion_tokens,
+        teacher.cost_usd(prompt_tokens, completion_tokens),
+        calls / rate,
     )
 
 
@@ -137,10 +180,10 @@ def _share(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
 
 
-def _calls_per_s(spec: Spec, latency_s: float, workers: int) -> float:
-    rate = spec.teacher.concurrency / max(latency_s, 1e-3) * max(1, workers)
-    if spec.teacher.rpm:
-        rate = min(rate, spec.teacher.rpm / 60)
+def _calls_per_s(teacher: TeacherConfig, latency_s: float, workers: int) -> float:
+    rate = teacher.concurrency / max(latency_s, 1e-3) * max(1, workers)
+    if teacher.rpm:
+        rate = min(rate, teacher.rpm / 60)
     return max(rate, 1e-6)
 
 

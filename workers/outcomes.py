@@ -10,11 +10,14 @@ from schemas.errors import ConfigError, PermanentError, StillhouseError
 from storage.items import ClaimedItem
 from storage.models import CallStatus, Verdict
 from storage.results import BatchResult, CallRecord, LabelRecord, NewResponse, Release
-from workers.checks import Checker
-from workers.spec import Spec
+from workers.checks import Checker, CheckResult
+from workers.spec import Spec, TeacherConfig
 from workers.teacher import TeacherOutcome, TeacherRequest
 
 __all__ = ["BatchContext", "BatchSummary", "assemble"]
+
+# One jury teacher's request, the answer it got (None: none) and why not.
+JuryAnswer = tuple[TeacherRequest, dict[str, Any] | None, StillhouseError | None]
 
 
 @dataclass(slots=True)
@@ -27,6 +30,10 @@ class BatchSummary:
     released: int = 0
     failed: int = 0
     spent_usd: float = 0.0
+    # Process CPU for the batch, and the part of it spent in teacher calls (HTTP client,
+    # governor); the rest is the pipeline's own overhead (claims, checks, database writes).
+    cpu_ms: float = 0.0
+    call_cpu_ms: float = 0.0
 
     def add(self, other: BatchSummary) -> None:
         for f in dataclasses.fields(self):
@@ -50,6 +57,14 @@ class BatchContext:
     # The conversation each item's first request carried, and one dict per repair round.
     messages: dict[int, list[dict[str, str]]] = field(default_factory=dict)
     repairs: list[dict[int, TeacherRequest]] = field(default_factory=list)
+    # The jury's requests per item (same messages, one per jury teacher, in spec order), and
+    # which jury teacher each request hash belongs to (any other hash is the primary's).
+    jury: dict[int, list[TeacherRequest]] = field(default_factory=dict)
+    jury_teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+
+    def teacher_for(self, request_hash: str) -> TeacherConfig:
+        """The teacher a request went to: what prices its ledger rows and parses its answer."""
+        return self.jury_teachers.get(request_hash, self.spec.teacher)
 
     @property
     def texts(self) -> dict[int, str]:
@@ -80,12 +95,18 @@ def assemble(ctx: BatchContext) -> tuple[BatchResult, BatchSummary, ConfigError 
     charged: set[str] = set()  # one request answered once, even if two items asked it
     for item in ctx.claimed:
         request = ctx.requests[item.id]
-        if request.request_hash in ctx.unsent:
-            stop = stop or ctx.unsent[request.request_hash]
-            _release(ctx, item, ctx.unsent[request.request_hash], batch, summary)
+        jury = ctx.jury.get(item.id, [])
+        unsent = _unsent(ctx, [request, *jury])
+        if unsent is not None:
+            stop = stop or unsent
+            _release(ctx, item, unsent, batch, summary)
             continue
         body, error = _answer(ctx, item.id, request, charged, batch, summary)
-        if body is None:
+        # Every jury answer is ledgered and cached, whatever became of the primary's.
+        votes = [_answer(ctx, item.id, r, charged, batch, summary) for r in jury]
+        # A bad key or setting of a jury teacher stops the run as the primary's would.
+        error = error or next((e for _, e in votes if isinstance(e, ConfigError)), None)
+        if body is None or isinstance(error, ConfigError):
             stop = stop or _release(ctx, item, error or PermanentError("no answer"), batch, summary)
             continue
         final, repair_failed = request.request_hash, False
@@ -98,8 +119,16 @@ def assemble(ctx: BatchContext) -> tuple[BatchResult, BatchSummary, ConfigError 
                 repair_failed = True
                 break
             body, final = repaired, repair.request_hash
-        _label(ctx, item.id, final, body, batch, summary, repair_failed)
+        ballots = [(r, b, e) for r, (b, e) in zip(jury, votes, strict=True)]
+        _label(ctx, item.id, final, body, batch, summary, repair_failed, ballots)
     return batch, summary, stop
+
+
+def _unsent(ctx: BatchContext, requests: list[TeacherRequest]) -> ConfigError | None:
+    """Why an item's requests were not sent (the budget), if they were not."""
+    return next(
+        (ctx.unsent[r.request_hash] for r in requests if r.request_hash in ctx.unsent), None
+    )
 
 
 def _answer(
@@ -118,12 +147,12 @@ def _answer(
         return ctx.body_for(request), None
     charged.add(rhash)
     outcome = ctx.outcomes[rhash]
-    _ledger(ctx.spec, item_id, request, outcome, batch, summary)
+    _ledger(ctx.teacher_for(rhash), item_id, request, outcome, batch, summary)
     return outcome.body, outcome.error
 
 
 def _ledger(
-    spec: Spec,
+    teacher: TeacherConfig,
     item_id: int,
     request: TeacherRequest,
     outcome: TeacherOutcome,
@@ -132,7 +161,7 @@ def _ledger(
 ) -> None:
     rhash = request.request_hash
     for number, attempt in enumerate(outcome.attempts, start=1):
-        cost = round(spec.teacher.cost_usd(attempt.prompt_tokens, attempt.completion_tokens), 10)
+        cost = round(teacher.cost_usd(attempt.prompt_tokens, attempt.completion_tokens), 10)
         status = CallStatus.OK if attempt.ok else CallStatus.ERROR
         batch.calls.append(
             CallRecord(
@@ -198,13 +227,17 @@ def _label(
     batch: BatchResult,
     summary: BatchSummary,
     repair_failed: bool = False,
+    jury: list[JuryAnswer] | None = None,
 ) -> None:
     document = ctx.texts.get(item_id) if ctx.checker.grounded else None
     result = ctx.checker.check_body(
         body, ctx.known.get(item_id), ctx.spec.teacher.provider, document
     )
     if repair_failed and result.reasons:
-        result.reasons.append("repair_failed")  # the re-ask itself got no answer
+        # The re-ask itself got no answer.
+        result.reject("repair_failed", "the repair re-ask got no usable answer from the teacher")
+    if jury:
+        rhash, result = _jury_vote(ctx, item_id, (rhash, result), jury, document)
     batch.labels.append(
         LabelRecord(
             item_id,
@@ -215,7 +248,36 @@ def _label(
             result.known_good_match,
             rhash,
             result.agreement,
+            result.problems or None,
         )
     )
     summary.labeled += 1
     summary.accepted += int(result.verdict == Verdict.ACCEPTED)
+
+
+def _jury_vote(
+    ctx: BatchContext,
+    item_id: int,
+    primary: tuple[str, CheckResult],
+    jury: list[JuryAnswer],
+    document: str | None,
+) -> tuple[str, CheckResult]:
+    """Check every jury answer as the primary's was, vote, and keep the majority's answer
+    with the request hash of the response it came from."""
+    names, hashes, results = [ctx.spec.teacher.model], [primary[0]], [primary[1]]
+    for request, body, error in jury:
+        teacher = ctx.teacher_for(request.request_hash)
+        if body is None:
+            # No answer (an error after the retries) is a vote that agrees with nothing.
+            result = CheckResult(Verdict.REJECTED)
+            failure = error or PermanentError("no answer")
+            result.reject(failure.kind, str(failure))
+        else:
+            result = ctx.checker.check_body(
+                body, ctx.known.get(item_id), teacher.provider, document
+            )
+        names.append(teacher.model)
+        hashes.append(request.request_hash)
+        results.append(result)
+    winner = ctx.checker.vote(list(zip(names, results, strict=True)))
+    return hashes[winner], results[winner]

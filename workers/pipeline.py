@@ -13,9 +13,11 @@ import dataclasses
 import gc
 import os
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,9 +26,10 @@ from schemas.errors import BudgetExhausted, ConfigError
 from storage.budget import budget_state, current_budget, reserve, settle
 from storage.items import ClaimedItem, claim_items, known_good_for
 from storage.models import SpecRow
-from storage.results import cached_responses, record_batch
+from storage.results import cached_responses, record_batch, record_in_flight
 from workers.checks import Checker
 from workers.governor import Governor, GovernorLimits, LocalGovernor, RedisGovernor, governor_key
+from workers.loop import LoopThread, event_loop_factory
 from workers.outcomes import BatchContext, BatchSummary, assemble
 from workers.prompt import render_messages
 from workers.providers import Answer, provider_for
@@ -42,20 +45,9 @@ from workers.teacher import (
 __all__ = [
     "BatchSummary",
     "LabelRuntime",
-    "event_loop_factory",
     "label_until_done",
     "worker_id",
 ]
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when it is installed (about half the per-call CPU), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 def worker_id() -> str:
@@ -68,6 +60,28 @@ class _Loaded:
     spec: Spec
     checker: Checker
     client: TeacherClient
+    jurors: list[TeacherClient] = field(default_factory=list)  # spec.jury.teachers, in order
+
+    @property
+    def clients(self) -> list[TeacherClient]:
+        return [self.client, *self.jurors]
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request about to be sent: for which item, to which teacher."""
+
+    item_id: int
+    request: TeacherRequest
+    client: TeacherClient
+
+    @property
+    def reserve_usd(self) -> float:
+        """What the call may cost at most (prompt estimate and the whole output allowance)."""
+        request = self.request
+        return self.client.config.cost_usd(
+            request.prompt_tokens_estimate, request.max_output_tokens
+        )
 
 
 class LabelRuntime:
@@ -95,17 +109,20 @@ class LabelRuntime:
         # use a pause so a fleet does not hammer the teacher; embedded uses none.
         self.config_pause_s = config_pause_s
         self.redis_url = redis_url
-        self._runner = asyncio.Runner(loop_factory=event_loop_factory())
+        self._runner = LoopThread(event_loop_factory())
+        self._lock = threading.Lock()  # spec loading, from several task threads at once
         # Start-up objects (modules, ORM metadata) never need collecting again: freezing them
         # keeps the collector's passes short while calls allocate (measured in bench/).
         gc.freeze()
         self._loaded: dict[int, _Loaded] = {}
+        self._call_cpu_reported = 0.0
         self._governors: dict[str, Governor] = {}
         self._redis: Any = None
 
     def close(self) -> None:
         for loaded in self._loaded.values():
-            self._runner.run(loaded.client.http.aclose())
+            for client in loaded.clients:
+                self._runner.run(client.http.aclose())
         if self._redis is not None:
             self._runner.run(self._redis.aclose())
         self._loaded.clear()
@@ -121,6 +138,10 @@ class LabelRuntime:
         return self._load(spec_id).spec
 
     def _load(self, spec_id: int) -> _Loaded:
+        with self._lock:
+            return self._load_locked(spec_id)
+
+    def _load_locked(self, spec_id: int) -> _Loaded:
         if spec_id not in self._loaded:
             with self.sessions() as session:
                 row = session.get(SpecRow, spec_id)
@@ -129,11 +150,16 @@ class LabelRuntime:
                 spec = parse_spec(row.body, source=f"spec {row.name} v{row.version}")
             config = spec.teacher
             if self.teacher_base_url:
+                # The override is for the primary teacher only: each jury teacher keeps its own.
                 config = dataclasses.replace(config, base_url=self.teacher_base_url)
-            http = self._runner.run(_make_client(config, self.http_transport))
-            client = TeacherClient(config, http, governor=self._governor(config))
-            self._loaded[spec_id] = _Loaded(spec, Checker(spec), client)
+            client, *jurors = [self._client(c) for c in (config, *spec.jury.teachers)]
+            self._loaded[spec_id] = _Loaded(spec, Checker(spec), client, jurors)
         return self._loaded[spec_id]
+
+    def _client(self, config: TeacherConfig) -> TeacherClient:
+        """A client of its own per teacher, behind the governor of its endpoint and model."""
+        http = self._runner.run(_make_client(config, self.http_transport))
+        return TeacherClient(config, http, governor=self._governor(config))
 
     def _governor(self, config: TeacherConfig) -> Governor:
         key = governor_key(config)
@@ -150,26 +176,42 @@ class LabelRuntime:
     def label_batch(
         self, spec_id: int, *, item_ids: Sequence[int] | None = None, limit: int | None = None
     ) -> BatchSummary:
-        """Lease up to ``limit`` items (or exactly ``item_ids``), label them, commit once."""
+        """Lease up to ``limit`` items (or exactly ``item_ids``), label them, commit once.
+
+        Safe to call from several threads at once (Celery's threads pool): their teacher calls
+        share the one event loop and connection pool, so one batch's calls keep the teacher
+        busy while another batch is claimed, checked or written.
+        """
+        started = time.thread_time()
         loaded = self._load(spec_id)
         labeling = loaded.spec.labeling
         size = limit or (len(item_ids) if item_ids is not None else labeling["batch_size"])
         with self.sessions.begin() as session:
             claimed = claim_items(
-                session, spec_id, self.owner, labeling["lease_s"], item_ids=item_ids, limit=size
+                session,
+                spec_id,
+                self.owner,
+                labeling["lease_s"],
+                item_ids=item_ids,
+                limit=size,
+                max_attempts=labeling["max_attempts"],
             )
         if not claimed:
             return BatchSummary()
         ctx = self._context(loaded, claimed)
         misses = {
-            r.request_hash: r for r in ctx.requests.values() if r.request_hash not in ctx.cached
+            call.request.request_hash: call
+            for call in _first_calls(loaded, ctx)
+            if call.request.request_hash not in ctx.cached
         }
         reservations = [self._reserve(spec_id, loaded.spec, misses, ctx)]
-        ctx.outcomes = self._runner.run(_call_all(loaded.client, list(misses.values())))
+        in_flight: list[int] = []
+        ctx.outcomes = self._send(spec_id, misses, in_flight)
         for _ in range(int(loaded.spec.checks["repair_attempts"])):
-            if not self._repair_round(spec_id, loaded, ctx, reservations):
+            if not self._repair_round(spec_id, loaded, ctx, reservations, in_flight):
                 break
         batch, summary, stop = assemble(ctx)
+        batch.in_flight_ids = in_flight
         with self.sessions.begin() as session:
             record_batch(session, spec_id, batch)
             spent = summary.spent_usd
@@ -177,15 +219,48 @@ class LabelRuntime:
                 if reservation is not None:
                     settle(session, loaded.spec.name, reservation, spent)
                     spent = 0.0
+        summary.call_cpu_ms = self._call_cpu_since_last() * 1000
+        summary.cpu_ms = (time.thread_time() - started) * 1000 + summary.call_cpu_ms
         if stop is not None:
             raise stop
         return summary
 
+    def _send(
+        self, spec_id: int, misses: dict[str, _Call], in_flight: list[int]
+    ) -> dict[str, TeacherOutcome]:
+        """Ledger the requests as in flight (committed), then send them all concurrently,
+        each to its own teacher."""
+        if not misses:
+            return {}
+        with self.sessions.begin() as session:
+            in_flight += record_in_flight(
+                session,
+                spec_id,
+                [(c.item_id, h, round(c.reserve_usd, 10)) for h, c in misses.items()],
+            )
+        return self._runner.run(_call_all(list(misses.values())))
+
+    def _call_cpu_since_last(self) -> float:
+        """CPU the event loop thread (teacher calls only) used since the last batch asked."""
+        total = self._runner.cpu_s()
+        with self._lock:
+            delta, self._call_cpu_reported = total - self._call_cpu_reported, total
+        return delta
+
     def _repair_round(
-        self, spec_id: int, loaded: _Loaded, ctx: BatchContext, reservations: list[int | None]
+        self,
+        spec_id: int,
+        loaded: _Loaded,
+        ctx: BatchContext,
+        reservations: list[int | None],
+        in_flight: list[int],
     ) -> bool:
         """Re-ask, once, every item whose latest answer does not parse or fit the schema,
-        quoting the problem back; returns whether anything was re-asked."""
+        quoting the problem back; returns whether anything was re-asked.
+
+        Only the primary teacher is re-asked: a jury teacher's unusable answer is a vote
+        that agrees with nothing.
+        """
         spec, provider = loaded.spec, provider_for(loaded.spec.teacher.provider)
         round_: dict[int, TeacherRequest] = {}
         for item in ctx.claimed:
@@ -207,24 +282,39 @@ class LabelRuntime:
         with self.sessions() as session:
             ctx.cached.update(cached_responses(session, [r.request_hash for r in round_.values()]))
         misses = {
-            r.request_hash: r
-            for r in round_.values()
+            r.request_hash: _Call(item_id, r, loaded.client)
+            for item_id, r in round_.items()
             if r.request_hash not in ctx.cached and r.request_hash not in ctx.outcomes
         }
         reservations.append(self._reserve(spec_id, spec, misses, ctx))
-        ctx.outcomes.update(self._runner.run(_call_all(loaded.client, list(misses.values()))))
+        ctx.outcomes.update(self._send(spec_id, misses, in_flight))
         return True
 
     def _context(self, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
         spec = loaded.spec
         messages = {c.id: render_messages(spec, c.text) for c in claimed}
         ctx_ids = {c.id: c.external_id for c in claimed}
+        schema_name = f"{spec.name}_v{spec.version}"
         requests = {
-            item_id: build_request(
-                spec.teacher, conversation, spec.output_schema, f"{spec.name}_v{spec.version}"
-            )
+            item_id: build_request(spec.teacher, conversation, spec.output_schema, schema_name)
             for item_id, conversation in messages.items()
         }
+        # Every jury teacher gets the very same messages; each request has its own hash, so
+        # the cache answers per teacher.
+        jury = {
+            item_id: [
+                build_request(juror.config, conversation, spec.output_schema, schema_name)
+                for juror in loaded.jurors
+            ]
+            for item_id, conversation in messages.items()
+        }
+        jury_teachers = {
+            request.request_hash: juror.config
+            for asked in jury.values()
+            for juror, request in zip(loaded.jurors, asked, strict=True)
+        }
+        hashes = [r.request_hash for r in requests.values()]
+        hashes += list(jury_teachers)
         with self.sessions() as session:
             share = float(spec.checks["withhold_share"])
             # Withheld records stay in the store for the report, but the checks never see them.
@@ -233,7 +323,7 @@ class LabelRuntime:
                 for item_id, fields in known_good_for(session, [c.id for c in claimed]).items()
                 if not is_withheld(ctx_ids[item_id], share)
             }
-            cached = cached_responses(session, [r.request_hash for r in requests.values()])
+            cached = cached_responses(session, hashes)
         return BatchContext(
             spec,
             loaded.checker,
@@ -244,18 +334,18 @@ class LabelRuntime:
             {},
             self.config_pause_s,
             messages=messages,
+            jury=jury,
+            jury_teachers=jury_teachers,
         )
 
     def _reserve(
-        self, spec_id: int, spec: Spec, misses: dict[str, TeacherRequest], ctx: BatchContext
+        self, spec_id: int, spec: Spec, misses: dict[str, _Call], ctx: BatchContext
     ) -> int | None:
-        """Reserve budget for the calls about to be made; drop the ones it cannot cover."""
+        """Reserve budget for the calls about to be made (the jury's too); drop the items
+        whose calls it cannot all cover."""
         if not misses:
             return None
-        per_call = max(
-            spec.teacher.cost_usd(r.prompt_tokens_estimate, r.max_output_tokens)
-            for r in misses.values()
-        )
+        per_call = max(call.reserve_usd for call in misses.values())
         with self.sessions.begin() as session:
             # The limit is read fresh: raising budget_usd takes effect without a restart.
             limit = current_budget(session, spec_id)
@@ -272,9 +362,13 @@ class LabelRuntime:
                 f"flight); the remaining items stay pending. Raise budget_usd in the spec "
                 f"file to go on"
             )
-            for rhash in list(misses)[allowed:]:
-                ctx.unsent[rhash] = error
-                del misses[rhash]
+            # An item is asked of all its teachers or of none: a jury short of a vote for want
+            # of budget would reject good labels.
+            short = {call.item_id for call in list(misses.values())[allowed:]}
+            for rhash, call in list(misses.items()):
+                if call.item_id in short:
+                    ctx.unsent[rhash] = error
+                    del misses[rhash]
         return reservation
 
 
@@ -303,11 +397,17 @@ async def _make_redis(url: str) -> Any:
     return redis.asyncio.Redis.from_url(url)
 
 
-async def _call_all(
-    client: TeacherClient, requests: list[TeacherRequest]
-) -> dict[str, TeacherOutcome]:
-    results = await asyncio.gather(*(client.complete(r) for r in requests))
-    return {r.request_hash: outcome for r, outcome in zip(requests, results, strict=True)}
+def _first_calls(loaded: _Loaded, ctx: BatchContext) -> Iterator[_Call]:
+    """Each item's first requests: the primary teacher's, then one per jury teacher."""
+    for item in ctx.claimed:
+        yield _Call(item.id, ctx.requests[item.id], loaded.client)
+        for juror, request in zip(loaded.jurors, ctx.jury[item.id], strict=True):
+            yield _Call(item.id, request, juror)
+
+
+async def _call_all(calls: list[_Call]) -> dict[str, TeacherOutcome]:
+    results = await asyncio.gather(*(c.client.complete(c.request) for c in calls))
+    return {c.request.request_hash: outcome for c, outcome in zip(calls, results, strict=True)}
 
 
 def label_until_done(

@@ -16,6 +16,7 @@ from schemas.errors import SpecError
 from schemas.loader import compile_validator, error_path, schema_problems, spec_validator
 
 __all__ = [
+    "Jury",
     "Spec",
     "TeacherConfig",
     "is_withheld",
@@ -59,6 +60,18 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Jury:
+    """More teachers that answer every item alongside the primary one and vote with it.
+
+    ``min_agreement`` is the share of all teachers (the primary included; one that gives no
+    usable answer counts as disagreeing) that must give the majority answer.
+    """
+
+    teachers: tuple[TeacherConfig, ...] = ()
+    min_agreement: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     """One validated distillation target (a spec file's contents)."""
 
@@ -70,6 +83,12 @@ class Spec:
     teacher: TeacherConfig
     output_schema: dict[str, Any]
     source: str = "<memory>"
+    jury: Jury = field(default_factory=Jury)
+
+    @property
+    def teachers(self) -> tuple[TeacherConfig, ...]:
+        """The primary teacher first, then the jury's, in spec order."""
+        return (self.teacher, *self.jury.teachers)
 
     @property
     def labels(self) -> list[dict[str, str]]:
@@ -111,6 +130,11 @@ class Spec:
             "lease_s": 600,
             **self.body.get("labeling", {}),
         }
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """Live-sample rules for HTTP ingest: keep everything, no cap, unless the spec says so."""
+        return {"rate": 1.0, "slices": {}, "daily_cap": None, **self.body.get("sampling", {})}
 
     @property
     def budget_usd(self) -> float | None:
@@ -181,21 +205,24 @@ def parse_spec(body: Any, *, source: str = "<memory>") -> Spec:
             f"{error_path(exc)}: {exc.message}"
         ) from exc
     _check_consistency(body, source)
+    teacher, jury = _teacher_config(body["teacher"]), _jury(body.get("jury"))
+    _check_jury_distinct(teacher, jury, source)
     return Spec(
         name=body["name"],
         version=int(body["version"]),
         kind=body["kind"],
         body=body,
         content_hash=labeling_hash(body),
-        teacher=_teacher_config(body["teacher"]),
+        teacher=teacher,
         output_schema=output_schema,
         source=source,
+        jury=jury,
     )
 
 
 # Operational settings: changing them does not change what a label means, so they are left out
 # of the hash that pins a spec version (a budget can be raised without relabeling everything).
-_OPERATIONAL = ("description", "labeling", "budget_usd", "student")
+_OPERATIONAL = ("description", "labeling", "budget_usd", "student", "sampling")
 _OPERATIONAL_TEACHER = (
     "rpm",
     "tpm",
@@ -213,9 +240,56 @@ _OPERATIONAL_TEACHER = (
 def labeling_hash(body: dict[str, Any]) -> str:
     """Hash of everything in a spec that shapes the labels (not budgets, limits or URLs)."""
     meaning = {k: v for k, v in body.items() if k not in _OPERATIONAL}
-    meaning["teacher"] = {k: v for k, v in body["teacher"].items() if k not in _OPERATIONAL_TEACHER}
+    meaning["teacher"] = _teacher_meaning(body["teacher"])
+    if "jury" in body:
+        jury = body["jury"]
+        meaning["jury"] = {**jury, "teachers": [_teacher_meaning(t) for t in jury["teachers"]]}
     canonical = json.dumps(meaning, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _teacher_meaning(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if k not in _OPERATIONAL_TEACHER}
+
+
+def _jury(raw: dict[str, Any] | None) -> Jury:
+    if not raw:
+        return Jury()
+    return Jury(
+        teachers=tuple(_teacher_config(t) for t in raw["teachers"]),
+        min_agreement=float(raw.get("min_agreement", 0.0)),
+    )
+
+
+# What a teacher's request is made of (its cache key): two teachers alike in all of these ask
+# the very same question, so the second would only ever get the first one's cached answer.
+_REQUEST_FIELDS = (
+    "provider",
+    "model",
+    "response_format",
+    "params",
+    "max_output_tokens",
+    "samples",
+    "logprobs",
+)
+
+
+def _check_jury_distinct(primary: TeacherConfig, jury: Jury, source: str) -> None:
+    seen = {_request_identity(primary): "$.teacher"}
+    for index, config in enumerate(jury.teachers):
+        where = f"$.jury.teachers[{index}]"
+        other = seen.setdefault(_request_identity(config), where)
+        if other != where:
+            raise SpecError(
+                f"{source}: {where}: asks exactly what {other} asks (same provider, model, "
+                f"params and output settings), so its answer would be the cached one and its "
+                f"vote no second opinion; give it another model or other params"
+            )
+
+
+def _request_identity(config: TeacherConfig) -> str:
+    fields = {name: getattr(config, name) for name in _REQUEST_FIELDS}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _teacher_config(raw: dict[str, Any]) -> TeacherConfig:
