@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 
 from schemas.errors import ConfigError
 from stillhouse.api import create_app
+from stillhouse.serving import serve_announced
 from stillhouse.settings import Settings
 from workers.spec import load_spec
 
@@ -101,19 +102,4 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, http=http, log_level=log_level, access_log=False
     )
-    asyncio.run(_serve(uvicorn.Server(config), host))
-
-
-async def _serve(server: uvicorn.Server, host: str) -> None:
-    announce = asyncio.create_task(_announce_when_started(server, host))
-    try:
-        await server.serve()
-    finally:
-        announce.cancel()
-
-
-async def _announce_when_started(server: uvicorn.Server, host: str) -> None:
-    while not server.started:
-        await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"stillhouse api listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    asyncio.run(serve_announced(uvicorn.Server(config), host, "stillhouse api"))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import uvicorn
 
+from stillhouse.serving import serve_announced
 from stillhouse.teacher_server.app import create_app
 from stillhouse.teacher_server.backends import Backend, make_backend
 from stillhouse.teacher_server.faults import FaultProfile, build_profile
@@ -85,16 +85,4 @@ async def _serve(
         # An injected hang or drip must not hold a shutdown for minutes.
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
-    announce = asyncio.create_task(_announce_when_started(server, host))
-    try:
-        await server.serve()
-    finally:
-        announce.cancel()
-
-
-async def _announce_when_started(server: uvicorn.Server, host: str) -> None:
-    while not server.started:
-        await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"stillhouse teacher listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    await serve_announced(uvicorn.Server(config), host, "stillhouse teacher", "/v1")

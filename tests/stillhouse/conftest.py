@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pytest
-import uvicorn
+from servers import serve_in_thread
 
 from stillhouse.teacher_server import EmbeddingBackend
 from stillhouse.teacher_server.app import TeacherApp
@@ -31,23 +29,8 @@ def embedding_backend() -> EmbeddingBackend:
 
 @contextmanager
 def _threaded_server(app: TeacherApp, http: str = "auto") -> Iterator[str]:
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, http=http, log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the threaded teacher server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_in_thread(app, http=http) as root:
+        yield root
 
 
 @pytest.fixture(scope="session")
