@@ -19,6 +19,7 @@ from clitools import embedded_env, run_cli
 
 from examples.ranking import iter_ranking
 from workers.compare import kendall_tau
+from workers.spec import is_withheld
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +105,23 @@ def test_ranking_filter_keeps_the_better_orderings(tmp_path: Path, embedding_tea
 
     report = _cli(env, "report", "--spec", "ranking", "--json")
     assert report.returncode == 0, report.stderr
-    slices = json.loads(report.stdout)["slices"]
-    assert any(name.startswith("topic=") for name in slices), slices
+    body = json.loads(report.stdout)
+    assert any(name.startswith("topic=") for name in body["slices"]), body["slices"]
+    # The report scores the same orderings, on the items whose record the checks saw.
+    checked = [label for label in labels if label["output"] and not is_withheld(label["id"], 0.1)]
+    kept = [label for label in checked if label["verdict"] == "accepted"]
+    ranking = body["overall"]["ranking"]
+    print(json.dumps({"report_ranking": ranking}))
+    assert ranking["raw"]["ranking"]["count"] == len(checked)
+    assert ranking["accepted"]["ranking"]["count"] == len(kept)
+    assert ranking["raw"]["ranking"]["mean_tau"] == pytest.approx(
+        mean(tau(label) for label in checked), abs=1e-4
+    )
+    assert ranking["accepted"]["ranking"]["mean_tau"] == pytest.approx(
+        mean(tau(label) for label in kept), abs=1e-4
+    )
+    # The spec accepts only orderings with the own article first.
+    assert ranking["accepted"]["ranking"]["top1_agreement"] == 1.0
 
 
 def test_moderation_labels_tweets_with_rare_hate_speech(

@@ -15,6 +15,7 @@ from typing import Any
 from storage.models import Verdict
 from storage.training import ReportRow
 from workers.checks import field_matches
+from workers.compare import compare_ranking, ndcg_at_k, top1_agreement
 from workers.spec import Spec, is_withheld
 
 __all__ = ["build_report"]
@@ -123,6 +124,80 @@ def _field_scores(spec: Spec, rows: list[ReportRow], share: float) -> dict[str, 
     return {"accepted": accepted.as_dict(), "raw": raw.as_dict()} if list_fields else {}
 
 
+@dataclass(slots=True)
+class _RankingScore:
+    """Kendall's tau, top-1 agreement and NDCG@k of orderings against the known-good order."""
+
+    k: int
+    taus: list[float] = field(default_factory=list)
+    top1: int = 0
+    ndcgs: list[float] = field(default_factory=list)
+
+    def add(self, order: list[str], reference: Any) -> None:
+        reference_order, relevance = _reference(reference, self.k)
+        self.taus.append(compare_ranking(order, reference_order, relevance, {}).score or 0.0)
+        self.top1 += int(top1_agreement(order, reference_order))
+        self.ndcgs.append(ndcg_at_k(order, relevance, self.k))
+
+    def as_dict(self) -> dict[str, Any]:
+        count = len(self.taus)
+        return {
+            "count": count,
+            "mean_tau": _mean(self.taus),
+            "top1_agreement": _ratio(self.top1, count),
+            "mean_ndcg": _mean(self.ndcgs),
+            "k": self.k,
+        }
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _reference(reference: Any, k: int) -> tuple[list[str], dict[str, float]]:
+    """The known-good order and its graded relevance, from either form the record takes.
+
+    Graded relevance (``{id: grade}``) is read best first with ties by id, so the order does
+    not depend on how the database keeps JSON keys. A bare order grades its top k as k, k-1,
+    ..., 1, as :func:`workers.compare.compare_ranking` does for NDCG.
+    """
+    if isinstance(reference, dict):
+        grades = {str(key): float(grade) for key, grade in reference.items()}
+        return sorted(grades, key=lambda key: (-grades[key], key)), grades
+    order = list(dict.fromkeys(str(item) for item in reference or []))
+    return order, {item: float(k - i) for i, item in enumerate(order[:k])}
+
+
+def _ranking_scores(spec: Spec, rows: list[ReportRow], share: float) -> dict[str, Any]:
+    """Per known-good ranking field: order quality of accepted labels and of all raw labels.
+
+    Like ``fields``, only items whose record the checks saw count, and only answers that
+    give an ordering (a list) for the field.
+    """
+    rules = {n: r for n, r in spec.known_good.items() if r.get("compare") == "ranking"}
+    if not rules:
+        return {}
+    accepted = {name: _RankingScore(int(rule.get("k", 5))) for name, rule in rules.items()}
+    raw = {name: _RankingScore(int(rule.get("k", 5))) for name, rule in rules.items()}
+    for row in rows:
+        if not row.known_good or row.output is None:
+            continue
+        if is_withheld(row.external_id, share):
+            continue
+        for name in rules:
+            value = row.output.get(name)
+            if name not in row.known_good or not isinstance(value, list):
+                continue
+            order = [str(v) for v in value]
+            raw[name].add(order, row.known_good[name])
+            if row.verdict == Verdict.ACCEPTED:
+                accepted[name].add(order, row.known_good[name])
+    return {
+        "accepted": {name: score.as_dict() for name, score in accepted.items()},
+        "raw": {name: score.as_dict() for name, score in raw.items()},
+    }
+
+
 def _groups(spec: Spec, row: ReportRow) -> Iterable[str]:
     for name in spec.slice_fields:
         yield f"{name}={row.slices.get(name)}"
@@ -144,10 +219,16 @@ def build_report(spec: Spec, rows: list[ReportRow]) -> dict[str, Any]:
         for group in _groups(spec, row):
             slices[group].add(row, agrees)
     held = withheld.as_dict()
+    ranking = _ranking_scores(spec, rows, share)
     return {
         "spec": spec.name,
         "version": spec.version,
-        "overall": {**overall.as_dict(), "fields": _field_scores(spec, rows, share)},
+        "overall": {
+            **overall.as_dict(),
+            "fields": _field_scores(spec, rows, share),
+            # Only specs with a ranking field get the key, so other reports keep their shape.
+            **({"ranking": ranking} if ranking else {}),
+        },
         "slices": {name: tally.as_dict() for name, tally in sorted(slices.items())},
         "withheld": {
             "share": share,
