@@ -6,7 +6,12 @@ import logging
 import threading
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from workers.celery_app import LABEL_TASK, app
 from workers.pipeline import LabelRuntime
@@ -38,6 +43,25 @@ def _runtime() -> LabelRuntime:
 def _build_after_fork(**_: Any) -> None:
     # Engines, event loops and HTTP clients never cross a fork.
     _state["runtime"] = None
+
+
+@worker_ready.connect
+def _wake_threads_pool(sender: Any = None, **_: Any) -> None:
+    """Wake the consumer's event loop every 0.1 s under the threads pool.
+
+    A task that finishes in a pool thread has its late ack (and so the next prefetch) sent
+    only when the consumer's loop wakes, which with prefetch 1 can take many seconds
+    (celery/celery#6941): batches sat in Redis while the worker idled. A no-op timer bounds it.
+    """
+    pool = getattr(sender, "pool", None)
+    timer = getattr(sender, "timer", None)
+    if timer is not None and type(pool).__module__ == "celery.concurrency.thread":
+        timer.call_repeatedly(0.1, _noop)
+        log.info("threads pool: the consumer wakes every 0.1 s to send acks promptly")
+
+
+def _noop() -> None:
+    """Nothing: being called is the point (see `_wake_threads_pool`)."""
 
 
 @worker_process_shutdown.connect  # a prefork child exits
