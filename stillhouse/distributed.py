@@ -8,16 +8,24 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
 from stillhouse.context import open_database, open_runtime
+from stillhouse.localteacher import stop_process
 from stillhouse.settings import Settings
-from workers.dispatch import DispatchOptions, DispatchPass, dispatch_once, run_dispatcher
+from workers.dispatch import (
+    DispatchOptions,
+    DispatchPass,
+    Publisher,
+    dispatch_once,
+    run_dispatcher,
+)
 
 __all__ = [
     "dispatch_options",
@@ -79,42 +87,41 @@ def dispatch_options(settings: Settings) -> DispatchOptions:
     )
 
 
-def spec_dispatcher(
-    settings: Settings, sessions: sessionmaker[Session], spec_ids: Sequence[int] = ()
-) -> Any:
-    """A function that runs one dispatch pass (for ``backfill --wait``, which follows one spec)."""
+@dataclass(frozen=True, slots=True)
+class _Broker:
+    """What a dispatch pass needs from the broker: where to publish, whether it is idle."""
+
+    publish: Publisher
+    idle: Callable[[], bool] | None
+
+
+def _broker(settings: Settings) -> _Broker:
     from workers.celery_app import broker_idle, send_label_batch
 
     celery = open_celery(settings)
     client = _redis(settings)
-    options = dispatch_options(settings)
+    return _Broker(
+        publish=lambda spec_id, ids: send_label_batch(celery, spec_id, ids),
+        idle=(lambda: broker_idle(client)) if client is not None else None,
+    )
 
-    def one_pass() -> DispatchPass:
-        return dispatch_once(
-            sessions,
-            lambda spec_id, ids: send_label_batch(celery, spec_id, ids),
-            options,
-            spec_ids=spec_ids,
-            broker_idle=(lambda: broker_idle(client)) if client is not None else None,
-        )
 
-    return one_pass
+def spec_dispatcher(
+    settings: Settings, sessions: sessionmaker[Session], spec_ids: Sequence[int] = ()
+) -> Callable[[], DispatchPass]:
+    """A function that runs one dispatch pass (for ``backfill --wait``, which follows one spec)."""
+    broker, options = _broker(settings), dispatch_options(settings)
+    return lambda: dispatch_once(
+        sessions, broker.publish, options, spec_ids=spec_ids, broker_idle=broker.idle
+    )
 
 
 def run_dispatch(settings: Settings, *, once: bool) -> DispatchPass | None:
     """`stillhouse dispatch`: sweep and dispatch once, or every interval until stopped."""
-    from workers.celery_app import broker_idle, send_label_batch
-
-    celery = open_celery(settings)
-    client = _redis(settings)
-    options = dispatch_options(settings)
-    idle = (lambda: broker_idle(client)) if client is not None else None
-
-    def publish(spec_id: int, ids: list[int]) -> object:
-        return send_label_batch(celery, spec_id, ids)
-
+    broker, options = _broker(settings), dispatch_options(settings)
     if once:
-        return dispatch_once(sessions_of(settings), publish, options, broker_idle=idle)
+        once_sessions = sessions_of(settings)
+        return dispatch_once(once_sessions, broker.publish, options, broker_idle=broker.idle)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,7 +129,7 @@ def run_dispatch(settings: Settings, *, once: bool) -> DispatchPass | None:
     if sessions is None:
         return None
     log.info("dispatcher running every %.2f s", options.interval_s)
-    run_dispatcher(sessions, publish, options, stop, broker_idle=idle)
+    run_dispatcher(sessions, broker.publish, options, stop, broker_idle=broker.idle)
     return None
 
 
@@ -169,13 +176,7 @@ def _dispatcher_process(enabled: bool) -> Iterator[None]:
     finally:
         stop.set()
         watcher.join()
-        child = state["child"]
-        child.terminate()
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop_process(state["child"], timeout=15)
 
 
 def run_worker(

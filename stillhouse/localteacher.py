@@ -15,7 +15,7 @@ import httpx
 
 from schemas.errors import ConfigError
 
-__all__ = ["free_port", "local_teacher", "wait_ready"]
+__all__ = ["free_port", "local_teacher", "stop_process", "wait_ready"]
 
 
 def free_port() -> int:
@@ -23,6 +23,16 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def stop_process(process: subprocess.Popen[Any], *, timeout: float) -> None:
+    """SIGTERM a child, and SIGKILL it if it has not exited within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_ready(
@@ -80,9 +90,4 @@ def local_teacher(
         wait_ready(base_url, process)
         yield base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)

@@ -20,17 +20,14 @@ from storage.dialect import db_now, db_now_plus, picked_ids
 from storage.models import Item, ItemState, SpecRow
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS",
     "SweepCounts",
     "claim_ready",
     "expire_leases",
-    "max_attempts_by_spec",
+    "labeling_setting",
     "queued_counts",
     "requeue_lost",
     "return_to_pending",
 ]
-
-DEFAULT_MAX_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -42,19 +39,21 @@ class SweepCounts:
     requeued: int = 0  # queued items whose broker message was lost
 
 
-def max_attempts_by_spec(session: Session, spec_ids: Iterable[int]) -> dict[int, int]:
-    """``labeling.max_attempts`` of each spec version (the spec's default when unset)."""
-    ids = set(spec_ids)
-    if not ids:
-        return {}
-    rows = session.execute(select(SpecRow.id, SpecRow.body).where(SpecRow.id.in_(ids)))
+def labeling_setting(
+    session: Session, name: str, default: int, spec_ids: Iterable[int] | None = None
+) -> dict[int, int]:
+    """One ``labeling`` setting (``max_attempts``, ``batch_size``) of each spec version, or of
+    the given ones; ``default`` where the spec leaves it unset."""
+    stmt = select(SpecRow.id, SpecRow.body)
+    if spec_ids is not None:
+        stmt = stmt.where(SpecRow.id.in_(set(spec_ids)))
     return {
-        spec_id: int((body or {}).get("labeling", {}).get("max_attempts", DEFAULT_MAX_ATTEMPTS))
-        for spec_id, body in rows
+        spec_id: int((body or {}).get("labeling", {}).get(name, default))
+        for spec_id, body in session.execute(stmt)
     }
 
 
-def expire_leases(session: Session, *, limit: int = 5000) -> SweepCounts:
+def expire_leases(session: Session, *, default_max_attempts: int, limit: int = 5000) -> SweepCounts:
     """Return expired leases to pending; fail the items that used their last attempt.
 
     A claim counts an attempt, so an item whose worker dies every time (a document that
@@ -70,11 +69,12 @@ def expire_leases(session: Session, *, limit: int = 5000) -> SweepCounts:
     counts = SweepCounts()
     if not rows:
         return counts
-    limits = max_attempts_by_spec(session, {row.spec_id for row in rows})
+    spec_ids = {row.spec_id for row in rows}
+    limits = labeling_setting(session, "max_attempts", default_max_attempts, spec_ids)
     failed: list[int] = []
     back: list[int] = []
     for row in rows:
-        allowed = limits.get(row.spec_id, DEFAULT_MAX_ATTEMPTS)
+        allowed = limits.get(row.spec_id, default_max_attempts)
         (failed if row.attempts >= allowed else back).append(row.id)
     counts.failed = _set_state(
         session,

@@ -53,7 +53,7 @@ def test_expired_leases_go_back_to_pending_until_the_last_attempt(
         assert len(claimed) == 2 and {c.attempts for c in claimed} == {attempt}
         _expire_all_leases(sessions)
         with sessions.begin() as session:
-            counts = expire_leases(session)
+            counts = expire_leases(session, default_max_attempts=5)
         if attempt == 1:
             assert (counts.expired, counts.failed) == (2, 0)
             assert _states(sessions) == {"pending": 2}
@@ -81,7 +81,7 @@ def test_live_leases_are_left_alone(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         claim_items(session, spec.id, "alive", 600, limit=3)
     with sessions.begin() as session:
-        counts = expire_leases(session)
+        counts = expire_leases(session, default_max_attempts=5)
         assert (counts.expired, counts.failed) == (0, 0)
         assert requeue_lost(session, older_than_s=0.0) == 0
     assert _states(sessions) == {"leased": 3}

@@ -90,6 +90,15 @@ def _in_flight(url: str, teacher: str) -> bool:
     return waiting > 0 and served(teacher) - answered == waiting
 
 
+def _worker_with_a_batch_in_flight(env: dict[str, str], tmp_path: Path, log: str) -> Proc:
+    """Load the items, start a worker, and return it once a batch waits on the teacher."""
+    url, teacher = env["STILLHOUSE_DATABASE_URL"], env["STILLHOUSE_TEACHER_BASE_URL"]
+    _load(env, _spec(tmp_path))
+    worker = _worker(env, tmp_path / log)
+    wait_for(lambda: _in_flight(url, teacher), 60, f"a batch in flight\n{worker.tail()}")
+    return worker
+
+
 def _finish(env: dict[str, str], tmp_path: Path, teacher: str, lost_at_most: int) -> None:
     url = env["STILLHOUSE_DATABASE_URL"]
     worker = _worker(env, tmp_path / "finisher.log")
@@ -104,11 +113,7 @@ def test_sigkill_of_a_worker_mid_batch(
     tmp_path: Path, postgres_url: str, redis_url: str, slow_teacher: str
 ) -> None:
     env = _env(postgres_url, redis_url, slow_teacher)
-    _load(env, _spec(tmp_path))
-    worker = _worker(env, tmp_path / "killed.log")
-    wait_for(
-        lambda: _in_flight(postgres_url, slow_teacher), 60, f"a batch in flight\n{worker.tail()}"
-    )
+    worker = _worker_with_a_batch_in_flight(env, tmp_path, "killed.log")
     worker.kill()
     killed = ledger(postgres_url)
     # The write-ahead rows of the killed batch stay: the ledger shows what was sent.
@@ -120,11 +125,7 @@ def test_sigterm_lets_the_batch_in_work_finish(
     tmp_path: Path, postgres_url: str, redis_url: str, slow_teacher: str
 ) -> None:
     env = _env(postgres_url, redis_url, slow_teacher)
-    _load(env, _spec(tmp_path))
-    worker = _worker(env, tmp_path / "stopped.log")
-    wait_for(
-        lambda: _in_flight(postgres_url, slow_teacher), 60, f"a batch in flight\n{worker.tail()}"
-    )
+    worker = _worker_with_a_batch_in_flight(env, tmp_path, "stopped.log")
     os.kill(worker.pid, signal.SIGTERM)  # the main process: Celery's warm shutdown
     worker.process.wait(timeout=60)
     assert worker.process.returncode == 0, worker.tail()

@@ -14,18 +14,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.leases import (
     SweepCounts,
     claim_ready,
     expire_leases,
+    labeling_setting,
     queued_counts,
     requeue_lost,
     return_to_pending,
 )
-from storage.models import SpecRow
+from workers.spec import LABELING_DEFAULTS
 
 __all__ = ["DispatchOptions", "DispatchPass", "Publisher", "dispatch_once", "run_dispatcher"]
 
@@ -69,14 +69,16 @@ def dispatch_once(
     """One sweep and one dispatch; returns what it did."""
     result = DispatchPass()
     with sessions.begin() as session:
-        result.sweep = expire_leases(session)
+        result.sweep = expire_leases(
+            session, default_max_attempts=LABELING_DEFAULTS["max_attempts"]
+        )
         lost_after = options.requeue_after_s
         if broker_idle is not None and _safe(broker_idle):
             lost_after = min(lost_after, options.requeue_idle_after_s)
         result.sweep.requeued = requeue_lost(session, older_than_s=lost_after)
     with sessions.begin() as session:
         waiting = queued_counts(session)
-        batch_sizes = _batch_sizes(session)
+        batch_sizes = labeling_setting(session, "batch_size", LABELING_DEFAULTS["batch_size"])
         room = {
             spec_id: options.max_queued - waiting.get(spec_id, 0)
             for spec_id in (spec_ids or batch_sizes)
@@ -84,7 +86,7 @@ def dispatch_once(
         claimed = claim_ready(session, limits=room, spec_ids=spec_ids)
     # Publish after commit; a failed publish puts the rest back at once (no wait for a sweep).
     for spec_id, ids in claimed.items():
-        size = batch_sizes.get(spec_id, 32)
+        size = batch_sizes.get(spec_id, LABELING_DEFAULTS["batch_size"])
         for start in range(0, len(ids), size):
             batch = ids[start : start + size]
             try:
@@ -99,14 +101,6 @@ def dispatch_once(
             result.sent += len(batch)
             result.batches += 1
     return result
-
-
-def _batch_sizes(session: Session) -> dict[int, int]:
-    rows = session.execute(select(SpecRow.id, SpecRow.body))
-    return {
-        spec_id: int((body or {}).get("labeling", {}).get("batch_size", 32))
-        for spec_id, body in rows
-    }
 
 
 def _safe(check: Callable[[], bool]) -> bool:

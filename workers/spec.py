@@ -124,12 +124,7 @@ class Spec:
 
     @property
     def labeling(self) -> dict[str, int]:
-        return {
-            "batch_size": 50,
-            "max_attempts": 5,
-            "lease_s": 600,
-            **self.body.get("labeling", {}),
-        }
+        return {**LABELING_DEFAULTS, **self.body.get("labeling", {})}
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -235,6 +230,10 @@ _OPERATIONAL_TEACHER = (
     "concurrency",
     "price",
 )
+
+
+# What `labeling` means when a spec leaves it out; the dispatcher reads stored specs with these.
+LABELING_DEFAULTS = {"batch_size": 50, "max_attempts": 5, "lease_s": 600}
 
 
 def labeling_hash(body: dict[str, Any]) -> str:
