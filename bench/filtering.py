@@ -94,8 +94,8 @@ def _raw_label_accuracy(database: Path) -> tuple[int, float | None]:
         labels, agree = db.execute(
             # A label without an answer compares as NULL: it counts, and disagrees.
             "SELECT count(*), coalesce(sum(json_extract(labels.output, '$.label') = "
-            "json_extract(known_good.fields, '$.label')), 0) "
-            "FROM labels JOIN known_good ON known_good.item_id = labels.item_id"
+            "json_extract(items.known_good, '$.label')), 0) "
+            "FROM labels JOIN items ON items.id = labels.item_id WHERE items.known_good IS NOT NULL"
         ).fetchone()
     return labels, round(agree / labels, 4) if labels else None
 

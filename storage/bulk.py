@@ -21,21 +21,24 @@ from schemas.errors import ConfigError
 from storage.items import IngestCounts, ItemIn, upsert_items
 from storage.models import Item, SpecRow
 
-__all__ = ["load_items", "stream_query"]
+__all__ = ["copy_lines", "load_items", "stream_query"]
 
-# Per-row index probes, written so that the planner cannot turn them into a scan of every
+# One round trip finds, for every row of a chunk, whether its id is stored (and under which
+# item and content) and, unless duplicates are kept, whether its content is. The probes are
+# per-row index lookups, written so that the planner cannot turn them into a scan of every
 # item of the spec: during a bulk load the statistics of `items` lag far behind its size.
 # The hot statements run on the driver's cursor (psycopg placeholders), without the ORM.
-_EXISTING_IDS = """
-SELECT x.external_id, i.id, i.content_hash
-FROM unnest(%(ids)s::text[]) AS x(external_id)
+_PROBE_IDS = """
+SELECT 'id', x.external_id, i.id, i.content_hash
+FROM jsonb_array_elements_text(%(ids)s::jsonb) AS x(external_id)
 CROSS JOIN LATERAL (
   SELECT d.id, d.content_hash FROM items AS d
   WHERE d.spec_name = %(name)s AND d.external_id = x.external_id LIMIT 1) AS i
 """
-_EXISTING_CONTENT = """
-SELECT x.content_hash
-FROM unnest(%(hashes)s::text[]) AS x(content_hash)
+_PROBE_CONTENT = """
+UNION ALL
+SELECT 'content', x.content_hash, NULL, NULL
+FROM jsonb_array_elements_text(%(hashes)s::jsonb) AS x(content_hash)
 WHERE (SELECT 1 FROM items AS d
        WHERE d.spec_name = %(name)s AND d.content_hash = x.content_hash LIMIT 1) IS NOT NULL
 """
@@ -44,34 +47,45 @@ UPDATE items SET spec_id = :spec_id, state = 'pending', attempts = 0, retry_at =
   last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[])) AND spec_id <> :spec_id
 """
+# An existing item gains a known-good record it lacked; one it has is never replaced.
 _KNOWN_GOOD_FOR_EXISTING = """
-INSERT INTO known_good (item_id, fields)
-SELECT x.id, x.fields::jsonb
+UPDATE items SET known_good = x.fields::jsonb
 FROM unnest(CAST(:ids AS bigint[]), CAST(:fields AS text[])) AS x(id, fields)
-ON CONFLICT DO NOTHING
+WHERE items.id = x.id AND items.known_good IS NULL
 """
-_NEW_IDS = "SELECT nextval(pg_get_serial_sequence('items', 'id')) FROM generate_series(1, %s)"
+# The ids come from the column's default: nothing needs them before the rows are stored.
 _COPY_ITEMS = (
-    "COPY items (id, spec_name, spec_id, external_id, content_hash, text, payload, slices, "
-    "state, attempts) FROM STDIN"
+    "COPY items (spec_name, spec_id, external_id, content_hash, text, payload, slices, "
+    "known_good, state, attempts) FROM STDIN"
 )
-_COPY_KNOWN_GOOD = "COPY known_good (item_id, fields) FROM STDIN"
 # JIT would compile for ~50 ms per statement here and save nothing; lz4 TOAST compression
-# is several times cheaper than pglz on the ~2 KB rows (text + payload) a document makes.
-_SETTINGS = ("SET LOCAL jit = off", "SET LOCAL default_toast_compression = lz4")
+# is several times cheaper than pglz on the rows (text + payload) a long document makes.
+_SETTINGS = "SELECT set_config('jit', 'off', true)"
+_SETTINGS_LZ4 = (
+    "SELECT set_config('jit', 'off', true), set_config('default_toast_compression', 'lz4', true)"
+)
 
 
 def load_items(
-    session: Session, spec: SpecRow, items: Sequence[ItemIn], *, keep_duplicate_content: bool
+    session: Session,
+    spec: SpecRow,
+    items: Sequence[ItemIn],
+    *,
+    keep_duplicate_content: bool,
+    lines: Sequence[str] | None = None,
 ) -> IngestCounts:
-    """Load one chunk (distinct ids and contents) in the session's transaction; flush only."""
+    """Load one chunk (distinct ids and contents) in the session's transaction; flush only.
+
+    ``lines`` are the rows' COPY lines from :func:`copy_lines` when the caller built them
+    already (a bulk load builds them on its reading thread, off the writer's path).
+    """
     if not items:
         return IngestCounts()
     dbapi: Any = session.connection().connection.driver_connection
     if session.get_bind().dialect.name == "postgresql" and hasattr(dbapi, "pgconn"):
         try:
             with session.begin_nested():  # psycopg 3: COPY on the session's own transaction
-                return _copy_load(session, dbapi, spec, items, keep_duplicate_content)
+                return _copy_load(session, dbapi, spec, items, keep_duplicate_content, lines)
         except (IntegrityError, psycopg.Error) as exc:  # COPY errors come from the driver
             if _sqlstate(exc) != "23505":  # unique_violation
                 raise
@@ -84,32 +98,54 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 def _copy_load(
-    session: Session, dbapi: Any, spec: SpecRow, items: Sequence[ItemIn], keep: bool
+    session: Session,
+    dbapi: Any,
+    spec: SpecRow,
+    items: Sequence[ItemIn],
+    keep: bool,
+    lines: Sequence[str] | None,
 ) -> IngestCounts:
     session.flush()
     _settings(session, dbapi)
-    params = {"name": spec.name, "spec_id": spec.id}
-    ids = [item.external_id for item in items]
-    existing = dbapi.execute(_EXISTING_IDS, {**params, "ids": ids}).fetchall()
-    counts = IngestCounts(existing=len(existing))
+    if lines is None:
+        lines = copy_lines(spec.name, spec.id, items)
+    # The lists travel as one JSON text each: adapting thousands of array elements one by one
+    # costs the driver more than the probe costs Postgres.
+    ids = orjson.dumps([item.external_id for item in items]).decode()
+    params: dict[str, Any] = {"name": spec.name, "ids": ids}
+    probe = _PROBE_IDS
+    if not keep:
+        probe += _PROBE_CONTENT
+        params["hashes"] = orjson.dumps([item.content_hash for item in items]).decode()
+    found = dbapi.execute(probe, params).fetchall()
+    counts = IngestCounts()
+    if not found:  # the common case of a backfill: every row is new
+        counts.inserted = len(items)
+        counts.known_good = sum(1 for item in items if item.known_good)
+        _copy(dbapi, "".join(lines))
+        return counts
+    existing = [(row[1], row[2], row[3]) for row in found if row[0] == "id"]
+    stored_content = {row[1] for row in found if row[0] == "content"}
     if existing:
+        counts.existing = len(existing)
         counts.relabel = _requeue(session, spec, [row[1] for row in existing])
         counts.known_good = _known_good_for_existing(session, items, existing)
         by_id = {item.external_id: item for item in items}
         changed = [ext for ext, _, digest in existing if by_id[ext].content_hash != digest]
         counts.changed, counts.changed_ids = len(changed), changed[:20]
-        seen = {row[0] for row in existing}
-        items = [item for item in items if item.external_id not in seen]
-    if items and not keep:
-        hashes = [item.content_hash for item in items]
-        found = dbapi.execute(_EXISTING_CONTENT, {**params, "hashes": hashes}).fetchall()
-        stored = {row[0] for row in found}
-        if stored:
-            kept = [item for item in items if item.content_hash not in stored]
-            counts.duplicate_content, items = len(items) - len(kept), kept
-    if items:
-        counts.inserted = len(items)
-        counts.known_good += _copy_new(dbapi, spec, items)
+    seen = {row[0] for row in existing}
+    kept = []
+    for item, line in zip(items, lines, strict=True):
+        if item.external_id in seen:
+            continue
+        if item.content_hash in stored_content:
+            counts.duplicate_content += 1
+            continue
+        kept.append(line)
+        counts.inserted += 1
+        counts.known_good += 1 if item.known_good else 0
+    if kept:
+        _copy(dbapi, "".join(kept))
     return counts
 
 
@@ -120,24 +156,12 @@ def _settings(session: Session, dbapi: Any) -> None:
             "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
         ).fetchone()
         info["stillhouse_lz4"] = bool(row and row[0])
-    for statement in _SETTINGS if info["stillhouse_lz4"] else _SETTINGS[:1]:
-        dbapi.execute(statement)
+    dbapi.execute(_SETTINGS_LZ4 if info["stillhouse_lz4"] else _SETTINGS)
 
 
-def _copy_new(dbapi: Any, spec: SpecRow, items: Sequence[ItemIn]) -> int:
-    new_ids = [row[0] for row in dbapi.execute(_NEW_IDS, (len(items),)).fetchall()]
-    with dbapi.cursor() as cursor:
-        with cursor.copy(_COPY_ITEMS) as copy:
-            copy.write(_copy_data(spec, new_ids, items))
-        known = [
-            f"{item_id}\t{_escape(orjson.dumps(item.known_good).decode())}\n"
-            for item_id, item in zip(new_ids, items, strict=True)
-            if item.known_good
-        ]
-        if known:
-            with cursor.copy(_COPY_KNOWN_GOOD) as copy:
-                copy.write("".join(known).encode())
-    return len(known)
+def _copy(dbapi: Any, data: str) -> None:
+    with dbapi.cursor() as cursor, cursor.copy(_COPY_ITEMS) as copy:
+        copy.write(data.encode())
 
 
 def _requeue(session: Session, spec: SpecRow, item_ids: list[int]) -> int:
@@ -156,18 +180,19 @@ def _known_good_for_existing(
     return len(pairs)
 
 
-def _copy_data(spec: SpecRow, item_ids: Sequence[int], items: Sequence[ItemIn]) -> bytes:
-    """COPY text format: tab-separated, backslash escapes."""
-    prefix = f"\t{_escape(spec.name)}\t{spec.id}\t"
+def copy_lines(spec_name: str, spec_id: int, items: Sequence[ItemIn]) -> list[str]:
+    """Each item's row of ``COPY items`` in text format: tab-separated, backslash escapes."""
+    prefix = f"{_escape(spec_name)}\t{spec_id}\t"
     lines = []
-    for item_id, item in zip(item_ids, items, strict=True):
+    for item in items:
         payload = item.payload_json or orjson.dumps(item.payload, default=str).decode()
+        known = _escape(orjson.dumps(item.known_good).decode()) if item.known_good else "\\N"
         lines.append(
-            f"{item_id}{prefix}{_escape(item.external_id)}\t{item.content_hash}\t"
+            f"{prefix}{_escape(item.external_id)}\t{item.content_hash}\t"
             f"{_escape(item.text)}\t{_escape(payload)}\t"
-            f"{_escape(orjson.dumps(item.slices).decode())}\tpending\t0\n"
+            f"{_escape(orjson.dumps(item.slices).decode())}\t{known}\tpending\t0\n"
         )
-    return "".join(lines).encode()
+    return lines
 
 
 def _escape(value: str) -> str:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from storage.dialect import insert_for
 from storage.items import ItemIn
-from storage.models import IngestCounter, Item, ItemState, KnownGood
+from storage.models import IngestCounter, Item, ItemState
 from storage.session import is_postgres
 
 __all__ = [
@@ -109,15 +109,6 @@ def insert_new_items(
         )
         rows = session.execute(stmt, [_item_values(spec_id, spec_name, item) for item in ordered])
         inserted = {str(external_id): int(item_id) for external_id, item_id in rows}
-    known = [
-        {"item_id": inserted[item.external_id], "fields": item.known_good}
-        for item in ordered
-        if item.known_good and item.external_id in inserted
-    ]
-    if known and postgres:
-        session.execute(_KNOWN_GOOD_FROM_JSON, {"rows": json.dumps(known)})
-    elif known:
-        session.execute(insert_for(session, KnownGood.__table__).on_conflict_do_nothing(), known)
     return inserted
 
 
@@ -126,21 +117,14 @@ def insert_new_items(
 _INSERT_FROM_JSON = text(
     """
     INSERT INTO items (spec_name, spec_id, external_id, text, content_hash, payload, slices,
-                       state, attempts)
+                       known_good, state, attempts)
     SELECT :spec_name, :spec_id, u.external_id, u.text, u.content_hash, u.payload, u.slices,
-           :state, 0
+           u.known_good, :state, 0
     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-         AS u(external_id text, text text, content_hash text, payload jsonb, slices jsonb)
+         AS u(external_id text, text text, content_hash text, payload jsonb, slices jsonb,
+              known_good jsonb)
     ON CONFLICT (spec_name, external_id) DO NOTHING
     RETURNING external_id, id
-    """
-)
-_KNOWN_GOOD_FROM_JSON = text(
-    """
-    INSERT INTO known_good (item_id, fields)
-    SELECT u.item_id, u.fields
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(item_id bigint, fields jsonb)
-    ON CONFLICT DO NOTHING
     """
 )
 
@@ -155,6 +139,7 @@ def _insert_from_json(
             "content_hash": item.content_hash,
             "payload": item.payload,
             "slices": item.slices,
+            "known_good": item.known_good,
         }
         for item in items
     ]
@@ -177,6 +162,7 @@ def _item_values(spec_id: int, spec_name: str, item: ItemIn) -> dict[str, object
         "content_hash": item.content_hash,
         "payload": item.payload,
         "slices": item.slices,
+        "known_good": item.known_good,
         "state": ItemState.PENDING.value,
         "attempts": 0,
     }

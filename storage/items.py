@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
 from storage.dialect import db_now, db_now_plus, insert_for, picked_ids
-from storage.models import Item, ItemState, KnownGood, SpecRow
+from storage.models import Item, ItemState, SpecRow
 
 __all__ = [
     "ClaimedItem",
@@ -125,6 +125,7 @@ def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> Ing
                     "content_hash": r.content_hash,
                     "payload": r.payload,
                     "slices": r.slices,
+                    "known_good": r.known_good,
                     "state": ItemState.PENDING.value,
                     "attempts": 0,
                 }
@@ -136,7 +137,8 @@ def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> Ing
     counts.changed, counts.changed_ids = len(changed), changed[:20]
     if existing:
         counts.relabel = _requeue_for_version(session, spec, list(existing))
-    counts.known_good = _insert_known_good(session, spec.name, by_id)
+        _add_known_good(session, spec.name, {ext: by_id[ext] for ext in existing})
+    counts.known_good = sum(1 for row in by_id.values() if row.known_good)
     return counts
 
 
@@ -160,20 +162,20 @@ def _requeue_for_version(session: Session, spec: SpecRow, external_ids: list[str
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _insert_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> int:
-    with_kg = {ext: row.known_good for ext, row in by_id.items() if row.known_good}
-    if not with_kg:
-        return 0
-    ids = session.execute(
-        select(Item.external_id, Item.id).where(
-            Item.spec_name == spec_name, Item.external_id.in_(with_kg)
-        )
-    ).all()
-    session.execute(
-        insert_for(session, KnownGood.__table__).on_conflict_do_nothing(),
-        [{"item_id": item_id, "fields": with_kg[ext]} for ext, item_id in ids],
-    )
-    return len(ids)
+def _add_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> None:
+    # An existing item gains a known-good record it lacked; one it has is never replaced.
+    for ext, row in by_id.items():
+        if row.known_good:
+            session.execute(
+                update(Item)
+                .where(
+                    Item.spec_name == spec_name,
+                    Item.external_id == ext,
+                    Item.known_good.is_(None),
+                )
+                .values(known_good=row.known_good)
+                .execution_options(synchronize_session=False)
+            )
 
 
 def _claimable(session: Session, max_attempts: int | None = None) -> Any:
@@ -243,6 +245,8 @@ def known_good_for(session: Session, item_ids: Sequence[int]) -> dict[int, dict[
     if not item_ids:
         return {}
     rows = session.execute(
-        select(KnownGood.item_id, KnownGood.fields).where(KnownGood.item_id.in_(list(item_ids)))
+        select(Item.id, Item.known_good).where(
+            Item.id.in_(list(item_ids)), Item.known_good.is_not(None)
+        )
     )
-    return dict(rows.all())
+    return {item_id: fields for item_id, fields in rows.all() if fields is not None}

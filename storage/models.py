@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 models: specs, items, known-good records, teacher cache, call ledger, labels.
+"""SQLAlchemy 2.0 models: specs, items (with their known-good records), teacher cache, call ledger,
+labels.
 
 Postgres is the source of truth. Every item carries its state; Redis only ever sees item ids.
 """
@@ -37,7 +38,6 @@ __all__ = [
     "IngestCounter",
     "Item",
     "ItemState",
-    "KnownGood",
     "Label",
     "SpecRow",
     "TeacherCall",
@@ -141,6 +141,8 @@ class Item(Base):
     text: Mapped[str] = mapped_column(Text)  # the input rendered by the spec: what the teacher sees
     payload: Mapped[dict[str, Any]]
     slices: Mapped[dict[str, Any]]
+    # A trusted record for the item (e.g. the real routing outcome of a ticket), if one exists.
+    known_good: Mapped[dict[str, Any] | None]
     state: Mapped[ItemState] = mapped_column(
         _enum(ItemState, "item_state"), default=ItemState.PENDING
     )
@@ -153,18 +155,6 @@ class Item(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=_now(), onupdate=_now()
     )
-
-
-class KnownGood(Base):
-    """A trusted record for an item (e.g. the real routing outcome of a ticket)."""
-
-    __tablename__ = "known_good"
-
-    item_id: Mapped[int] = mapped_column(
-        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
-    )
-    fields: Mapped[dict[str, Any]]
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 
 class TeacherResponse(Base):

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
-from storage.models import Item, ItemState, KnownGood, Label, Verdict
+from storage.models import Item, ItemState, Label, Verdict
 
 __all__ = ["ReviewEntry", "resolve_review", "review_queue"]
 
@@ -30,13 +30,12 @@ def review_queue(session: Session, spec_id: int, *, limit: int = 50) -> list[Rev
         select(
             Item.external_id,
             Label.output,
-            KnownGood.fields,
+            Item.known_good,
             Label.confidence,
             Label.reasons,
             Item.text,
         )
         .join(Label, Label.item_id == Item.id)
-        .outerjoin(KnownGood, KnownGood.item_id == Item.id)
         .where(Label.spec_id == spec_id, Label.verdict == Verdict.NEEDS_REVIEW)
         .order_by(Label.id)
         .limit(limit)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.models import Item, KnownGood, Label, Verdict
+from storage.models import Item, Label, Verdict
 
 __all__ = ["ReportRow", "TrainingRow", "labeled_rows", "report_rows"]
 
@@ -28,9 +28,8 @@ def labeled_rows(
 ) -> list[TrainingRow]:
     """Items labeled under one spec version with the given verdicts, in item id order."""
     stmt = (
-        select(Item.id, Item.external_id, Item.text, Label.output, Label.verdict, KnownGood.fields)
+        select(Item.id, Item.external_id, Item.text, Label.output, Label.verdict, Item.known_good)
         .join(Label, Label.item_id == Item.id)
-        .outerjoin(KnownGood, KnownGood.item_id == Item.id)
         .where(Label.spec_id == spec_id, Label.verdict.in_(verdicts))
         .order_by(Item.id)
     )
@@ -56,10 +55,9 @@ def report_rows(session: Session, spec_id: int) -> list[ReportRow]:
             Label.output,
             Label.verdict,
             Label.reasons,
-            KnownGood.fields,
+            Item.known_good,
         )
         .join(Label, Label.item_id == Item.id)
-        .outerjoin(KnownGood, KnownGood.item_id == Item.id)
         .where(Label.spec_id == spec_id)
         .order_by(Item.id)
     )

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError, PermanentError
 from storage.migrate import upgrade
-from storage.models import Item, ItemState, KnownGood, SpecRow
+from storage.models import Item, ItemState, SpecRow
 from storage.session import make_engine, make_sessionmaker
 from workers.ingest import (
     IngestSummary,
@@ -391,7 +391,7 @@ def _items(sessions: sessionmaker[Session]) -> list[Item]:
 def _known_good(sessions: sessionmaker[Session]) -> dict[str, dict[str, Any]]:
     with sessions() as session:
         rows = session.execute(
-            select(Item.external_id, KnownGood.fields).join(KnownGood, KnownGood.item_id == Item.id)
+            select(Item.external_id, Item.known_good).where(Item.known_good.is_not(None))
         )
         return {external_id: fields for external_id, fields in rows}
 

@@ -26,7 +26,8 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
-from storage.models import Item, KnownGood, SpecRow
+from storage.models import Item, SpecRow
+from storage.session import make_engine, make_sessionmaker
 from workers.ingest import RejectsFile, SourceRow, load_source, read_source, read_sql
 from workers.spec import Spec, load_spec, parse_spec
 
@@ -58,7 +59,7 @@ def stored(sessions: sessionmaker[Session]) -> dict[str, Item]:
 def known_good(sessions: sessionmaker[Session]) -> dict[str, dict[str, Any]]:
     with sessions() as session:
         rows = session.execute(
-            select(Item.external_id, KnownGood.fields).join(KnownGood, KnownGood.item_id == Item.id)
+            select(Item.external_id, Item.known_good).where(Item.known_good.is_not(None))
         )
         return {ext: fields for ext, fields in rows}
 
@@ -345,6 +346,60 @@ def test_keep_duplicate_content_stores_every_id(
     assert items["a"].content_hash == items["b"].content_hash
 
 
+def _repeats_near_each_other(rows: int) -> list[dict[str, Any]]:
+    """Ids and contents that come back 1 to 7 rows later, so across chunks of 3 rows.
+
+    Every fifth row repeats a recent id (every tenth with changed, never-seen content) and
+    every seventh gives a new id the content of a recent row.
+    """
+    lines: list[dict[str, Any]] = []
+    plain: list[dict[str, Any]] = []
+    for n in range(rows):
+        if n % 5 == 4 and plain:
+            earlier = plain[-1 - n % min(7, len(plain))]
+            body = earlier["body"] if n % 10 == 4 else f"Changed body {n}."
+            lines.append(ticket(earlier["id"], headline=earlier["headline"], body=body))
+        elif n % 7 == 6 and plain:
+            earlier = plain[-1 - n % min(7, len(plain))]
+            lines.append(ticket(f"copy-{n}", headline=earlier["headline"], body=earlier["body"]))
+        else:
+            row = ticket(f"t-{n}", queue=("sport", "tech")[n % 2])
+            lines.append(row)
+            plain.append(row)
+    return lines
+
+
+def test_parallel_writers_dedupe_across_chunks_in_flight_like_one_writer(
+    tmp_path: Path, sqlite_url: str, postgres_url: str, spec: Spec
+) -> None:
+    # Postgres writes two chunks at once; SQLite one at a time, in order. Ids and contents
+    # that repeat across adjacent chunks (both in flight) must come out the same.
+    source = write_lines(tmp_path / "rows.jsonl", _repeats_near_each_other(300))
+    results = {}
+    for name, url in (("sqlite", sqlite_url), ("postgres", postgres_url)):
+        engine = make_engine(url)
+        sessions = make_sessionmaker(engine)
+        first = load_source(sessions, spec, read_source(str(source)), chunk_size=3)
+        again = load_source(sessions, spec, read_source(str(source)), chunk_size=3)
+        with sessions() as session:
+            items = {i.external_id: i.content_hash for i in session.scalars(select(Item))}
+        engine.dispose()
+        results[name] = (first.counts, again.counts, items)
+        assert again.counts.inserted == 0
+        assert again.counts.existing + again.counts.duplicate_content == 300
+    (first_sq, again_sq, items_sq), (first_pg, again_pg, items_pg) = results.values()
+    assert items_pg == items_sq
+    assert len(items_sq) == first_sq.inserted == first_pg.inserted
+    assert len(set(items_sq.values())) == len(items_sq)  # no content stored twice
+    for sq, pg in ((first_sq, first_pg), (again_sq, again_pg)):
+        assert (pg.existing, pg.duplicate_content, pg.changed) == (
+            sq.existing,
+            sq.duplicate_content,
+            sq.changed,
+        )
+    assert first_sq.duplicate_content > 0 and first_sq.existing > 0 and first_sq.changed > 0
+
+
 # --- the load itself, on both databases ------------------------------------------------------
 
 
@@ -458,7 +513,7 @@ def test_a_load_killed_mid_file_resumes_and_loads_every_row_once(
         total, distinct = conn.execute(
             text("SELECT count(*), count(DISTINCT external_id) FROM items")
         ).one()
-        kg = conn.scalar(text("SELECT count(*) FROM known_good"))
+        kg = conn.scalar(text("SELECT count(known_good) FROM items"))
     engine.dispose()
     assert total == distinct == kg == rows
 

@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.items import ItemIn, claim_items, ensure_spec, pending_item_ids, upsert_items
-from storage.models import Item, ItemState, KnownGood, Label, SpecRow, Verdict
+from storage.models import Item, ItemState, Label, SpecRow, Verdict
 from storage.results import BatchResult, LabelRecord, Release, record_batch
 
 
@@ -44,7 +44,7 @@ def test_upsert_is_idempotent_and_loads_known_good(sessions: sessionmaker[Sessio
         counts = upsert_items(session, _spec(session), _items(5))
         assert (counts.inserted, counts.existing, counts.relabel) == (0, 5, 0)
         assert session.scalar(select(func.count()).select_from(Item)) == 5
-        assert session.scalar(select(func.count()).select_from(KnownGood)) == 5
+        assert session.scalar(select(func.count(Item.known_good))) == 5
 
 
 def test_claim_leases_each_item_to_one_owner(sessions: sessionmaker[Session]) -> None:

@@ -59,6 +59,8 @@ class SourceRow:
     row: dict[str, Any] | None
     error: str | None = None
     raw: str | None = field(default=None, compare=False, repr=False)
+    # The JSON line the row was parsed from, already held to the size limit by the reader.
+    json_line: bytes | None = field(default=None, compare=False, repr=False)
 
 
 def position_name(source: str | None) -> str:
@@ -147,7 +149,7 @@ def _parse_json_line(number: int, raw: bytes) -> SourceRow:
         return SourceRow(
             number, None, f"expected a JSON object, got {type(value).__name__}", raw=_head(raw)
         )
-    return SourceRow(number, value)
+    return SourceRow(number, value, json_line=raw)
 
 
 def _json_line_error(number: int, raw: bytes) -> SourceRow:

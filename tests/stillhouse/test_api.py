@@ -24,7 +24,7 @@ from schemas.errors import ConfigError
 from stillhouse.api import create_app
 from stillhouse.settings import Settings
 from storage.intake import daily_count
-from storage.models import Item, ItemState, KnownGood
+from storage.models import Item, ItemState
 from workers.sampling import SamplingRules, sample_point
 
 ITEMS = "/v1/items"
@@ -211,7 +211,7 @@ def test_mixed_batch_keeps_the_valid_rows(database_url: str) -> None:
             assert items[1].payload["meta"] == {"tags": ["Zürich", "✓"], "n": 1.5, "nul": "ab"}
             # The same normalization as a backfill: the spec's template, NFC, trimmed.
             assert items[0].text == "Headline 1\n\nShares in firm 1 rose after strong profits."
-            known = session.scalars(select(KnownGood.fields).order_by(KnownGood.item_id)).all()
+            known = session.scalars(select(Item.known_good).order_by(Item.id)).all()
             assert known == [{"label": "business"}, {"label": "tech"}, {"label": "business"}]
 
 
