@@ -17,7 +17,8 @@ bound_per_s = concurrency / latency. CPU is read from /proc: the worker processe
 time over the run plus the dispatcher thread's; ``call_cpu_ms_per_item`` is the part the
 workers spent inside teacher calls (HTTP client, governor), as they log it per batch, and
 ``overhead_cpu_ms_per_item`` is the rest (dispatch, Celery, claims, checks, database writes).
-Postgres's own CPU is not included.
+``postgres_cpu_ms_per_item`` is Postgres's own CPU over the run when the server runs on this
+machine (null otherwise), and ``overhead_with_postgres_cpu_ms_per_item`` adds it in.
 """
 
 from __future__ import annotations
@@ -82,6 +83,25 @@ def tree_cpu_s(root: int) -> float:
         tree.update(children)
         frontier.extend(children)
     return sum(cpu.get(pid, 0.0) for pid in tree)
+
+
+def postgres_cpu_s() -> float | None:
+    """CPU seconds of this machine's Postgres processes, exited backends included (their time
+    is in the postmaster's cutime/cstime); None when no Postgres runs here."""
+    total, seen = 0.0, False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                name, rest = handle.read().rsplit(")", 1)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if name.endswith("(postgres"):
+            fields = rest.split()
+            total += sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+            seen = True
+    return total if seen else None
 
 
 def _scratch_database(admin_url: str) -> tuple[str, str]:
@@ -236,6 +256,7 @@ def _timed(
         dispatch_cpu["s"] = time.thread_time() - started
 
     cpu_before = sum(tree_cpu_s(w.pid) for w in workers)
+    pg_before = postgres_cpu_s()
     started = time.monotonic()
     thread = threading.Thread(target=dispatcher, daemon=True)
     thread.start()
@@ -246,18 +267,26 @@ def _timed(
         time.sleep(0.1)
     elapsed = time.monotonic() - started
     worker_cpu = sum(tree_cpu_s(w.pid) for w in workers) - cpu_before
+    pg_after = postgres_cpu_s()
     stop.set()
     thread.join()
     call_cpu = sum(_call_cpu_ms(log) for log in logs)
     items, bound = args.items, args.concurrency / (args.latency_ms / 1000)
     total_ms = worker_cpu * 1000 + dispatch_cpu["s"] * 1000
+    overhead_ms = (total_ms - call_cpu) / items
+    pg_ms = None if pg_before is None or pg_after is None else (pg_after - pg_before) * 1000
     return {
         "items": items,
         "seconds": round(elapsed, 2),
         "items_per_s": round(items / elapsed, 1),
         "bound_per_s": round(bound, 1),
         "share_of_bound": round(items / elapsed / bound, 3),
-        "overhead_cpu_ms_per_item": round((total_ms - call_cpu) / items, 3),
+        "overhead_cpu_ms_per_item": round(overhead_ms, 3),
+        # Postgres's own CPU (a local server only; it includes this script's progress polls).
+        "postgres_cpu_ms_per_item": None if pg_ms is None else round(pg_ms / items, 3),
+        "overhead_with_postgres_cpu_ms_per_item": (
+            None if pg_ms is None else round(overhead_ms + pg_ms / items, 3)
+        ),
         "call_cpu_ms_per_item": round(call_cpu / items, 3),
         "worker_cpu_ms_per_item": round(worker_cpu * 1000 / items, 3),
         "dispatch_cpu_ms_per_item": round(dispatch_cpu["s"] * 1000 / items, 3),
