@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from schemas.errors import ConfigError
-from stillhouse.api_metrics import ApiMetrics, Instrumented
+from stillhouse.api_metrics import CONTENT_TYPE_LATEST, ApiMetrics, Instrumented
 from stillhouse.settings import Settings
 from storage.intake import backlog_by_spec
 from workers.ingest import store_spec
@@ -313,7 +312,7 @@ class _IngestApi:
         # A scrape sees a current gauge; in an outage it keeps its last value (see /healthz).
         with contextlib.suppress(SQLAlchemyError):
             await self.backlog.get(self.metrics)
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(

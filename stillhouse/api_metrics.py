@@ -1,13 +1,29 @@
-"""Prometheus metrics of the ingest API, in a registry of its own (one per app)."""
+"""Prometheus metrics of the ingest API, in a registry of its own (one per app).
+
+Under ``stillhouse serve --workers N`` each process counts into the files of
+prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which ``serve`` sets up),
+and a scrape, whichever process answers it, adds up every process's counts.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ApiMetrics", "Instrumented"]
+__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "ApiMetrics", "Instrumented"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Fixed route labels: a raw path would let any client mint new time series.
 ROUTES = ("/v1/items", "/v1/limits", "/healthz", "/metrics")
@@ -42,7 +58,17 @@ class ApiMetrics:
             "Items of the spec's current version waiting for workers (pending, queued, leased)",
             ("spec",),
             registry=self.registry,
+            # Every process reads the same backlog from the database: show the latest reading.
+            multiprocess_mode="mostrecent",
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's metrics, or all processes' when several serve."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def count_items(self, spec: str, counts: dict[str, int]) -> None:
         for outcome, n in counts.items():

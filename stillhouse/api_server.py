@@ -11,7 +11,9 @@ import importlib.util
 import ipaddress
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import uvicorn
@@ -19,6 +21,7 @@ from starlette.applications import Starlette
 
 from schemas.errors import ConfigError
 from stillhouse.api import create_app
+from stillhouse.api_metrics import MULTIPROC_ENV
 from stillhouse.serving import serve_announced
 from stillhouse.settings import Settings
 from workers.spec import load_spec
@@ -41,6 +44,16 @@ def app_from_environment() -> Starlette:
     """The uvicorn factory of each worker process: settings and specs from the environment."""
     options = json.loads(os.environ[OPTIONS_ENV])
     return build_app(Settings(), options["specs"], insecure_no_auth=options["insecure_no_auth"])
+
+
+def _multiprocess_metrics_dir() -> str | None:
+    """Point the worker processes at a fresh folder for their metrics; None when the operator
+    set ``PROMETHEUS_MULTIPROC_DIR`` already (that folder is theirs to empty between runs)."""
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    folder = tempfile.mkdtemp(prefix="stillhouse-metrics-")
+    os.environ[MULTIPROC_ENV] = folder  # the workers start fresh interpreters and inherit it
+    return folder
 
 
 def _is_loopback(host: str) -> bool:
@@ -83,21 +96,26 @@ def serve(
         os.environ[OPTIONS_ENV] = json.dumps(
             {"specs": list(spec_names), "insecure_no_auth": insecure_no_auth}
         )
+        metrics_dir = _multiprocess_metrics_dir()
         print(
             f"stillhouse api starting {workers} workers on http://{host}:{port}",
             file=sys.stderr,
             flush=True,
         )
-        uvicorn.run(
-            f"{__name__}:app_from_environment",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            http=http,
-            log_level=log_level,
-            access_log=False,
-        )
+        try:
+            uvicorn.run(
+                f"{__name__}:app_from_environment",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                http=http,
+                log_level=log_level,
+                access_log=False,
+            )
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
         return
     config = uvicorn.Config(
         app, host=host, port=port, http=http, log_level=log_level, access_log=False

@@ -141,6 +141,12 @@ def assert_clean(url: str, teacher_url: str, items: int, *, lost_at_most: int) -
     assert now.labels == now.labeled_items == items, now
     assert now.sent == served(teacher_url), (now, served(teacher_url))
     assert items <= now.paid <= items + lost_at_most, now
+    # Shown by `pytest -rP`: the figures a fault report quotes.
+    print(
+        f"fault result: {items} items final, {now.labels} labels, teacher served "
+        f"{served(teacher_url)} = ledger sent {now.sent}, paid {now.paid} "
+        f"(at most {items + lost_at_most}), ledger {dict(now.calls)}"
+    )
     return now
 
 

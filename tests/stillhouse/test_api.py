@@ -460,3 +460,22 @@ def test_many_batches_through_the_api(postgres_url: str) -> None:
         elapsed = time.perf_counter() - started
         assert len(api.stored_ids()) == 5000
         print(json.dumps({"items": 5000, "seconds": round(elapsed, 2), "per_s": 5000 / elapsed}))
+
+
+def test_metrics_add_up_across_server_processes(served_by_processes: tuple[str, str]) -> None:
+    # Two server processes share the requests; a scrape, whichever process answers it, counts
+    # all of them (prometheus_client's multiprocess mode), not just its own.
+    root, _ = served_by_processes
+    bodies = [{"spec": "triage", "item": row(f"m-{n % 12}")} for n in range(16)]
+    responses = _concurrently(root, bodies)
+    assert all(r.status_code == 200 for r in responses)
+    items = "stillhouse_api_items_total"
+    inserted = (items, (("outcome", "inserted"), ("spec", "triage")))
+    duplicate = (items, (("outcome", "duplicate"), ("spec", "triage")))
+    posts = ("stillhouse_api_requests_total", (("route", "/v1/items"), ("status", "200")))
+    for _ in range(6):  # new connections: the scrapes land on both processes
+        samples = _samples(httpx.get(root + "/metrics", timeout=10).text)
+        assert (samples[inserted], samples[duplicate]) == (12, 4)
+        assert samples[posts] == 16
+        # The backlog is read at most once per TTL, so a scrape may show an earlier reading.
+        assert 0 <= samples[("stillhouse_api_backlog_items", (("spec", "triage"),))] <= 12
