@@ -6,6 +6,9 @@
         result = client.submit("triage", rows)
         print(result.counts)  # {"inserted": 98, "duplicate": 2, ...}
 
+Asyncio producers use ``AsyncStillhouseClient`` the same way (``async with``, ``await
+client.submit(...)``).
+
 ``submit`` splits rows into batches that fit the server's batch and body limits (read once
 from ``GET /v1/limits``), and retries a batch answered 429 or 503, or lost to a connection
 error, honoring ``Retry-After``, until ``max_wait_s`` of waiting is spent. Retrying is safe:
@@ -16,6 +19,7 @@ server's message; rows the server found invalid are results, not errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -27,6 +31,7 @@ from typing import Any
 import httpx
 
 __all__ = [
+    "AsyncStillhouseClient",
     "ClientError",
     "RequestRejected",
     "ServerBusy",
@@ -125,34 +130,120 @@ class StillhouseClient:
     def submit(self, spec: str, items: Iterable[Mapping[str, Any]]) -> SubmitResult:
         """Send rows for ``spec`` in batches; returns every row's outcome and the counts."""
         result = SubmitResult()
-        limits = self.limits()
-        max_batch = min(self.batch_size or limits["max_batch"], limits["max_batch"])
-        max_bytes = int(limits["max_body_bytes"]) - _ENVELOPE_BYTES
-        for offset, batch in _batches(items, max_batch, max_bytes, result):
+        for offset, batch in _batches(items, *_sizes(self.limits(), self.batch_size), result):
             body = self._send("POST", "/v1/items", {"spec": spec, "items": batch}, result)
             result._add(body, offset)
         result.results.sort(key=lambda row: row["index"])
         return result
 
     def _send(self, method: str, path: str, payload: Any, result: SubmitResult) -> dict[str, Any]:
-        deadline = time.monotonic() + self.max_wait_s
-        attempt = 0
+        retry = _Retry(self.max_wait_s, result)
         while True:
-            result.requests += 1
             try:
                 response = self._http.request(method, path, json=payload)
             except httpx.TransportError as exc:
-                wait, why = _backoff(attempt), f"cannot reach the server: {exc!r}"
+                time.sleep(retry.after_error(exc))
             else:
                 if response.status_code not in (429, 503):
                     return _body_or_raise(response)
-                wait = _retry_after(response, attempt)
-                why = f"{response.status_code}: {_message(response)}"
-            if time.monotonic() + wait > deadline:
-                raise ServerBusy(f"gave up after {attempt + 1} attempts ({why})")
-            time.sleep(wait)
-            attempt += 1
-            result.retries += 1
+                time.sleep(retry.after_busy(response))
+
+
+class AsyncStillhouseClient:
+    """The same client for asyncio producers, over one ``httpx.AsyncClient``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        timeout_s: float = 30.0,
+        max_wait_s: float = 60.0,
+        batch_size: int | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+        )
+        self.max_wait_s = max_wait_s
+        self.batch_size = batch_size
+        self._limits: dict[str, Any] | None = None
+
+    async def __aenter__(self) -> AsyncStillhouseClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def limits(self) -> dict[str, Any]:
+        """The server's ``max_batch``, ``max_body_bytes`` and served specs (fetched once)."""
+        if self._limits is None:
+            self._limits = await self._send("GET", "/v1/limits", None, SubmitResult())
+        return self._limits
+
+    async def submit(self, spec: str, items: Iterable[Mapping[str, Any]]) -> SubmitResult:
+        """Send rows for ``spec`` in batches; returns every row's outcome and the counts."""
+        result = SubmitResult()
+        sizes = _sizes(await self.limits(), self.batch_size)
+        for offset, batch in _batches(items, *sizes, result):
+            body = await self._send("POST", "/v1/items", {"spec": spec, "items": batch}, result)
+            result._add(body, offset)
+        result.results.sort(key=lambda row: row["index"])
+        return result
+
+    async def _send(
+        self, method: str, path: str, payload: Any, result: SubmitResult
+    ) -> dict[str, Any]:
+        retry = _Retry(self.max_wait_s, result)
+        while True:
+            try:
+                response = await self._http.request(method, path, json=payload)
+            except httpx.TransportError as exc:
+                await asyncio.sleep(retry.after_error(exc))
+            else:
+                if response.status_code not in (429, 503):
+                    return _body_or_raise(response)
+                await asyncio.sleep(retry.after_busy(response))
+
+
+class _Retry:
+    """One request's retries: how long to wait next, or ``ServerBusy`` once past the budget."""
+
+    def __init__(self, max_wait_s: float, result: SubmitResult) -> None:
+        self.deadline = time.monotonic() + max_wait_s
+        self.attempt = 0
+        self.result = result
+        result.requests += 1
+
+    def after_error(self, exc: httpx.TransportError) -> float:
+        return self._next(_backoff(self.attempt), f"cannot reach the server: {exc!r}")
+
+    def after_busy(self, response: httpx.Response) -> float:
+        why = f"{response.status_code}: {_message(response)}"
+        return self._next(_retry_after(response, self.attempt), why)
+
+    def _next(self, wait: float, why: str) -> float:
+        if time.monotonic() + wait > self.deadline:
+            raise ServerBusy(f"gave up after {self.attempt + 1} attempts ({why})")
+        self.attempt += 1
+        self.result.retries += 1
+        self.result.requests += 1
+        return wait
+
+
+def _sizes(limits: Mapping[str, Any], batch_size: int | None) -> tuple[int, int]:
+    """Rows and bytes per batch under the server's limits (and the caller's batch size)."""
+    max_batch = min(batch_size or limits["max_batch"], limits["max_batch"])
+    return max_batch, int(limits["max_body_bytes"]) - _ENVELOPE_BYTES
 
 
 def _batches(

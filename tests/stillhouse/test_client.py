@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -10,7 +11,14 @@ import pytest
 from ingest_tools import TOKEN, row, running_api
 from sqlalchemy import update
 
-from stillhouse.client import RequestRejected, ServerBusy, StillhouseClient, Unauthorized
+from stillhouse.client import (
+    AsyncStillhouseClient,
+    RequestRejected,
+    ServerBusy,
+    StillhouseClient,
+    SubmitResult,
+    Unauthorized,
+)
 from storage.models import Item, ItemState
 
 
@@ -113,3 +121,75 @@ def test_unreachable_server_is_retried_then_reported() -> None:
             with pytest.raises(ServerBusy, match="cannot reach the server"):
                 client.submit("triage", [row(1)])
             assert 0.4 < time.monotonic() - started < 3
+
+
+# --- the asyncio client: the same behavior from an event loop -------------------------------
+
+
+def test_async_client_batches_dedupes_and_keeps_input_order(postgres_url: str) -> None:
+    async def produce(root: str) -> tuple[SubmitResult, SubmitResult]:
+        async with AsyncStillhouseClient(root, TOKEN) as client:
+            rows = [row(n) for n in range(150)]
+            rows[7] = {"headline": "no id"}
+            rows[120] = row(3)  # a duplicate of an earlier row, in the second batch
+            # Two producers on one loop at once: each gets its own rows' outcomes.
+            return await asyncio.gather(
+                client.submit("triage", rows), client.submit("triage", [row(n) for n in (1, 500)])
+            )
+
+    with running_api(postgres_url, api_max_batch=100) as api:
+        result, other = asyncio.run(produce(api.root))
+        stored = api.stored_ids()
+
+    assert result.requests == 2
+    assert [r["index"] for r in result.results] == list(range(150))
+    assert result.results[7]["outcome"] == "invalid"
+    assert result.results[120] == {"index": 120, "id": "doc-3", "outcome": "duplicate"}
+    assert [r["id"] for r in other.results] == ["doc-1", "doc-500"]
+    assert result.counts["inserted"] + other.counts["inserted"] == len(stored) == 149
+
+
+def test_async_client_retries_429_then_gives_up_past_its_budget(postgres_url: str) -> None:
+    async def produce(root: str) -> tuple[float, str]:
+        async with AsyncStillhouseClient(root, TOKEN, max_wait_s=2) as client:
+            await client.submit("triage", [row(1), row(2)])
+            started = time.monotonic()
+            try:
+                await client.submit("triage", [row(3)])
+            except ServerBusy as exc:
+                return time.monotonic() - started, str(exc)
+            return time.monotonic() - started, "no error"
+
+    with running_api(
+        postgres_url, api_max_backlog=1, api_retry_after_s=5, backlog_ttl_s=0.0
+    ) as api:
+        waited, message = asyncio.run(produce(api.root))
+    assert "429" in message and "gave up" in message
+    assert waited < 1.0  # a 5 s Retry-After cannot fit in 2 s: no pointless sleep
+
+
+def test_async_client_4xx_and_unreachable_server() -> None:
+    async def unreachable(port: int) -> float:
+        async with AsyncStillhouseClient(f"http://127.0.0.1:{port}", TOKEN, max_wait_s=1.0) as c:
+            started = time.monotonic()
+            with pytest.raises(ServerBusy, match="cannot reach the server"):
+                await c.submit("triage", [row(1)])
+            return time.monotonic() - started
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert 0.4 < asyncio.run(unreachable(sock.getsockname()[1])) < 3
+
+
+def test_async_client_raises_the_server_message_on_4xx(postgres_url: str) -> None:
+    async def submit(root: str, token: str, spec: str) -> None:
+        async with AsyncStillhouseClient(root, token) as client:
+            await client.submit(spec, [row(1)])
+
+    with running_api(postgres_url) as api:
+        with pytest.raises(Unauthorized) as auth:
+            asyncio.run(submit(api.root, "wrong", "triage"))
+        with pytest.raises(RequestRejected) as spec:
+            asyncio.run(submit(api.root, TOKEN, "nope"))
+    assert auth.value.status == 401
+    assert spec.value.status == 422 and spec.value.code == "unknown_spec"
