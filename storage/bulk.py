@@ -13,34 +13,45 @@ from typing import Any
 
 import orjson
 import psycopg
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import Select, create_engine, select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
 from storage.items import IngestCounts, ItemIn, upsert_items
-from storage.models import Item, SpecRow
+from storage.models import CONTENT_KEY, CONTENT_KEY_CHARS, Item, SpecRow
 
-__all__ = ["copy_lines", "load_items", "stream_query"]
+__all__ = [
+    "PROBE_CONTENT",
+    "PROBE_IDS",
+    "content_owners",
+    "copy_lines",
+    "load_items",
+    "stream_query",
+]
 
+# The content probe goes through ix_items_spec_name_content_key: its expression must read
+# exactly as the index's (16 = storage.models.CONTENT_KEY_CHARS).
 # One round trip finds, for every row of a chunk, whether its id is stored (and under which
 # item and content) and, unless duplicates are kept, whether its content is. The probes are
 # per-row index lookups, written so that the planner cannot turn them into a scan of every
 # item of the spec: during a bulk load the statistics of `items` lag far behind its size.
 # The hot statements run on the driver's cursor (psycopg placeholders), without the ORM.
-_PROBE_IDS = """
+PROBE_IDS = """
 SELECT 'id', x.external_id, i.id, i.content_hash
 FROM jsonb_array_elements_text(%(ids)s::jsonb) AS x(external_id)
 CROSS JOIN LATERAL (
   SELECT d.id, d.content_hash FROM items AS d
   WHERE d.spec_name = %(name)s AND d.external_id = x.external_id LIMIT 1) AS i
 """
-_PROBE_CONTENT = """
+PROBE_CONTENT = """
 UNION ALL
 SELECT 'content', x.content_hash, NULL, NULL
 FROM jsonb_array_elements_text(%(hashes)s::jsonb) AS x(content_hash)
 WHERE (SELECT 1 FROM items AS d
-       WHERE d.spec_name = %(name)s AND d.content_hash = x.content_hash LIMIT 1) IS NOT NULL
+       WHERE d.spec_name = %(name)s
+         AND substr(d.content_hash, 1, 16) = substr(x.content_hash, 1, 16)
+         AND d.content_hash = x.content_hash LIMIT 1) IS NOT NULL
 """
 _REQUEUE = """
 UPDATE items SET spec_id = :spec_id, state = 'pending', attempts = 0, retry_at = NULL,
@@ -113,9 +124,9 @@ def _copy_load(
     # costs the driver more than the probe costs Postgres.
     ids = orjson.dumps([item.external_id for item in items]).decode()
     params: dict[str, Any] = {"name": spec.name, "ids": ids}
-    probe = _PROBE_IDS
+    probe = PROBE_IDS
     if not keep:
-        probe += _PROBE_CONTENT
+        probe += PROBE_CONTENT
         params["hashes"] = orjson.dumps([item.content_hash for item in items]).decode()
     found = dbapi.execute(probe, params).fetchall()
     counts = IngestCounts()
@@ -214,14 +225,7 @@ def _batched_load(
     # SQLite (and other drivers): upsert_items' executemany, after the content check.
     duplicates = 0
     if not keep:
-        owners = dict(
-            session.execute(
-                select(Item.content_hash, Item.external_id).where(
-                    Item.spec_name == spec.name,
-                    Item.content_hash.in_({i.content_hash for i in items}),
-                )
-            ).all()
-        )
+        owners = {h: ext for h, ext in session.execute(content_owners(spec.name, items))}
         if owners:
             known_ids = set(
                 session.scalars(
@@ -236,6 +240,18 @@ def _batched_load(
     counts = upsert_items(session, spec, items)
     counts.duplicate_content += duplicates
     return counts
+
+
+def content_owners(spec_name: str, items: Sequence[ItemIn]) -> Select[str, str]:
+    """The stored items of ``spec_name`` holding any of these contents: (hash, external id).
+
+    Found through ix_items_spec_name_content_key (the hash's first digits), then the full hash.
+    """
+    return select(Item.content_hash, Item.external_id).where(
+        Item.spec_name == spec_name,
+        CONTENT_KEY.in_({i.content_hash[:CONTENT_KEY_CHARS] for i in items}),
+        Item.content_hash.in_({i.content_hash for i in items}),
+    )
 
 
 def stream_query(url: str, query: str, *, batch: int = 1000) -> Iterator[dict[str, Any]]:

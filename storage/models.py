@@ -26,11 +26,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "CONTENT_KEY",
+    "CONTENT_KEY_CHARS",
     "Base",
     "Budget",
     "BudgetReservation",
@@ -44,6 +47,9 @@ __all__ = [
     "TeacherResponse",
     "Verdict",
 ]
+
+# Hex digits of an item's content hash that its dedupe index holds.
+CONTENT_KEY_CHARS = 16
 
 # JSONB on Postgres, JSON elsewhere, through one type.
 JsonType = JSON().with_variant(JSONB(), "postgresql")
@@ -130,7 +136,6 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("spec_name", "external_id", name="uq_items_spec_name_external_id"),
         Index("ix_items_spec_state_retry", "spec_id", "state", "retry_at"),
-        Index("ix_items_spec_name_content_hash", "spec_name", "content_hash"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -155,6 +160,16 @@ class Item(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=_now(), onupdate=_now()
     )
+
+
+# Dedupe by content looks items up by the first 16 hex digits (64 bits) of their hash, then
+# compares the whole hash: an index half the size of one on the full hash, so a bulk load
+# of millions of rows keeps it in memory (CONTENT_KEY_SQL in storage/bulk.py matches it).
+# The constants are literal SQL: SQLite matches an expression index only on identical text.
+CONTENT_KEY = func.substr(
+    Item.content_hash, literal_column("1"), literal_column(str(CONTENT_KEY_CHARS))
+)
+Index("ix_items_spec_name_content_key", Item.spec_name, CONTENT_KEY)
 
 
 class TeacherResponse(Base):

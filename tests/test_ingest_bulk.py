@@ -26,6 +26,8 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
+from storage.bulk import PROBE_CONTENT, PROBE_IDS, content_owners
+from storage.items import ItemIn
 from storage.models import Item, SpecRow
 from storage.session import make_engine, make_sessionmaker
 from workers.ingest import RejectsFile, SourceRow, load_source, read_source, read_sql
@@ -531,3 +533,32 @@ def test_counts_add_up_on_postgres_and_sqlite(
     assert summary.bad_count == 1
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Item)) == 1
+
+
+def test_content_dedupe_goes_through_the_content_key_index(
+    tmp_path: Path, database_url: str, spec: Spec
+) -> None:
+    # An index the probe cannot use turns every probe row into a scan of the spec's items.
+    source = write_lines(tmp_path / "rows.jsonl", [ticket(f"t-{n}") for n in range(200)])
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    load_source(sessions, spec, read_source(str(source)))
+    with sessions() as session:
+        items = list(stored(sessions).values())[:5]
+        probe = [ItemIn(i.external_id, i.text, {}, {}, i.content_hash) for i in items]
+        if engine.dialect.name == "postgresql":
+            dbapi: Any = session.connection().connection.driver_connection
+            params = {
+                "name": spec.name,
+                "ids": json.dumps([i.external_id for i in probe]),
+                "hashes": json.dumps([i.content_hash for i in probe]),
+            }
+            rows = dbapi.execute("EXPLAIN " + PROBE_IDS + PROBE_CONTENT, params).fetchall()
+        else:
+            statement = content_owners(spec.name, probe)
+            # SQLite matches an expression index on identical text: no bound 1 or 16.
+            assert "substr(items.content_hash, 1, 16)" in str(statement.compile(engine))
+            compiled = statement.compile(engine, compile_kwargs={"literal_binds": True})
+            rows = session.execute(text(f"EXPLAIN QUERY PLAN {compiled}")).all()
+    engine.dispose()
+    assert "ix_items_spec_name_content_key" in " ".join(str(row) for row in rows)
