@@ -99,10 +99,7 @@ class StillhouseClient:
         batch_size: int | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
-        )
+        self._http = httpx.Client(transport=transport, **_http_options(base_url, token, timeout_s))
         self.max_wait_s = max_wait_s
         self.batch_size = batch_size
         self._limits: dict[str, Any] | None = None
@@ -162,10 +159,8 @@ class AsyncStillhouseClient:
         batch_size: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
-        )
+        options = _http_options(base_url, token, timeout_s)
+        self._http = httpx.AsyncClient(transport=transport, **options)
         self.max_wait_s = max_wait_s
         self.batch_size = batch_size
         self._limits: dict[str, Any] | None = None
@@ -238,6 +233,11 @@ class _Retry:
         self.result.retries += 1
         self.result.requests += 1
         return wait
+
+
+def _http_options(base_url: str, token: str | None, timeout_s: float) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return {"base_url": base_url.rstrip("/"), "headers": headers, "timeout": timeout_s}
 
 
 def _sizes(limits: Mapping[str, Any], batch_size: int | None) -> tuple[int, int]:
