@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.dialect import insert_for
-from storage.items import ItemIn
+from storage.items import ItemIn, item_fields, new_item_row
 from storage.models import IngestCounter, Item, ItemState
 from storage.session import is_postgres
 
@@ -107,7 +107,7 @@ def insert_new_items(
             .on_conflict_do_nothing()
             .returning(Item.__table__.c.external_id, Item.__table__.c.id)
         )
-        rows = session.execute(stmt, [_item_values(spec_id, spec_name, item) for item in ordered])
+        rows = session.execute(stmt, [new_item_row(spec_id, spec_name, item) for item in ordered])
         inserted = {str(external_id): int(item_id) for external_id, item_id in rows}
     return inserted
 
@@ -132,17 +132,7 @@ _INSERT_FROM_JSON = text(
 def _insert_from_json(
     session: Session, spec_id: int, spec_name: str, items: Sequence[ItemIn]
 ) -> dict[str, int]:
-    rows = [
-        {
-            "external_id": item.external_id,
-            "text": item.text,
-            "content_hash": item.content_hash,
-            "payload": item.payload,
-            "slices": item.slices,
-            "known_good": item.known_good,
-        }
-        for item in items
-    ]
+    rows = [item_fields(item) for item in items]
     params = {
         "spec_name": spec_name,
         "spec_id": spec_id,
@@ -151,21 +141,6 @@ def _insert_from_json(
     }
     result = session.execute(_INSERT_FROM_JSON, params)
     return {str(external_id): int(item_id) for external_id, item_id in result}
-
-
-def _item_values(spec_id: int, spec_name: str, item: ItemIn) -> dict[str, object]:
-    return {
-        "spec_name": spec_name,
-        "spec_id": spec_id,
-        "external_id": item.external_id,
-        "text": item.text,
-        "content_hash": item.content_hash,
-        "payload": item.payload,
-        "slices": item.slices,
-        "known_good": item.known_good,
-        "state": ItemState.PENDING.value,
-        "attempts": 0,
-    }
 
 
 def backlog_by_spec(session: Session, spec_ids: Collection[int]) -> dict[int, int]:

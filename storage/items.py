@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
@@ -19,8 +19,10 @@ __all__ = [
     "ItemIn",
     "claim_items",
     "ensure_spec",
+    "item_fields",
     "known_good_for",
     "last_error",
+    "new_item_row",
     "pending_item_ids",
     "upsert_items",
 ]
@@ -95,6 +97,29 @@ def ensure_spec(
     return row
 
 
+def item_fields(item: ItemIn) -> dict[str, Any]:
+    """The columns an item's source row decides (the rest are the spec's and the state's)."""
+    return {
+        "external_id": item.external_id,
+        "text": item.text,
+        "content_hash": item.content_hash,
+        "payload": item.payload,
+        "slices": item.slices,
+        "known_good": item.known_good,
+    }
+
+
+def new_item_row(spec_id: int, spec_name: str, item: ItemIn) -> dict[str, Any]:
+    """Every column of a new ``items`` row, pending for the given spec version."""
+    return {
+        "spec_name": spec_name,
+        "spec_id": spec_id,
+        **item_fields(item),
+        "state": ItemState.PENDING.value,
+        "attempts": 0,
+    }
+
+
 def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> IngestCounts:
     """Insert new items and their known-good records; idempotent on (spec name, external id).
 
@@ -116,21 +141,7 @@ def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> Ing
     if new_rows:
         session.execute(
             insert_for(session, Item.__table__).on_conflict_do_nothing(),
-            [
-                {
-                    "spec_name": spec.name,
-                    "spec_id": spec.id,
-                    "external_id": r.external_id,
-                    "text": r.text,
-                    "content_hash": r.content_hash,
-                    "payload": r.payload,
-                    "slices": r.slices,
-                    "known_good": r.known_good,
-                    "state": ItemState.PENDING.value,
-                    "attempts": 0,
-                }
-                for r in new_rows
-            ],
+            [new_item_row(spec.id, spec.name, r) for r in new_rows],
         )
     counts.inserted, counts.existing = len(new_rows), len(existing)
     changed = [ext for ext, h in existing.items() if by_id[ext].content_hash != h]
@@ -164,18 +175,20 @@ def _requeue_for_version(session: Session, spec: SpecRow, external_ids: list[str
 
 def _add_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> None:
     # An existing item gains a known-good record it lacked; one it has is never replaced.
-    for ext, row in by_id.items():
-        if row.known_good:
-            session.execute(
-                update(Item)
-                .where(
-                    Item.spec_name == spec_name,
-                    Item.external_id == ext,
-                    Item.known_good.is_(None),
-                )
-                .values(known_good=row.known_good)
-                .execution_options(synchronize_session=False)
-            )
+    rows = [{"ext": ext, "kg": row.known_good} for ext, row in by_id.items() if row.known_good]
+    if not rows:
+        return
+    items = cast(Table, Item.__table__)
+    stmt = (
+        update(items)
+        .where(
+            items.c.spec_name == spec_name,
+            items.c.external_id == bindparam("ext"),
+            items.c.known_good.is_(None),
+        )
+        .values(known_good=bindparam("kg"))
+    )
+    session.connection().execute(stmt, rows)  # one executemany, not a statement per row
 
 
 def _claimable(session: Session, max_attempts: int | None = None) -> Any:

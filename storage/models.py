@@ -147,7 +147,10 @@ class Item(Base):
     payload: Mapped[dict[str, Any]]
     slices: Mapped[dict[str, Any]]
     # A trusted record for the item (e.g. the real routing outcome of a ticket), if one exists.
-    known_good: Mapped[dict[str, Any] | None]
+    # None is SQL NULL, not JSON null, so that "has no record" is `known_good IS NULL` on both.
+    known_good: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
     state: Mapped[ItemState] = mapped_column(
         _enum(ItemState, "item_state"), default=ItemState.PENDING
     )

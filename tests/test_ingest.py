@@ -530,6 +530,21 @@ def test_changed_document_is_counted_not_overwritten(
     assert set(items) == {"a", "b", "c"}
 
 
+def test_an_existing_item_gains_a_missing_known_good_record_and_keeps_one_it_has(
+    tmp_path: Path, sessions: sessionmaker[Session], spec: Spec
+) -> None:
+    def load(queue: str) -> None:
+        path = write_jsonl(tmp_path / f"rows-{queue}.jsonl", [ticket("a", queue), ticket("b")])
+        load_source(sessions, spec, read_source(str(path)))
+
+    load("")  # no routing outcome yet
+    assert "a" not in _known_good(sessions)
+    load("sport")  # the outcome arrives with a later export
+    assert _known_good(sessions)["a"] == {"label": "sport"}
+    load("tech")  # a record once stored is not replaced
+    assert _known_good(sessions)["a"] == {"label": "sport"}
+
+
 def test_duplicate_ids_in_one_file_load_once_first_wins(
     tmp_path: Path, sessions: sessionmaker[Session], spec: Spec
 ) -> None:
