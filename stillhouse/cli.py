@@ -337,17 +337,33 @@ def teacher_serve(
     model: Annotated[
         str | None, typer.Option(metavar="PATH", help="GGUF file for --backend llama")
     ] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(min=1, help="requests in flight; more get 429")
+    ] = None,
+    rpm: Annotated[
+        int | None, typer.Option(min=1, help="requests per minute; more get 429")
+    ] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="tokens per minute; more get 429")] = None,
+    limit_window_s: Annotated[
+        float, typer.Option(min=0.01, help="--rpm/--tpm buckets hold this many seconds' worth")
+    ] = 1.0,
+    retry_after_s: Annotated[
+        float, typer.Option(min=0, help="Retry-After of a 429 over --max-concurrency")
+    ] = 1.0,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions backed by a real local model.
 
     Fault kinds: rate_limit, server_error, reset, hang, slow_drip, malformed, truncated,
-    refusal, wrong; the X-Stillhouse-Fault header forces one on a single request.
+    refusal, wrong; the X-Stillhouse-Fault header forces one on a single request. Limits
+    (--max-concurrency, --rpm, --tpm) are enforced as hosted providers do: 429 with
+    Retry-After and x-ratelimit-* headers.
 
-    Example: stillhouse teacher serve --backend fixed --fault rate_limit=0.1 --seed 7
+    Example: stillhouse teacher serve --backend fixed --max-concurrency 32 --rpm 6000
     """
     import os
 
     from stillhouse.teacher_server import serve
+    from stillhouse.teacher_server.limits import LimitsConfig
 
     api_key = None
     if api_key_env:
@@ -364,6 +380,7 @@ def teacher_serve(
         seed=seed,
         latency_ms=latency_ms,
         model=model,
+        limits=LimitsConfig(max_concurrency, rpm, tpm, limit_window_s, retry_after_s),
     )
 
 

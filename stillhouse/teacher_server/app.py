@@ -1,27 +1,33 @@
 """The Starlette app: OpenAI-compatible routes in front of a ``Backend``, with fault injection.
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/stats`` (counters a test
-can hold against the client's ledger), ``POST /v1/stats/reset`` (zeroes them, and restarts
-the fault sequence) and ``GET /healthz``. With an API key set, the two OpenAI routes want
-``Authorization: Bearer <key>``; the health check and the counters stay open so operators
-and tests can read them without the secret.
+can hold against the client's ledger), ``GET /v1/requests`` (the request log: one entry per
+chat-completion POST, with its request hash and ``X-Client-Request-Id``), ``POST
+/v1/stats/reset`` (zeroes both, and restarts the fault sequence) and ``GET /healthz``. With
+an API key set, the two OpenAI routes want ``Authorization: Bearer <key>``; the health check,
+the counters and the log stay open so operators and tests can read them without the secret.
 
-A chat completion is checked (key, body) and then given its fault by the ``FaultPlan``:
-faults that need no model (429, 5xx, reset, hang) answer at once; otherwise the request
-waits its drawn latency, the backend answers, and a post-model fault (slow drip, malformed,
-truncated, refusal, wrong) may spoil the answer.
+A chat completion is checked (key, body), then held to the server's rate limits (``limits``:
+requests in flight, per minute, tokens per minute; over them it is answered 429 with
+``Retry-After`` and ``x-ratelimit-*`` headers, see ``limits.py``), and then given its fault
+by the ``FaultPlan``: faults that need no model (429, 5xx, reset, hang) answer at once;
+otherwise the request waits its drawn latency, the backend answers, and a post-model fault
+(slow drip, malformed, truncated, refusal, wrong) may spoil the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,12 +50,14 @@ from stillhouse.teacher_server.injection import (
     before_backend,
     transport_of,
 )
+from stillhouse.teacher_server.limits import Admission, LimitsConfig, RateLimits
 from stillhouse.teacher_server.protocol import (
     ChatRequest,
     RequestError,
     completion_body,
     error_body,
     parse_chat_request,
+    prompt_tokens,
 )
 
 __all__ = ["ServerStats", "TeacherApp", "create_app"]
@@ -61,14 +69,21 @@ log = logging.getLogger(__name__)
 class ServerStats:
     """Counters behind ``/v1/stats``: every chat-completion POST, and what became of it.
 
-    ``completions`` are clean 200s, ``errors`` the 4xx and model failures, and ``faults``
-    the injected ones by kind; the three add up to ``requests`` once all have answered.
+    ``completions`` are clean 200s, ``errors`` the 4xx and model failures, ``faults`` the
+    injected ones by kind, and ``rate_limited`` the 429s of the server's own limits (by
+    ``rate_limited_by``: concurrency, requests, tokens); the four add up to ``requests`` once
+    all have answered. ``max_in_flight`` is the most requests the server held at once.
     """
 
     requests: int = 0
     completions: int = 0
     errors: int = 0
     faults: dict[str, int] = field(default_factory=lambda: {kind.value: 0 for kind in FaultKind})
+    rate_limited: int = 0
+    rate_limited_by: dict[str, int] = field(
+        default_factory=lambda: {"concurrency": 0, "requests": 0, "tokens": 0}
+    )
+    max_in_flight: int = 0
 
     def as_json(self) -> dict[str, object]:
         """The ``/v1/stats`` body."""
@@ -77,7 +92,45 @@ class ServerStats:
             "completions": self.completions,
             "errors": self.errors,
             "faults": dict(self.faults),
+            "rate_limited": self.rate_limited,
+            "rate_limited_by": dict(self.rate_limited_by),
+            "max_in_flight": self.max_in_flight,
         }
+
+
+# The request log keeps this many entries (the oldest go first).
+REQUEST_LOG_SIZE = 200_000
+
+
+@dataclass
+class RequestLog:
+    """One entry per chat-completion POST: what a client's ledger is matched against.
+
+    ``request_hash`` is the hash stillhouse's ledger keys a request by (SHA-256 of the
+    provider name ``openai``, a newline and the body bytes as sent); ``client_request_id``
+    is the ``X-Client-Request-Id`` header, which stillhouse sends once per HTTP attempt.
+    """
+
+    entries: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
+    first: int = 0  # the number of the oldest entry still kept
+
+    def add(self, number: int, raw: bytes, request: Request) -> dict[str, Any]:
+        if len(self.entries) == self.entries.maxlen:
+            self.first += 1
+        entry: dict[str, Any] = {
+            "n": number,
+            "at": round(time.time(), 6),
+            "request_hash": hashlib.sha256(b"openai\n" + raw).hexdigest(),
+            "client_request_id": request.headers.get("x-client-request-id"),
+            "status": None,
+        }
+        self.entries.append(entry)
+        return entry
+
+    def page(self, offset: int, limit: int) -> dict[str, Any]:
+        start = max(0, offset - self.first)
+        chosen = [self.entries[i] for i in range(start, min(len(self.entries), start + limit))]
+        return {"first": self.first, "total": self.first + len(self.entries), "entries": chosen}
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -87,11 +140,16 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 class _Routes:
     """Request handlers bound to one backend, key, fault plan and set of counters."""
 
-    def __init__(self, backend: Backend, api_key: str | None, plan: FaultPlan) -> None:
+    def __init__(
+        self, backend: Backend, api_key: str | None, plan: FaultPlan, limits: LimitsConfig
+    ) -> None:
         self.backend = backend
         self.api_key = api_key
         self.plan = plan
+        self.limits_config = limits
+        self.limits = RateLimits(limits)
         self.stats = ServerStats()
+        self.log = RequestLog()
         self.ready = False
         self.started = int(time.time())
 
@@ -111,11 +169,38 @@ class _Routes:
     async def chat_completions(self, request: Request) -> Response:
         number = self.stats.requests
         self.stats.requests += 1
-        checked = await self._check(request, number)
+        raw = await request.body()
+        entry = self.log.add(number, raw, request)
+        response = await self._answer(request, raw, number)
+        entry["status"] = response.status_code
+        return response
+
+    async def _answer(self, request: Request, raw: bytes, number: int) -> Response:
+        checked = self._check(request, raw, number)
         if isinstance(checked, Response):
             self.stats.errors += 1
             return checked
-        chat, decision = checked
+        chat, decision, tokens = checked
+        limits = self.limits  # a stats reset replaces it: release the one admitted to
+        admission = limits.admit(tokens)
+        if not admission.admitted:
+            return self._over_limit(admission)
+        self.stats.max_in_flight = max(self.stats.max_in_flight, limits.in_flight)
+        try:
+            response = await self._faulted_or_answered(chat, decision)
+        finally:
+            limits.release()
+        response.headers.update(admission.headers)
+        return response
+
+    def _over_limit(self, admission: Admission) -> Response:
+        assert admission.reason is not None
+        self.stats.rate_limited += 1
+        self.stats.rate_limited_by[admission.reason] += 1
+        body = error_body(admission.message, "rate_limit_exceeded", "rate_limit_error")
+        return JSONResponse(body, status_code=429, headers=admission.headers)
+
+    async def _faulted_or_answered(self, chat: ChatRequest, decision: FaultDecision) -> Response:
         if decision.kind in BEFORE_BACKEND:
             return self._faulty(decision, before_backend(decision, self.plan.profile))
         if decision.latency_s:
@@ -135,15 +220,15 @@ class _Routes:
             return JSONResponse(completion_body(chat, completion))
         return self._faulty(decision, after_backend(decision, self.plan.profile, chat, completion))
 
-    async def _check(
-        self, request: Request, number: int
-    ) -> Response | tuple[ChatRequest, FaultDecision]:
-        """The parsed request and its fault, or the 4xx that answers it."""
+    def _check(
+        self, request: Request, raw: bytes, number: int
+    ) -> Response | tuple[ChatRequest, FaultDecision, int]:
+        """The parsed request, its fault and its token count, or the 4xx that answers it."""
         denied = self.unauthorized(request)
         if denied is not None:
             return denied
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, f"the request body is not valid JSON: {exc}", "invalid_json")
         try:
@@ -153,7 +238,7 @@ class _Routes:
             return _error(400, str(exc), "invalid_request")
         except ValueError as exc:
             return _error(400, f"{FAULT_HEADER}: {exc}", "invalid_fault")
-        return chat, decision
+        return chat, decision, _limit_tokens(chat, body)
 
     def _faulty(self, decision: FaultDecision, response: Response) -> Response:
         assert decision.kind is not None
@@ -177,7 +262,17 @@ class _Routes:
 
     async def stats_reset(self, request: Request) -> JSONResponse:
         self.stats = ServerStats()
+        self.log = RequestLog()
+        self.limits = RateLimits(self.limits_config)
         return JSONResponse(self.stats.as_json())
+
+    async def requests_view(self, request: Request) -> JSONResponse:
+        try:
+            offset = int(request.query_params.get("offset", 0))
+            limit = min(50_000, int(request.query_params.get("limit", 10_000)))
+        except ValueError:
+            return _error(400, "offset and limit must be integers", "invalid_request")
+        return JSONResponse(self.log.page(offset, limit))
 
     async def healthz(self, request: Request) -> JSONResponse:
         if not self.ready:
@@ -194,11 +289,27 @@ class TeacherApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+def _limit_tokens(chat: ChatRequest, body: dict[str, Any]) -> int:
+    """What a request counts against tokens per minute: the prompt and the whole completion
+    allowance (``max_tokens`` times ``n``), as hosted providers reckon it at admission."""
+    prompt = prompt_tokens(chat)
+    allowance = body.get("max_completion_tokens", body.get("max_tokens")) or 0
+    samples = body.get("n") or 1
+    try:
+        return prompt + int(allowance) * int(samples)
+    except (TypeError, ValueError):
+        return prompt
+
+
 def create_app(
-    backend: Backend, *, api_key: str | None = None, faults: FaultProfile | None = None
+    backend: Backend,
+    *,
+    api_key: str | None = None,
+    faults: FaultProfile | None = None,
+    limits: LimitsConfig | None = None,
 ) -> TeacherApp:
     """Build the teacher app; the backend is loaded in the lifespan, before requests."""
-    routes = _Routes(backend, api_key, FaultPlan(faults))
+    routes = _Routes(backend, api_key, FaultPlan(faults), limits or LimitsConfig())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -212,6 +323,7 @@ def create_app(
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/stats", routes.stats_view, methods=["GET"]),
             Route("/v1/stats/reset", routes.stats_reset, methods=["POST"]),
+            Route("/v1/requests", routes.requests_view, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
         ],
         lifespan=lifespan,

@@ -18,6 +18,7 @@ from stillhouse.serving import serve_announced
 from stillhouse.teacher_server.app import create_app
 from stillhouse.teacher_server.backends import Backend, make_backend
 from stillhouse.teacher_server.faults import FaultProfile, build_profile
+from stillhouse.teacher_server.limits import LimitsConfig
 
 __all__ = ["serve"]
 
@@ -34,16 +35,18 @@ def serve(
     seed: int | None = None,
     latency_ms: float | None = None,
     model: str | None = None,
+    limits: LimitsConfig | None = None,
 ) -> None:
     """Serve the teacher until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
-    ``faults`` is a YAML fault profile (or a ``FaultProfile``); ``fault`` holds
-    ``KIND=SHARE`` overrides and ``seed`` overrides its seed. ``latency_ms`` is the ``fixed``
-    backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
-    that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
+        ``faults`` is a YAML fault profile (or a ``FaultProfile``); ``fault`` holds
+        ``KIND=SHARE`` overrides and ``seed`` overrides its seed. ``latency_ms`` is the ``fixed``
+        backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
+        that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
+    ``limits`` are the rate limits the server enforces as a hosted provider would (429s).
 
-    Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
-    is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
+        Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
+        is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
     """
     fixed = backend == "fixed"
     profile = build_profile(
@@ -52,7 +55,9 @@ def serve(
     if isinstance(backend, str):
         backend = make_backend(backend, model=model, latency_ms=latency_ms if fixed else None)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(backend, host, port, api_key, log_level, profile))
+        runner.run(
+            _serve(backend, host, port, api_key, log_level, profile, limits or LimitsConfig())
+        )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -71,9 +76,10 @@ async def _serve(
     api_key: str | None,
     log_level: str,
     profile: FaultProfile,
+    limits: LimitsConfig,
 ) -> None:
     await backend.load()  # before binding, so a connection never waits on the model
-    app = create_app(backend, api_key=api_key, faults=profile)
+    app = create_app(backend, api_key=api_key, faults=profile, limits=limits)
     config = uvicorn.Config(
         app,
         host=host,
