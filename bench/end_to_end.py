@@ -1,29 +1,40 @@
-"""End to end through Celery: labeled items per second, as a share of the teacher's bound, and
-the CPU each item costs outside the teacher call.
+"""End to end: labeled items per second as a share of what the teacher allows, beside a bare
+aiohttp loop measured against the same teacher in the same run, and the CPU each item costs
+outside the teacher call.
 
-    python bench/end_to_end.py --workers 2 --concurrency 64 --latency-ms 200
+    python bench/end_to_end.py --mode distributed --workers 2 --concurrency 64
+    python bench/end_to_end.py --mode embedded --items 2000 --server-max-concurrency 32
+    python bench/end_to_end.py --mode embedded --items 6000 --server-rpm 6000
 
-Uses the database and broker of the usual settings (STILLHOUSE_DATABASE_URL, a Postgres URL,
-and STILLHOUSE_BROKER_URL); when they are unset it creates a scratch database on the local
-Postgres (--admin-url) and uses Redis database 14 on 127.0.0.1, and drops the database after.
+The teacher is the local `fixed` backend (every answer after --latency-ms), optionally with
+the limits of a hosted one (--server-max-concurrency, --server-rpm, --server-tpm: 429 with
+Retry-After and x-ratelimit-* headers). ``bound_per_s`` is what it allows at most: the
+client's concurrency or the server's in-flight cap over the latency, or the rpm cap.
+``reference`` is `bench/reference.py` (a bare aiohttp loop with the same concurrency that
+waits out every 429) against the same server, just before; ``share_of_reference`` is ours
+over its rate. ``rate_limited_after_5s`` is the share of requests answered 429 after the
+first 5 s of our run, from the teacher's own request log.
 
-What runs: the local teacher's `fixed` backend (every answer after --latency-ms); W processes
-of `stillhouse worker --pool threads --concurrency T` (each with concurrency/W teacher
-connections, shared by its T batch threads); and the dispatcher (the same loop as
-`stillhouse dispatch`, in a thread of this process so its CPU can be counted). Items are
-loaded before the clock starts.
+Modes:
+- ``embedded``: `stillhouse backfill`'s labeling on SQLite in this process (the pipeline's
+  lanes over one event loop), timed from the first claim to the last commit; CPU is this
+  process's, and ``call_cpu_ms_per_item`` the event loop thread's (the teacher calls).
+- ``distributed``: W processes of `stillhouse worker --pool threads --concurrency T` and the
+  dispatcher (the loop of `stillhouse dispatch`, in a thread here so its CPU counts), on the
+  usual settings' Postgres and Redis (STILLHOUSE_DATABASE_URL, STILLHOUSE_BROKER_URL) or a
+  scratch database on the local Postgres (--admin-url) and Redis database 14. The spec's
+  concurrency is the fleet's: the workers share it through Redis. CPU is read from /proc:
+  the workers' user+system time plus the dispatcher thread's; ``call_cpu_ms_per_item`` is
+  the part the workers spent inside teacher calls, as they log it per batch.
+  ``postgres_cpu_ms_per_item`` is Postgres's own CPU over the run when it runs here.
 
-bound_per_s = concurrency / latency. CPU is read from /proc: the worker processes' user+system
-time over the run plus the dispatcher thread's; ``call_cpu_ms_per_item`` is the part the
-workers spent inside teacher calls (HTTP client, governor), as they log it per batch, and
-``overhead_cpu_ms_per_item`` is the rest (dispatch, Celery, claims, checks, database writes).
-``postgres_cpu_ms_per_item`` is Postgres's own CPU over the run when the server runs on this
-machine (null otherwise), and ``overhead_with_postgres_cpu_ms_per_item`` adds it in.
+Items are loaded before the clock starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -38,13 +49,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
+from reference import add_server_options, aiohttp_reference, capped_bound, server_args
 from sqlalchemy import create_engine, func, select, text
 
 from stillhouse.localteacher import local_teacher
 from stillhouse.settings import Settings
 from storage.migrate import upgrade
-from storage.models import Item, ItemState
+from storage.models import Item, ItemState, SpecRow
 from storage.session import make_engine, make_sessionmaker
 from workers.dispatch import DispatchOptions, run_dispatcher
 from workers.ingest import SourceRow, load_source
@@ -120,10 +133,10 @@ def _drop_database(admin_url: str, name: str) -> None:
     admin.dispose()
 
 
-def _spec_file(directory: str, per_worker: int, batch_size: int) -> Path:
+def _spec_file(directory: str, concurrency: int, batch_size: int) -> Path:
     body = yaml.safe_load(Path(load_spec("triage").source).read_text())
     body["name"] = "bench-e2e"
-    body["teacher"].update(concurrency=per_worker, timeout_s=30, max_retries=2)
+    body["teacher"].update(concurrency=concurrency, timeout_s=30, max_retries=2)
     body["labeling"] = {"batch_size": batch_size, "lease_s": 600, "max_attempts": 5}
     body["checks"]["require_known_good_match"] = False
     path = Path(directory) / "bench-e2e.yaml"
@@ -160,22 +173,114 @@ def _call_cpu_ms(log: Path) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = tempfile.mkdtemp(prefix="stillhouse-e2e-")
+    log = Path(tmp) / "requests.jsonl"
+    with local_teacher("fixed", extra_args=[*server_args(args), "--request-log", str(log)]) as url:
+        reference = asyncio.run(aiohttp_reference(url, args.concurrency, args.items))
+        httpx.post(f"{url}/stats/reset", timeout=5).raise_for_status()
+        log.unlink()
+        measure = _embedded if args.mode == "embedded" else _distributed
+        result = measure(args, url, Path(tmp))
+        result.update(_server_side(url, log, result["started_at"]))
+    bound = capped_bound(args, args.concurrency)
+    reference["share_of_bound"] = round(reference["per_s"] / bound, 3)
+    return {
+        "mode": args.mode,
+        "items": args.items,
+        "seconds": result.pop("seconds"),
+        "items_per_s": round(args.items / result["elapsed"], 1),
+        "bound_per_s": round(bound, 1),
+        "share_of_bound": round(args.items / result["elapsed"] / bound, 3),
+        "share_of_reference": round(args.items / result.pop("elapsed") / reference["per_s"], 3),
+        "reference": reference,
+        "concurrency": args.concurrency,
+        "server_limits": {
+            "max_concurrency": args.server_max_concurrency,
+            "rpm": args.server_rpm,
+            "tpm": args.server_tpm,
+            "retry_after_s": args.server_retry_after_s,
+        },
+        "latency_ms": args.latency_ms,
+        "batch_size": args.batch_size,
+        **{k: v for k, v in result.items() if k != "started_at"},
+        "machine": f"{os.cpu_count()} cpus, {platform.machine()}, "
+        f"Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _server_side(url: str, log: Path, started_at: float) -> dict[str, Any]:
+    """What the teacher saw: requests, 429s, the most in flight, 429s after the first 5 s."""
+    stats = httpx.get(f"{url}/stats", timeout=5).json()
+    arrived: dict[int, float] = {}
+    statuses: dict[int, int] = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        if "at" in entry:
+            arrived[entry["n"]] = entry["at"]
+        if entry.get("status") is not None:
+            statuses[entry["n"]] = entry["status"]
+    late = [n for n, at in arrived.items() if at > started_at + 5]
+    late_429 = sum(1 for n in late if statuses.get(n) == 429)
+    return {
+        "teacher_requests": stats["requests"],
+        "teacher_429s": stats["rate_limited"] + stats["faults"]["rate_limit"],
+        "teacher_max_in_flight": stats["max_in_flight"],
+        "rate_limited_after_5s": round(late_429 / len(late), 4) if late else 0.0,
+    }
+
+
+def _embedded(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
+    from workers.pipeline import LabelRuntime, label_until_done
+
+    db = f"sqlite:///{tmp}/bench.db"
+    upgrade(db)
+    engine = make_engine(db)
+    sessions = make_sessionmaker(engine)
+    spec = load_spec(str(_spec_file(str(tmp), args.concurrency, args.batch_size)))
+    load_source(sessions, spec, _rows(args.items))
+    with sessions() as session:
+        spec_id = session.scalar(select(SpecRow.id).where(SpecRow.name == spec.name))
+    assert spec_id is not None
+    with LabelRuntime(sessions, teacher_base_url=url) as runtime:
+        runtime.spec(spec_id)  # clients and slots made before the clock starts
+        started_at, started, cpu = time.time(), time.monotonic(), time.process_time()
+        total = label_until_done(runtime, spec_id)
+        elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
+    engine.dispose()
+    if total.labeled != args.items:
+        raise SystemExit(f"labeled {total.labeled} of {args.items} items")
+    return {
+        "started_at": started_at,
+        "elapsed": elapsed,
+        "seconds": round(elapsed, 2),
+        "overhead_cpu_ms_per_item": round((cpu * 1000 - total.call_cpu_ms) / args.items, 3),
+        "call_cpu_ms_per_item": round(total.call_cpu_ms / args.items, 3),
+        "process_cpu_ms_per_item": round(cpu * 1000 / args.items, 3),
+        "lanes": _lanes_of(spec),
+    }
+
+
+def _lanes_of(spec: Any) -> int:
+    from workers.pipeline import _lanes_for
+
+    return _lanes_for(spec)
+
+
+def _distributed(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
     settings = Settings()
     scratch = None
     db = settings.database_url
     if settings.is_sqlite:
         db, scratch = _scratch_database(args.admin_url)
     broker = settings.broker_url or "redis://127.0.0.1:6379/14"
-    tmp = tempfile.mkdtemp(prefix="stillhouse-e2e-")
     try:
         upgrade(db)
         engine = make_engine(db)
         sessions = make_sessionmaker(engine)
-        spec_path = _spec_file(tmp, args.concurrency // args.workers, args.batch_size)
-        spec = load_spec(str(spec_path))
+        spec = load_spec(str(_spec_file(str(tmp), args.concurrency, args.batch_size)))
         load_source(sessions, spec, _rows(args.items))
-        with local_teacher("fixed", extra_args=["--latency-ms", str(args.latency_ms)]) as url:
-            result = _measure(args, db, broker, url, sessions, Path(tmp))
+        result = _measure(args, db, broker, url, sessions, tmp)
         engine.dispose()
     finally:
         if scratch:
@@ -250,37 +355,35 @@ def _timed(
         run_dispatcher(
             sessions,
             lambda spec_id, ids: send_label_batch(celery, spec_id, ids),
-            DispatchOptions(),
+            DispatchOptions(interval_s=args.dispatch_interval_s),
             stop,
         )
         dispatch_cpu["s"] = time.thread_time() - started
 
     cpu_before = sum(tree_cpu_s(w.pid) for w in workers)
     pg_before = postgres_cpu_s()
-    started = time.monotonic()
+    started_at, started = time.time(), time.monotonic()
     thread = threading.Thread(target=dispatcher, daemon=True)
     thread.start()
     while _final_count(sessions) < args.items:
         for worker, log in zip(workers, logs, strict=True):
             if worker.poll() is not None:
                 raise SystemExit(f"a worker died:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
+        time.sleep(0.05)
     elapsed = time.monotonic() - started
     worker_cpu = sum(tree_cpu_s(w.pid) for w in workers) - cpu_before
     pg_after = postgres_cpu_s()
     stop.set()
     thread.join()
     call_cpu = sum(_call_cpu_ms(log) for log in logs)
-    items, bound = args.items, args.concurrency / (args.latency_ms / 1000)
+    items = args.items
     total_ms = worker_cpu * 1000 + dispatch_cpu["s"] * 1000
     overhead_ms = (total_ms - call_cpu) / items
     pg_ms = None if pg_before is None or pg_after is None else (pg_after - pg_before) * 1000
     return {
-        "items": items,
+        "started_at": started_at,
+        "elapsed": elapsed,
         "seconds": round(elapsed, 2),
-        "items_per_s": round(items / elapsed, 1),
-        "bound_per_s": round(bound, 1),
-        "share_of_bound": round(items / elapsed / bound, 3),
         "overhead_cpu_ms_per_item": round(overhead_ms, 3),
         # Postgres's own CPU (a local server only; it includes this script's progress polls).
         "postgres_cpu_ms_per_item": None if pg_ms is None else round(pg_ms / items, 3),
@@ -292,25 +395,22 @@ def _timed(
         "dispatch_cpu_ms_per_item": round(dispatch_cpu["s"] * 1000 / items, 3),
         "workers": args.workers,
         "threads_per_worker": args.threads,
-        "concurrency": args.concurrency,
-        "latency_ms": args.latency_ms,
-        "batch_size": args.batch_size,
-        "machine": f"{os.cpu_count()} cpus, {platform.machine()}, "
-        f"Python {platform.python_version()}",
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["embedded", "distributed"], default="distributed")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="batches in work per process")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--concurrency", type=int, default=64, help="teacher.concurrency")
     parser.add_argument("--items", type=int, default=12000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dispatch-interval-s", type=float, default=0.5)
     parser.add_argument(
         "--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     )
+    add_server_options(parser)
     print(json.dumps(run(parser.parse_args())))
 
 

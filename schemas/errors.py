@@ -3,6 +3,7 @@
     StillhouseError
     ├── TransientError        retry later; carries ``retry_at`` (or ``retry_after_s``)
     │   ├── RateLimited       the teacher answered 429; honours Retry-After
+    │   │   └── TeacherBusy   our governor for the teacher asks for a wait (rates, breaker)
     │   ├── Unavailable       5xx, connection refused or reset
     │   └── TeacherTimeout    no complete answer within the client timeout
     ├── PermanentError        record it on the item and move on; retrying will not help
@@ -11,6 +12,9 @@
     └── ConfigError           tell the user exactly what to fix, then stop
         ├── SpecError         a spec file is invalid (file, field path, what is wrong)
         └── BudgetExhausted   the spec's budget_usd is spent; remaining items stay pending
+
+A ``RateLimited`` (either kind) is a *wait*, not a failure: the item goes back with a
+``retry_at`` and keeps its attempt, so waits never fail an item.
 
 A refusal or a truncated answer is an *answer*, not an error: like a failed check (bad JSON,
 schema violation, disagreement with a known-good record) it becomes a rejected label row with
@@ -28,6 +32,7 @@ __all__ = [
     "RequestRejected",
     "SpecError",
     "StillhouseError",
+    "TeacherBusy",
     "TeacherTimeout",
     "TransientError",
     "Unavailable",
@@ -52,6 +57,13 @@ class TransientError(StillhouseError):
 
 class RateLimited(TransientError):
     kind = "rate_limited"
+
+
+class TeacherBusy(RateLimited):
+    """The governor asks for a wait before anything is sent (a rate, a block, an open
+    circuit breaker): nothing reached the teacher."""
+
+    kind = "teacher_busy"
 
 
 class Unavailable(TransientError):

@@ -350,6 +350,10 @@ def teacher_serve(
     retry_after_s: Annotated[
         float, typer.Option(min=0, help="Retry-After of a 429 over --max-concurrency")
     ] = 1.0,
+    request_log: Annotated[
+        Path | None,
+        typer.Option(metavar="PATH", help="append every request to this JSON-lines file"),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions backed by a real local model.
 
@@ -381,6 +385,7 @@ def teacher_serve(
         latency_ms=latency_ms,
         model=model,
         limits=LimitsConfig(max_concurrency, rpm, tpm, limit_window_s, retry_after_s),
+        request_log=request_log,
     )
 
 

@@ -97,9 +97,9 @@ class CallStatus(StrEnum):
     OK = "ok"
     CACHE_HIT = "cache_hit"
     ERROR = "error"
-    # Written before a request is sent and replaced by its attempts when the batch commits:
-    # one left behind means the worker died with the call in flight (counted as sent and paid:
-    # the ledger errs on the side of spend).
+    # Written right before an HTTP attempt is sent and replaced by its outcome when the batch
+    # commits: one left behind means the worker died with the call in flight (counted as sent
+    # and paid: the ledger errs on the side of spend).
     IN_FLIGHT = "in_flight"
 
 
@@ -211,6 +211,8 @@ class TeacherCall(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    # The X-Client-Request-Id the attempt carried (none for a cache hit).
+    client_request_id: Mapped[str | None] = mapped_column(String(64), unique=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 

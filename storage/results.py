@@ -6,7 +6,7 @@ Everything for one batch goes in one transaction that the caller commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, delete, select, update
@@ -20,6 +20,7 @@ from storage.session import is_postgres
 __all__ = [
     "BatchResult",
     "CallRecord",
+    "InFlight",
     "LabelRecord",
     "NewResponse",
     "Release",
@@ -52,6 +53,19 @@ class CallRecord:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     latency_ms: float = 0.0
+    client_request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """An HTTP attempt about to be sent: its write-ahead ledger row."""
+
+    item_id: int
+    spec_id: int
+    request_hash: str
+    attempt: int
+    client_request_id: str
+    cost_usd: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +98,6 @@ class BatchResult:
     calls: list[CallRecord]
     labels: list[LabelRecord]
     releases: list[Release]
-    in_flight_ids: list[int] = field(default_factory=list)  # write-ahead rows to replace
 
 
 def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -99,35 +112,23 @@ def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[
     return dict(rows.all())
 
 
-def record_in_flight(
-    session: Session, spec_id: int, calls: Sequence[tuple[int, str, float]]
-) -> list[int]:
-    """Ledger rows for requests about to be sent, as (item id, request hash, estimated cost);
-    returns the item ids, which :func:`record_batch` uses to replace the rows.
-
-    Committed before the calls go out, so a worker killed mid-batch leaves a trace of every
-    request it sent: the ledger always accounts for what the teacher was asked. ``attempt``
-    holds the item's claim number, so the rows a later claim writes are told apart.
-    """
-    if not calls:
-        return []
-    item_ids = sorted({item_id for item_id, _, _ in calls})
-    claims = dict(
-        session.execute(select(Item.id, Item.attempts).where(Item.id.in_(item_ids))).all()
-    )
+def record_in_flight(session: Session, attempts: Sequence[InFlight]) -> None:
+    """Ledger rows for HTTP attempts about to be sent (flush only; the caller commits before
+    sending). A worker killed mid-call leaves them as ``in_flight``: the ledger accounts for
+    every request the teacher may have received, one row per attempt."""
     rows = [
         {
-            "item_id": item_id,
-            "spec_id": spec_id,
-            "request_hash": rhash,
-            "attempt": claims.get(item_id, 0),
+            "item_id": a.item_id,
+            "spec_id": a.spec_id,
+            "request_hash": a.request_hash,
+            "attempt": a.attempt,
             "status": CallStatus.IN_FLIGHT.value,
-            "cost_usd": cost,
+            "cost_usd": a.cost_usd,
+            "client_request_id": a.client_request_id,
         }
-        for item_id, rhash, cost in calls
+        for a in attempts
     ]
     _insert(session, TeacherCall.__table__, rows)
-    return item_ids
 
 
 def _insert(
@@ -144,15 +145,15 @@ def _insert(
 
 def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
     """Write one batch's responses, ledger rows, labels and item states (flush only)."""
-    if batch.in_flight_ids:
-        # This claim's write-ahead rows (earlier claims' rows stay: those calls were lost).
-        claim = select(Item.attempts).where(Item.id == TeacherCall.item_id).scalar_subquery()
+    sent = [c.client_request_id for c in batch.calls if c.client_request_id]
+    for start in range(0, len(sent), 5000):
+        # The write-ahead rows of exactly these attempts give way to their outcomes (rows of
+        # attempts whose outcome is unknown, a killed worker's, stay in flight).
         session.execute(
             delete(TeacherCall)
             .where(
-                TeacherCall.item_id.in_(batch.in_flight_ids),
+                TeacherCall.client_request_id.in_(sent[start : start + 5000]),
                 TeacherCall.status == CallStatus.IN_FLIGHT,
-                TeacherCall.attempt == claim,
             )
             .execution_options(synchronize_session=False)
         )

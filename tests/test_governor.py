@@ -1,15 +1,15 @@
-"""The rate governor: buckets, AIMD on 429, Retry-After, the circuit breaker, shared limits.
+"""The governor: rate buckets (the spec's and learned from headers), the adaptive fleet-wide
+limit on calls in flight, and the circuit breaker.
 
 The behaviour tests run on both implementations: ``LocalGovernor`` (Python, embedded mode) and
 ``RedisGovernor`` (the same algorithm as Lua on a real Redis). The Redis client is built inside
-the test's event loop. Tests that need the clock to jump call the Python algorithm directly
-with explicit ``now`` values (milliseconds).
+the test's event loop. Tests that need the clock to jump give ``LocalGovernor`` a clock
+(milliseconds) or call the rules directly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import subprocess
 import sys
@@ -24,18 +24,20 @@ import httpx
 import pytest
 import redis.asyncio as aredis
 
-from schemas.errors import RateLimited
+from schemas.errors import TeacherBusy
+from workers import governor_rules as rules
 from workers.governor import (
     PROBE_MS,
     Governor,
     GovernorLimits,
     LocalGovernor,
     RedisGovernor,
-    _acquire,
-    _report,
+    Slot,
     governor_key,
+    limits_of,
     wait_for_slot,
 )
+from workers.providers import RateHeaders
 from workers.spec import TeacherConfig
 from workers.teacher import TeacherClient, build_request, make_http_client
 
@@ -76,50 +78,62 @@ def governors(request: pytest.FixtureRequest) -> Governors:
     return Governors(request.getfixturevalue("redis_url"))
 
 
+class Clock:
+    """Milliseconds, moved by hand."""
+
+    def __init__(self) -> None:
+        self.ms = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.ms
+
+
 async def burst(governor: Governor, tokens: int = 1, limit: int = 100) -> int:
     """How many acquires go through right now, before the first one that must wait."""
     taken = 0
     while taken < limit:
-        wait, _ = await governor.acquire(tokens)
-        if wait > 0:
+        if (await governor.acquire(tokens)).wait_s > 0:
             return taken
         taken += 1
     return taken
+
+
+def headers(**values: float) -> RateHeaders:
+    return RateHeaders(**{k: v for k, v in values.items()})  # type: ignore[arg-type]
 
 
 # --- buckets --------------------------------------------------------------------------------
 
 
 def test_no_limits_never_wait(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> list[tuple[float, bool]]:
+    async def scenario(new: NewGovernor) -> list[Slot]:
         governor = new(GovernorLimits())
         return [await governor.acquire(10_000) for _ in range(50)]
 
-    assert governors.run(scenario) == [(0.0, False)] * 50
+    assert governors.run(scenario) == [Slot(0.0)] * 50
 
 
 def test_rpm_allows_one_second_burst_then_paces(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> tuple[list[float], float, float]:
+    async def scenario(new: NewGovernor) -> tuple[list[float], Slot, float]:
         governor = new(GovernorLimits(rpm=600))  # 10/s, a burst of 10
-        first = [(await governor.acquire(1))[0] for _ in range(10)]
-        eleventh, _ = await governor.acquire(1)
-        await asyncio.sleep(eleventh + 0.01)
-        after_wait, _ = await governor.acquire(1)
-        return first, eleventh, after_wait
+        first = [(await governor.acquire(1)).wait_s for _ in range(10)]
+        eleventh = await governor.acquire(1)
+        await asyncio.sleep(eleventh.wait_s + 0.01)
+        return first, eleventh, (await governor.acquire(1)).wait_s
 
     first, eleventh, after_wait = governors.run(scenario)
 
     assert first == [0.0] * 10
-    assert 0.07 < eleventh <= 0.1
+    assert 0.07 < eleventh.wait_s <= 0.1 and eleventh.why == "rate"
     assert after_wait == 0.0
 
 
 def test_tpm_waits_for_tokens_left(governors: Governors) -> None:
     async def scenario(new: NewGovernor) -> tuple[float, float]:
         governor = new(GovernorLimits(tpm=6000))  # 100 tokens/s, a bucket of 100
-        taken, _ = await governor.acquire(80)
-        wait, _ = await governor.acquire(50)  # 20 left, 30 more at 100/s
-        return taken, wait
+        taken = await governor.acquire(80)
+        wait = await governor.acquire(50)  # 20 left, 30 more at 100/s
+        return taken.wait_s, wait.wait_s
 
     taken, wait = governors.run(scenario)
 
@@ -130,9 +144,8 @@ def test_tpm_waits_for_tokens_left(governors: Governors) -> None:
 def test_request_larger_than_bucket_borrows(governors: Governors) -> None:
     async def scenario(new: NewGovernor) -> tuple[float, float]:
         governor = new(GovernorLimits(tpm=6000))
-        big, _ = await governor.acquire(250)  # 2.5 buckets: goes through, bucket at -150
-        wait, _ = await governor.acquire(1)
-        return big, wait
+        big = await governor.acquire(250)  # 2.5 buckets: goes through, bucket at -150
+        return big.wait_s, (await governor.acquire(1)).wait_s
 
     big, wait = governors.run(scenario)
 
@@ -140,109 +153,83 @@ def test_request_larger_than_bucket_borrows(governors: Governors) -> None:
     assert wait == pytest.approx(1.51, abs=0.03)
 
 
-# --- 429: Retry-After and AIMD --------------------------------------------------------------
+# --- pacing from the teacher's rate headers -------------------------------------------------
 
 
-def test_rate_limited_blocks_for_retry_after(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> tuple[float, RateLimited]:
-        governor = new(GovernorLimits(rpm=600))
-        await governor.report("rate_limited", 2.0)
-        wait, _ = await governor.acquire(1)
-        with pytest.raises(RateLimited) as caught:
-            await wait_for_slot(governor, 1, 0.5)
-        return wait, caught.value
-
-    wait, error = governors.run(scenario)
-
-    assert 1.9 < wait <= 2.0
-    assert error.retry_after_s is not None
-    assert 1.9 < error.retry_after_s <= 2.0
-
-
-def test_rate_limited_without_retry_after_blocks_one_second(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> float:
+def test_a_limit_learned_from_headers_paces_a_little_under_it(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> tuple[int, float, float]:
         governor = new(GovernorLimits())
-        await governor.report("rate_limited")
-        return (await governor.acquire(1))[0]
+        started = time.perf_counter()
+        await governor.observe(headers(limit_requests=6000, remaining_requests=100))
+        taken = await burst(governor, limit=200)
+        elapsed = time.perf_counter() - started
+        return taken, elapsed, (await governor.acquire(1)).wait_s
 
-    assert 0.9 < governors.run(scenario) <= 1.0
+    taken, elapsed, wait = governors.run(scenario)
 
-
-def test_rate_limited_halves_the_rate(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> tuple[int, int]:
-        healthy = new(GovernorLimits(rpm=600))
-        throttled = new(GovernorLimits(rpm=600))
-        await throttled.report("rate_limited", 0.2)
-        await asyncio.sleep(0.25)
-        return await burst(healthy), await burst(throttled)
-
-    assert governors.run(scenario) == (10, 5)
+    # A bucket of 0.97 * 6000 / 60 = 97, refilled at 97/s while the burst takes its time.
+    assert 96 <= taken <= 98 + 97 * elapsed
+    assert 0 < wait <= 60 / (0.97 * 6000) + 0.001
 
 
-def test_a_burst_of_429s_halves_once(governors: Governors) -> None:
+def test_a_lower_remaining_count_pulls_the_bucket_down(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> tuple[int, Slot]:
+        governor = new(GovernorLimits(rpm=600))  # ours: 10 at once
+        await governor.observe(headers(limit_requests=600, remaining_requests=3))
+        return await burst(governor), await governor.acquire(1)
+
+    taken, after = governors.run(scenario)
+
+    assert taken == 3  # the teacher knows better: it has three left
+    assert after.why == "rate"
+
+
+def test_the_specs_rpm_stays_a_hard_ceiling(governors: Governors) -> None:
     async def scenario(new: NewGovernor) -> int:
         governor = new(GovernorLimits(rpm=600))
-        for _ in range(3):
-            await governor.report("rate_limited", 0.2)
-        await asyncio.sleep(0.25)
-        return await burst(governor)
+        await governor.observe(headers(limit_requests=60_000, remaining_requests=60_000))
+        return await burst(governor, limit=200)
 
-    assert governors.run(scenario) == 5  # once: 0.5 of 10; three times would leave 1
+    assert governors.run(scenario) == 10
 
 
-def test_429s_a_second_apart_halve_again(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> int:
+def test_nothing_left_and_no_known_rate_blocks_until_the_reset(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> Slot:
+        governor = new(GovernorLimits())
+        await governor.observe(headers(remaining_requests=0, reset_requests_s=2.0))
+        return await governor.acquire(1)
+
+    slot = governors.run(scenario)
+
+    assert slot.why == "blocked" and 1.9 < slot.wait_s <= 2.0
+
+
+def test_a_busy_wait_names_the_teachers_rate_limit(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> TeacherBusy:
+        governor = new(GovernorLimits(rpm=60))  # 1/s, a bucket of 1
+        await governor.acquire(1)
+        with pytest.raises(TeacherBusy) as caught:
+            await wait_for_slot(governor, 1, 0.5)
+        return caught.value
+
+    error = governors.run(scenario)
+
+    assert error.retry_after_s is not None and 0.9 < error.retry_after_s <= 1.0
+    assert "rate limit" in str(error) and error.kind == "teacher_busy"
+
+
+def test_wait_for_slot_waits_inline_when_short(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> tuple[bool, float]:
         governor = new(GovernorLimits(rpm=600))
-        await governor.report("rate_limited", 0.0)
-        await asyncio.sleep(1.05)
-        await governor.report("rate_limited", 0.0)
-        return await burst(governor)
+        await burst(governor)
+        started = time.perf_counter()
+        probe = await wait_for_slot(governor, 1, 1.0)
+        return probe, time.perf_counter() - started
 
-    assert governors.run(scenario) == 2  # 10 * (0.5 + 0.02) / 2
+    probe, waited = governors.run(scenario)
 
-
-def test_rate_recovers_linearly(governors: Governors) -> None:
-    limits = GovernorLimits(rpm=600, recovery_per_s=0.5)
-
-    async def scenario(new: NewGovernor) -> tuple[int, int]:
-        now, later = new(limits), new(limits)
-        await now.report("rate_limited", 0.0)
-        await later.report("rate_limited", 0.0)
-        at_once = await burst(now)
-        await asyncio.sleep(0.6)  # factor 0.5 + 0.6 * 0.5 = 0.8
-        return at_once, await burst(later)
-
-    assert governors.run(scenario) == (5, 8)
-
-
-def test_recovery_with_explicit_clock() -> None:
-    limits = GovernorLimits(rpm=600)  # recovery 0.02 a second
-    state: dict[str, float] = {}
-    _report(state, limits, "rate_limited", 0.0, now=0.0)
-    assert state["factor"] == 0.5
-
-    def burst_at(now: float) -> int:
-        s = copy.deepcopy(state)
-        return next(n for n in range(100) if _acquire(s, limits, 1, now)[0] > 0)
-
-    assert burst_at(1.0) == 5
-    assert burst_at(12_500.0) == 7  # 0.5 + 12.5 * 0.02 = 0.75
-    assert burst_at(30_000.0) == 10  # recovered fully, and no further
-    assert burst_at(300_000.0) == 10
-
-
-def test_halving_at_most_once_a_second_with_explicit_clock() -> None:
-    limits = GovernorLimits(rpm=600, recovery_per_s=0.0)
-    state: dict[str, float] = {}
-    for now in (0.0, 400.0, 999.0):
-        _report(state, limits, "rate_limited", 0.5, now)
-    assert state["factor"] == 0.5
-    assert state["blocked_until"] == 1499.0  # each 429 still extends the block
-    _report(state, limits, "rate_limited", 0.5, now=1000.0)
-    assert state["factor"] == 0.25
-    for second in range(2, 12):
-        _report(state, limits, "rate_limited", 0.0, now=second * 1000.0)
-    assert state["factor"] == 0.05  # the floor
+    assert probe is False
+    assert 0.08 < waited < 0.5
 
 
 # --- circuit breaker ------------------------------------------------------------------------
@@ -255,114 +242,279 @@ async def open_circuit(governor: Governor) -> None:
         await governor.report("failure")
 
 
-def test_failures_below_threshold_keep_circuit_closed(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> list[tuple[float, bool]]:
-        governor = new(BREAKER)
-        seen = [await governor.acquire(1)]
-        await governor.report("failure")
-        await governor.report("failure")
-        seen.append(await governor.acquire(1))  # asks to hear back: a success resets the count
-        await governor.report("ok")
-        await governor.report("failure")
-        await governor.report("failure")
-        seen.append(await governor.acquire(1))
-        await governor.report("ok")
-        seen.append(await governor.acquire(1))
-        return seen
-
-    assert governors.run(scenario) == [(0.0, False), (0.0, True), (0.0, True), (0.0, False)]
-
-
-def test_consecutive_failures_open_the_circuit(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> tuple[float, RateLimited]:
+def test_failures_that_dominate_open_the_circuit(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> tuple[Slot, TeacherBusy]:
         governor = new(GovernorLimits(failures=3, cooldown_s=5.0))
-        await open_circuit(governor)
-        wait, _ = await governor.acquire(1)
-        with pytest.raises(RateLimited) as caught:
+        for _ in range(3):
+            await governor.report("failure")
+        slot = await governor.acquire(1)
+        with pytest.raises(TeacherBusy) as caught:
             await wait_for_slot(governor, 1, 1.0)
-        return wait, caught.value
+        return slot, caught.value
 
-    wait, error = governors.run(scenario)
+    slot, error = governors.run(scenario)
 
-    assert 4.9 < wait <= 5.0
-    assert error.retry_after_s is not None
-    assert 4.9 < error.retry_after_s <= 5.0
+    assert slot.why == "open" and 4.9 < slot.wait_s <= 5.0
+    assert error.retry_after_s is not None and 4.9 < error.retry_after_s <= 5.0
+    assert "circuit breaker is open" in str(error)
+
+
+def test_fast_failures_among_slow_successes_keep_the_circuit_closed(
+    governors: Governors,
+) -> None:
+    """Five quick 5xx within one latency window used to read as 'five in a row'."""
+
+    async def scenario(new: NewGovernor) -> Slot:
+        governor = new(GovernorLimits(failures=5, cooldown_s=5.0))
+        await governor.lease(("w", 64, 64, 60, False, 60))  # 60 answers came back fine
+        for _ in range(8):
+            await governor.report("failure")
+        return await governor.acquire(1)
+
+    assert governors.run(scenario) == Slot(0.0)
 
 
 def test_half_open_lets_one_probe_through_and_success_closes(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> list[tuple[float, bool]]:
+    async def scenario(new: NewGovernor) -> list[Slot]:
         governor = new(BREAKER)
         await open_circuit(governor)
         during = await governor.acquire(1)
-        await asyncio.sleep(during[0] + 0.02)
+        await asyncio.sleep(during.wait_s + 0.02)
         probe = await governor.acquire(1)
         other = await governor.acquire(1)
-        await governor.report("ok")
+        await governor.report("ok", probe=True)
         return [during, probe, other, await governor.acquire(1), await governor.acquire(1)]
 
     during, probe, other, first, second = governors.run(scenario)
 
-    assert 0.15 < during[0] <= 0.2
-    assert probe == (0.0, True)  # the probe must report back
-    assert 0 < other[0] <= 1.0
-    assert first == (0.0, False)
-    assert second == (0.0, False)
+    assert during.why == "open" and 0.15 < during.wait_s <= 0.2
+    assert probe == Slot(0.0, probe=True)  # the probe must report back
+    assert other.why == "probe" and 0 < other.wait_s <= 1.0
+    assert first == second == Slot(0.0)
 
 
 def test_failed_probe_reopens_the_circuit(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> tuple[tuple[float, bool], float]:
+    async def scenario(new: NewGovernor) -> tuple[Slot, Slot]:
         governor = new(BREAKER)
         await open_circuit(governor)
         await asyncio.sleep(BREAKER.cooldown_s + 0.02)
         probe = await governor.acquire(1)
-        await governor.report("failure")  # one failure is enough while half-open
-        return probe, (await governor.acquire(1))[0]
+        await governor.report("failure", probe=True)  # one failure is enough for a probe
+        return probe, await governor.acquire(1)
 
     probe, reopened = governors.run(scenario)
 
-    assert probe == (0.0, True)
-    assert 0.15 < reopened <= 0.2
+    assert probe == Slot(0.0, probe=True)
+    assert reopened.why == "open" and 0.15 < reopened.wait_s <= 0.2
+
+
+def test_failures_of_calls_sent_before_the_opening_do_not_extend_it() -> None:
+    clock = Clock()
+    governor = LocalGovernor(GovernorLimits(failures=3, cooldown_s=10.0), clock=clock)
+
+    async def scenario() -> tuple[Slot, Slot]:
+        await open_circuit(governor)
+        clock.ms += 9_000
+        for _ in range(20):  # the rest of the calls in flight time out late
+            await governor.report("failure")
+        clock.ms += 1_001
+        late = await governor.acquire(1)
+        for _ in range(5):  # still late, while the probe is out: not the probe's failure
+            await governor.report("failure")
+        return late, await governor.acquire(1)
+
+    probe, during_probe = asyncio.run(scenario())
+
+    assert probe == Slot(0.0, probe=True)
+    assert during_probe.why == "probe"
+
+
+def test_old_failures_fade_out() -> None:
+    clock = Clock()
+    governor = LocalGovernor(GovernorLimits(failures=3, window_s=10.0), clock=clock)
+
+    async def scenario() -> Slot:
+        await governor.report("failure")
+        await governor.report("failure")
+        clock.ms += 60_000  # six half-lives
+        await governor.report("failure")
+        return await governor.acquire(1)
+
+    assert asyncio.run(scenario()) == Slot(0.0)
 
 
 def test_probe_that_never_reports_frees_the_slot() -> None:
     limits = GovernorLimits(failures=1, cooldown_s=10.0)
     state: dict[str, float] = {}
-    _report(state, limits, "failure", None, now=0.0)
-    assert _acquire(state, limits, 1, now=9_000.0)[0] == pytest.approx(1.0)
-    assert _acquire(state, limits, 1, now=10_000.0) == (0.0, True)
-    assert _acquire(state, limits, 1, now=10_001.0)[0] > 0
-    assert _acquire(state, limits, 1, now=10_000.0 + PROBE_MS + 1) == (0.0, True)
+    rules.report(state, limits, "failure", False, now=0.0)
+    assert rules.acquire(state, limits, 1, now=9_000.0).wait_s == pytest.approx(1.0)
+    assert rules.acquire(state, limits, 1, now=10_000.0) == Slot(0.0, probe=True)
+    assert rules.acquire(state, limits, 1, now=10_001.0).why == "probe"
+    assert rules.acquire(state, limits, 1, now=10_000.0 + PROBE_MS + 1) == Slot(0.0, probe=True)
 
 
-# --- wait_for_slot --------------------------------------------------------------------------
+# --- calls in flight: AIMD and leases -------------------------------------------------------
+
+FLEET = GovernorLimits(concurrency=64, min_concurrency=2)
 
 
-def test_wait_for_slot_waits_inline_when_short(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> tuple[bool, float]:
-        governor = new(GovernorLimits(rpm=600))
-        await burst(governor)
-        started = time.perf_counter()
-        report_ok = await wait_for_slot(governor, 1, 1.0)
-        return report_ok, time.perf_counter() - started
+def test_a_first_lease_gets_what_it_wants_up_to_the_ceiling(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> list[int]:
+        governor = new(FLEET)
+        small = await governor.lease(("a", 10, 0, 0, False, 0))
+        big = await governor.lease(("a", 500, 0, 0, False, 0))
+        return [small.granted, big.granted]
 
-    report_ok, waited = governors.run(scenario)
-
-    assert report_ok is False
-    assert 0.08 < waited < 0.5
+    assert governors.run(scenario) == [10, 64]
 
 
-def test_wait_for_slot_hands_back_long_waits(governors: Governors) -> None:
-    async def scenario(new: NewGovernor) -> RateLimited:
-        governor = new(GovernorLimits(rpm=60))  # 1/s, a bucket of 1
-        await governor.acquire(1)
-        with pytest.raises(RateLimited) as caught:
-            await wait_for_slot(governor, 1, 0.5)
-        return caught.value
+def test_an_overload_shrinks_the_limit_once_per_epoch(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> list[tuple[float, int]]:
+        governor = new(FLEET)
+        first = await governor.overload(("a", 0, 1000))
+        again = await governor.overload(("a", 0, 1000))  # a call of the same wave: no second cut
+        later = await governor.overload(("a", 1, 1000))  # a call sent after the cut
+        return [first, again, later]
 
-    error = governors.run(scenario)
+    first, again, later = governors.run(scenario)
 
-    assert error.retry_after_s is not None
-    assert 0.9 < error.retry_after_s <= 1.0
+    assert first == (pytest.approx(60.8), 1)
+    assert again == (pytest.approx(60.8), 1)
+    assert later == (pytest.approx(57.76), 2)
+
+
+def test_an_overload_drops_to_the_calls_the_fleet_still_has_in_flight(
+    governors: Governors,
+) -> None:
+    """A wave of 429s shows the teacher's capacity: the calls it kept are what it takes."""
+
+    async def scenario(new: NewGovernor) -> float:
+        governor = new(GovernorLimits(concurrency=64))
+        await governor.lease(("a", 64, 0, 0, False, 0))
+        await governor.lease(("b", 10, 0, 0, False, 0))  # the other worker holds 0 of 10
+        await governor.lease(("a", 64, 40, 0, True, 0))
+        await governor.lease(("b", 12, 12, 0, True, 0))  # and now 12
+        limit, _ = await governor.overload(("a", 0, 20))  # a kept 20 after the wave came back
+        return limit
+
+    assert governors.run(scenario) == 32.0
+
+
+def test_the_limit_never_shrinks_below_min_concurrency(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> float:
+        governor = new(FLEET)
+        limit = 64.0
+        for epoch in range(100):
+            limit, _ = await governor.overload(("a", epoch, 1000))
+        return limit
+
+    assert governors.run(scenario) == 2.0
+
+
+def test_the_limit_grows_by_one_per_limit_answers_while_callers_wait(
+    governors: Governors,
+) -> None:
+    async def scenario(new: NewGovernor) -> list[float]:
+        governor = new(GovernorLimits(concurrency=64))
+        for epoch in range(3):
+            await governor.overload(("a", epoch, 1000))  # 64 -> 54.87
+        seen = []
+        idle = await governor.lease(("a", 20, 20, 200, False, 0))  # nobody waited: no growth
+        seen.append(idle.limit)
+        grown = await governor.lease(("a", 64, 54, 54, True, 0))  # one window's worth: +1
+        seen.append(grown.limit)
+        grown = await governor.lease(("a", 64, 55, 55 * 4, True, 0))  # four windows
+        seen.append(grown.limit)
+        top = await governor.lease(("a", 64, 50, 100_000, True, 0))
+        seen.append(top.limit)
+        return seen
+
+    idle, one, four, top = governors.run(scenario)
+
+    assert idle == pytest.approx(54.872)
+    assert one == pytest.approx(55.872)  # below the last overload point: one per window
+    assert four == pytest.approx(56.872)  # past it: one per four windows
+    assert top == 64.0  # the spec's concurrency is the ceiling
+
+
+def test_two_processes_share_the_limit_fairly(governors: Governors) -> None:
+    async def scenario(new: NewGovernor) -> list[int]:
+        governor = new(GovernorLimits(concurrency=64))
+        a1 = await governor.lease(("a", 100, 0, 0, False, 0))  # alone: all of it
+        b1 = await governor.lease(("b", 100, 0, 0, False, 0))  # nothing free yet
+        a2 = await governor.lease(("a", 100, 64, 0, True, 0))  # shrinks to its fair share
+        b2 = await governor.lease(("b", 100, 0, 0, True, 0))  # a still holds its 64 in flight
+        a3 = await governor.lease(("a", 100, 32, 0, True, 0))  # a's calls drained to 32
+        b3 = await governor.lease(("b", 100, 0, 0, True, 0))
+        return [a1.granted, b1.granted, a2.granted, b2.granted, a3.granted, b3.granted]
+
+    assert governors.run(scenario) == [64, 0, 32, 0, 32, 32]
+
+
+def test_a_lost_processs_slots_come_back_when_its_lease_expires() -> None:
+    clock = Clock()
+    governor = LocalGovernor(GovernorLimits(concurrency=16), clock=clock)
+
+    async def scenario() -> list[int]:
+        lost = await governor.lease(("lost", 16, 0, 0, False, 0))
+        before = await governor.lease(("alive", 16, 0, 0, False, 0))
+        clock.ms += 5_001
+        after = await governor.lease(("alive", 16, 0, 0, True, 0))
+        return [lost.granted, before.granted, after.granted]
+
+    assert asyncio.run(scenario()) == [16, 0, 16]
+
+
+@pytest.mark.redis
+def test_lua_and_python_agree_on_leases_and_overloads(redis_url: str) -> None:
+    """The same sequence through both implementations gives the same grants and limits."""
+    steps: list[tuple[str, Any]] = [
+        ("lease", ("a", 40, 0, 0, False, 3)),
+        ("lease", ("b", 40, 0, 0, False, 3)),
+        ("overload", ("a", 0, 30)),
+        ("lease", ("a", 40, 40, 12, True, 3)),
+        ("lease", ("b", 40, 0, 0, True, 3)),
+        ("overload", ("b", 1, 15)),
+        ("lease", ("a", 40, 20, 57, True, 3)),
+        ("lease", ("b", 40, 15, 20, True, 3)),
+        ("lease", ("c", 5, 0, 0, False, 3)),
+        ("lease", ("a", 0, 0, 0, False, 3)),
+        ("lease", ("b", 40, 10, 200, True, 3)),
+    ]
+
+    async def run(governor: Governor) -> list[Any]:
+        seen: list[Any] = []
+        for kind, arg in steps:
+            if kind == "lease":
+                got = await governor.lease(arg)
+                seen.append((got.granted, round(got.limit, 6), got.epoch))
+            else:
+                token, epoch, in_flight = arg
+                limit, epoch = await governor.overload((token, epoch, in_flight))
+                seen.append((round(limit, 6), epoch))
+        return seen
+
+    async def both() -> tuple[list[Any], list[Any]]:
+        client = aredis.Redis.from_url(redis_url)
+        limits = GovernorLimits(concurrency=48, min_concurrency=4)
+        key = f"stillhouse:governor:test-{uuid.uuid4().hex}"
+        try:
+            return await run(LocalGovernor(limits)), await run(RedisGovernor(client, key, limits))
+        finally:
+            await client.aclose()
+
+    local, shared = asyncio.run(both())
+
+    assert local == shared
+
+
+def test_limits_of_reads_the_specs_teacher() -> None:
+    config = TeacherConfig(model="m", concurrency=32, min_concurrency=4, rpm=600)
+    limits = limits_of(config)
+    assert (limits.concurrency, limits.min_concurrency, limits.rpm) == (32, 4, 600)
+    assert (
+        limits_of(TeacherConfig(model="m", concurrency=2, min_concurrency=8)).min_concurrency == 2
+    )
 
 
 def test_governor_key_names_account_and_model_not_secrets() -> None:
@@ -464,7 +616,7 @@ def test_api_key_leaves_no_trace_in_redis(redis_url: str, monkeypatch: pytest.Mo
 
     async def go() -> tuple[list[Any], dict[bytes, list[bytes]]]:
         client = aredis.Redis.from_url(redis_url)
-        governor = RedisGovernor(client, governor_key(config), GovernorLimits.from_config(config))
+        governor = RedisGovernor(client, governor_key(config), limits_of(config))
         configured = make_http_client(config, transport="httpx")
         async with httpx.AsyncClient(
             base_url=configured.base_url,
@@ -514,6 +666,8 @@ def test_an_unreachable_redis_governor_delays_calls_and_never_loses_an_answer() 
             await governor.acquire(10)
         assert caught.value.retry_after_s and caught.value.retry_after_s > 0
         await governor.report("ok")  # logged, not raised: the answer is already paid for
+        with pytest.raises(Unavailable):
+            await governor.lease(("a", 1, 0, 0, False, 0))
         await client.aclose()
 
     asyncio.run(go())

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,7 +21,13 @@ from schemas.errors import (
 )
 from storage.models import Verdict
 from workers.checks import Checker
-from workers.providers import AnthropicProvider, OpenAIProvider, provider_for
+from workers.providers import (
+    AnthropicProvider,
+    OpenAIProvider,
+    RateHeaders,
+    parse_duration,
+    provider_for,
+)
 from workers.spec import TeacherConfig, load_spec, parse_spec
 from workers.teacher import TeacherClient, build_request
 
@@ -401,3 +408,66 @@ def test_checker_turns_anthropic_refusal_into_refused() -> None:
     result = checker.check_body(body, {"label": "sport"}, provider="anthropic")
 
     assert (result.verdict, result.reasons) == (Verdict.REJECTED, ["refused"])
+
+
+# --- rate-limit headers ----------------------------------------------------------------------
+
+
+def test_openai_rate_headers_are_read_with_their_durations() -> None:
+    headers = httpx.Headers(
+        {
+            "x-ratelimit-limit-requests": "6000",
+            "x-ratelimit-remaining-requests": "5990",
+            "x-ratelimit-reset-requests": "6m0s",
+            "x-ratelimit-limit-tokens": "150000",
+            "x-ratelimit-remaining-tokens": "149000",
+            "x-ratelimit-reset-tokens": "400ms",
+        }
+    )
+    rate = provider_for("openai").rate_headers(headers)
+
+    assert rate == RateHeaders(6000, 5990, 360.0, 150000, 149000, 0.4)
+    assert not rate.exhausted
+
+
+def test_anthropic_rate_headers_are_read_with_their_reset_times() -> None:
+    soon = (datetime.now(UTC) + timedelta(seconds=30)).isoformat().replace("+00:00", "Z")
+    headers = httpx.Headers(
+        {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": soon,
+        }
+    )
+    rate = provider_for("anthropic").rate_headers(headers)
+
+    assert rate is not None and rate.limit_requests == 50 and rate.exhausted
+    assert rate.reset_requests_s is not None and 28 < rate.reset_requests_s <= 30
+
+
+def test_no_rate_headers_is_none() -> None:
+    assert provider_for("openai").rate_headers(httpx.Headers({})) is None
+    assert provider_for("anthropic").rate_headers(httpx.Headers({"x-other": "1"})) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("20ms", 0.02), ("1s", 1.0), ("1.5s", 1.5), ("6m0s", 360.0), ("1h2m3s", 3723.0), ("7", 7.0)],
+)
+def test_reset_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_garbage_durations_are_none() -> None:
+    assert parse_duration("soon") is None
+    assert parse_duration(None) is None
+
+
+def test_retry_after_ms_is_preferred_to_retry_after() -> None:
+    response = httpx.Response(
+        429, headers={"retry-after-ms": "250", "retry-after": "1"}, json={"error": {}}
+    )
+    error = provider_for("openai").map_error(response, None)
+
+    assert isinstance(error, RateLimited)
+    assert error.retry_after_s == pytest.approx(0.25)

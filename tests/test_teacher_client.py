@@ -76,7 +76,11 @@ def request_for(config: TeacherConfig) -> TeacherRequest:
 
 
 def run(
-    handler: Handler, *, config: TeacherConfig | None = None, **client_kwargs: Any
+    handler: Handler,
+    *,
+    config: TeacherConfig | None = None,
+    before_send_hook: Any = None,
+    **client_kwargs: Any,
 ) -> tuple[TeacherOutcome, list[httpx.Request], float]:
     """Send one request through a TeacherClient; return the outcome, what was sent, seconds."""
     config = config or make_config()
@@ -91,7 +95,7 @@ def run(
         transport = httpx.MockTransport(recording)
         async with httpx.AsyncClient(base_url=BASE_URL, transport=transport) as http:
             client = TeacherClient(config, http, backoff_base_s=0.001, **client_kwargs)
-            return await client.complete(request_for(config))
+            return await client.complete(request_for(config), before_send_hook)
 
     started = time.perf_counter()
     outcome = asyncio.run(go())
@@ -511,7 +515,9 @@ def test_make_http_client_without_a_key() -> None:
 def test_make_http_client_default_transport_is_aiohttp() -> None:
     client = make_http_client(make_config())
     try:
-        assert type(client._transport).__name__ == "AiohttpTransport"
+        from httpx_aiohttp import AiohttpTransport
+
+        assert isinstance(client._transport, AiohttpTransport)
     finally:
         asyncio.run(client.aclose())
 
@@ -543,3 +549,152 @@ def test_a_key_echoed_by_the_server_never_reaches_the_error(
     outcome = asyncio.run(call())
     assert outcome.error is not None
     assert secret not in str(outcome.error) and "***" in str(outcome.error)
+
+
+# --- waits, the adaptive limit and the ledger hook ------------------------------------------
+
+
+def test_a_429_delays_only_the_call_that_got_it() -> None:
+    config = make_config(concurrency=10)
+    refused: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["messages"][-1]["content"] == "doc 0" and not refused:
+            refused.append(1)
+            return httpx.Response(429, headers={"retry-after-ms": "500"}, json={"error": {}})
+        await asyncio.sleep(0.02)
+        return ok()
+
+    async def go() -> list[float]:
+        async with httpx.AsyncClient(
+            base_url=BASE_URL, transport=httpx.MockTransport(handler)
+        ) as http:
+            client = TeacherClient(config, http)
+            started = time.perf_counter()
+
+            async def one(i: int) -> float:
+                messages = [{"role": "user", "content": f"doc {i}"}]
+                await client.complete(build_request(config, messages, SCHEMA, "t"))
+                return time.perf_counter() - started
+
+            return list(await asyncio.gather(*(one(i) for i in range(10))))
+
+    finished = asyncio.run(go())
+
+    assert 0.5 <= finished[0] < 1.5  # waited its retry-after-ms
+    assert max(finished[1:]) < 0.3  # nobody else waited for it
+
+
+def test_429s_do_not_use_up_max_retries() -> None:
+    limited = httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {}})
+    outcome, sent, _ = run(
+        replies(limited, limited, limited, ok()), config=make_config(max_retries=0)
+    )
+
+    assert len(sent) == 4
+    assert outcome.body == OK_BODY
+    assert [a.error_kind for a in outcome.attempts] == ["rate_limited"] * 3 + [None]
+
+
+def test_waits_past_max_inline_wait_s_in_all_are_handed_back() -> None:
+    limited = httpx.Response(429, headers={"retry-after-ms": "300"}, json={"error": {}})
+    outcome, sent, _ = run(replies(limited), config=make_config(max_inline_wait_s=1.0))
+
+    assert 3 <= len(sent) <= 4  # about a second of 0.3 s waits, then the item waits instead
+    assert isinstance(outcome.error, RateLimited)
+    assert outcome.error.retry_after_s is not None and outcome.error.retry_after_s >= 0.3
+
+
+def test_every_attempt_is_written_ahead_with_its_own_request_id() -> None:
+    events: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        events.append(("sent", request.headers["x-client-request-id"]))
+        return httpx.Response(503) if len(events) < 4 else ok()
+
+    async def before_send(attempt: int, request_id: str) -> None:
+        events.append((f"ledger {attempt}", request_id))
+
+    outcome, _, _ = run(handler, before_send_hook=before_send)
+
+    ids = [a.request_id for a in outcome.attempts]
+    assert len(set(ids)) == 2 and all(ids)
+    assert events == [
+        ("ledger 1", ids[0]),
+        ("sent", ids[0]),
+        ("ledger 2", ids[1]),
+        ("sent", ids[1]),
+    ]
+
+
+def test_an_attempt_the_ledger_cannot_record_is_not_sent() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return ok()
+
+    async def before_send(attempt: int, request_id: str) -> None:
+        raise Unavailable("the database is down")
+
+    outcome, _, _ = run(handler, config=make_config(max_retries=1), before_send_hook=before_send)
+
+    assert sent == [] and outcome.attempts == []
+    assert isinstance(outcome.error, Unavailable)
+
+
+def _limit_after(first: httpx.Response) -> tuple[float, int]:
+    async def go() -> tuple[float, int]:
+        transport = httpx.MockTransport(replies(first, ok()))
+        async with httpx.AsyncClient(base_url=BASE_URL, transport=transport) as http:
+            client = TeacherClient(make_config(concurrency=20), http)
+            await client.complete(request_for(client.config))
+            await asyncio.sleep(0.05)  # the pool's cut reaches the governor
+            await client.complete(request_for(client.config))
+            return client.slots.limit, client.slots.epoch
+
+    return asyncio.run(go())
+
+
+def test_a_429_without_rate_headers_shrinks_the_calls_in_flight() -> None:
+    limit, epoch = _limit_after(httpx.Response(429, headers={"Retry-After": "0"}))
+
+    # min(20 * 0.95, the calls left in flight: none), but at most halved at once; then one
+    # more for the answer that came back while a caller waited.
+    assert epoch == 1 and limit in (10.0, 11.0)
+
+
+def test_a_429_for_an_empty_rate_bucket_paces_instead() -> None:
+    headers = {
+        "Retry-After": "0",
+        "x-ratelimit-limit-requests": "600",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "100ms",
+    }
+    limit, epoch = _limit_after(httpx.Response(429, headers=headers))
+
+    assert (limit, epoch) == (20.0, 0)
+
+
+def test_a_timeout_while_the_process_was_stopped_does_not_count_against_the_teacher() -> None:
+    from workers.governor import GovernorLimits, LocalGovernor
+
+    governor = LocalGovernor(GovernorLimits(failures=1))
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(10)
+        return ok()
+
+    async def go() -> TeacherOutcome:
+        config = make_config(timeout_s=0.2, max_retries=0)
+        async with httpx.AsyncClient(base_url=BASE_URL, transport=httpx.MockTransport(hang)) as h:
+            client = TeacherClient(config, h, governor=governor)
+            client.stalls.stalled_since = lambda started: True  # type: ignore[method-assign]
+            return await client.complete(request_for(config))
+
+    outcome = asyncio.run(go())
+
+    assert isinstance(outcome.error, TeacherTimeout)
+    assert governor.state.get("fails", 0.0) == 0.0
+    assert governor.state.get("open_until", 0.0) == 0.0

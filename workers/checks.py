@@ -88,6 +88,9 @@ def parse_json_answer(content: str) -> Any:
         raise
 
 
+_PROBLEMS_KEPT = 20_000  # distinct answers whose schema verdict is remembered
+
+
 class Checker:
     """Compiled once per spec; ``check`` runs the whole chain on one answer."""
 
@@ -103,6 +106,7 @@ class Checker:
         self.jury_min_agreement = spec.jury.min_agreement
         review = spec.checks.get("review_confidence")
         self.review_confidence = None if review is None else float(review)
+        self._problems: dict[str, list[tuple[str, str]]] = {}
 
     def check_body(
         self,
@@ -136,8 +140,18 @@ class Checker:
             return [f"{structural[0].replace('_', ' ')}: the answer must be one JSON object"]
         return [
             f"at {path}: {message}"
-            for path, message in schema_problems(self.validator, result.output)
+            for path, message in self._schema_problems(answer.content or "", result.output)
         ][:5]
+
+    def _schema_problems(self, content: str, output: Any) -> list[tuple[str, str]]:
+        """The schema's verdict on an answer, remembered by its text: a batch checks each
+        answer two or three times (repairs, the final check, the jury's vote)."""
+        found = self._problems.get(content)
+        if found is None:
+            if len(self._problems) >= _PROBLEMS_KEPT:
+                self._problems.clear()
+            found = self._problems[content] = schema_problems(self.validator, output)
+        return found
 
     def check(
         self, answer: Answer, known_good: dict[str, Any] | None, document: str | None = None
@@ -175,7 +189,7 @@ class Checker:
         if confidence is None:
             confidence = answer.logprob_confidence
         result = CheckResult(Verdict.ACCEPTED, [], output, confidence)
-        for path, message in schema_problems(self.validator, output):
+        for path, message in self._schema_problems(answer.content, output):
             result.reject(f"schema:{path}", message, path)
         if result.confidence is not None and result.confidence < self.min_confidence:
             result.reject(

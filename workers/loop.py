@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread", "event_loop_factory"]
+__all__ = ["LoopThread", "StallWatch", "event_loop_factory"]
 
 T = TypeVar("T")
 
@@ -53,3 +54,51 @@ class LoopThread:
 
 async def _thread_cpu() -> float:
     return time.thread_time()
+
+
+class StallWatch:
+    """Notices when this process stopped running for a while (SIGSTOP, a frozen VM, a loop
+    blocked by a long call): timeouts that expire during such a stall say nothing about the
+    teacher, so they must not open the fleet's circuit breaker or shrink its limit."""
+
+    def __init__(
+        self,
+        *,
+        tick_s: float = 0.1,
+        stall_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tick_s = tick_s
+        self.stall_s = stall_s
+        self.clock = clock
+        self._last = clock()
+        self._stalls: deque[tuple[float, float]] = deque(maxlen=16)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start ticking on the running loop (again, if the loop changed or it stopped)."""
+        if self._task is None or self._task.done():
+            self._last = self.clock()
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _tick(self) -> None:
+        while True:
+            self.beat()
+            await asyncio.sleep(self.tick_s)
+
+    def beat(self) -> None:
+        now = self.clock()
+        if now - self._last > self.stall_s:
+            self._stalls.append((self._last, now))
+        self._last = now
+
+    def stalled_since(self, started: float) -> bool:
+        """Whether the process stalled at any time after ``started`` (its clock's reading)."""
+        if self.clock() - self._last > self.stall_s:
+            return True  # stalled right now: the tick has not run since
+        return any(end > started for _, end in self._stalls)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.errors import ConfigError, PermanentError, StillhouseError
+from schemas.errors import ConfigError, PermanentError, RateLimited, StillhouseError
 from storage.items import ClaimedItem
 from storage.models import CallStatus, Verdict
 from storage.results import BatchResult, CallRecord, LabelRecord, NewResponse, Release
@@ -175,6 +175,7 @@ def _ledger(
                 attempt.completion_tokens,
                 cost,
                 attempt.latency_ms,
+                attempt.request_id,
             )
         )
         summary.spent_usd += cost
@@ -209,14 +210,30 @@ def _release(
             Release(item.id, f"{error.kind}: {error}", wait, failed=False, refund_attempt=True)
         )
         return error
+    wait = getattr(error, "retry_after_s", None)
+    if isinstance(error, RateLimited) or not _sent_anything(ctx, item.id):
+        # A wait (a 429, an open breaker, a spent rate) or a claim that sent nothing is not
+        # the item's fault: it goes back with its attempt, so waits never fail an item.
+        batch.releases.append(
+            Release(item.id, f"{error.kind}: {error}", wait, failed=False, refund_attempt=True)
+        )
+        return None
     failed = isinstance(error, PermanentError) or (
         item.attempts >= ctx.spec.labeling["max_attempts"]
     )
-    wait = getattr(error, "retry_after_s", None)
     batch.releases.append(Release(item.id, f"{error.kind}: {error}", wait, failed=failed))
     summary.failed += int(failed)
     summary.released -= int(failed)
     return None
+
+
+def _sent_anything(ctx: BatchContext, item_id: int) -> bool:
+    """Whether any HTTP attempt went out for this item in this claim."""
+    asked = [ctx.requests[item_id], *ctx.jury.get(item_id, [])]
+    asked += [r[item_id] for r in ctx.repairs if item_id in r]
+    return any(
+        ctx.outcomes[r.request_hash].attempts for r in asked if r.request_hash in ctx.outcomes
+    )
 
 
 def _label(

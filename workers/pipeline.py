@@ -26,21 +26,24 @@ from schemas.errors import BudgetExhausted, ConfigError
 from storage.budget import budget_state, current_budget, reserve, settle
 from storage.items import ClaimedItem, claim_items, known_good_for
 from storage.models import SpecRow
-from storage.results import cached_responses, record_batch, record_in_flight
+from storage.results import InFlight, cached_responses, record_batch
 from workers.checks import Checker
-from workers.governor import Governor, GovernorLimits, LocalGovernor, RedisGovernor, governor_key
+from workers.concurrency import SlotPool
+from workers.governor import Governor, LocalGovernor, RedisGovernor, governor_key, limits_of
 from workers.loop import LoopThread, event_loop_factory
 from workers.outcomes import BatchContext, BatchSummary, assemble
 from workers.prompt import render_messages
 from workers.providers import Answer, provider_for
 from workers.spec import Spec, TeacherConfig, is_withheld, parse_spec
 from workers.teacher import (
+    BeforeSend,
     TeacherClient,
     TeacherOutcome,
     TeacherRequest,
     build_request,
     make_http_client,
 )
+from workers.writeahead import WriteAhead
 
 __all__ = [
     "BatchSummary",
@@ -117,15 +120,20 @@ class LabelRuntime:
         self._loaded: dict[int, _Loaded] = {}
         self._call_cpu_reported = 0.0
         self._governors: dict[str, Governor] = {}
+        self._pools: dict[str, SlotPool] = {}
         self._redis: Any = None
+        self._ahead = WriteAhead(sessions)
 
     def close(self) -> None:
         for loaded in self._loaded.values():
             for client in loaded.clients:
-                self._runner.run(client.http.aclose())
+                self._runner.run(client.aclose())
+        for pool in self._pools.values():
+            self._runner.run(pool.close())  # its slots go back to the fleet at once
         if self._redis is not None:
             self._runner.run(self._redis.aclose())
         self._loaded.clear()
+        self._ahead.close()
         self._runner.close()
 
     def __enter__(self) -> LabelRuntime:
@@ -157,14 +165,20 @@ class LabelRuntime:
         return self._loaded[spec_id]
 
     def _client(self, config: TeacherConfig) -> TeacherClient:
-        """A client of its own per teacher, behind the governor of its endpoint and model."""
+        """A client of its own per teacher, behind the governor and the slots of its endpoint
+        and model (shared by every spec of this process that calls the same one)."""
         http = self._runner.run(_make_client(config, self.http_transport))
-        return TeacherClient(config, http, governor=self._governor(config))
-
-    def _governor(self, config: TeacherConfig) -> Governor:
         key = governor_key(config)
+        governor = self._governor(key, config)
+        if key not in self._pools:
+            self._pools[key] = self._runner.run(
+                _make_pool(governor, f"{self.owner}:{key[-16:]}", config.latency_tolerance)
+            )
+        return TeacherClient(config, http, governor=governor, slots=self._pools[key])
+
+    def _governor(self, key: str, config: TeacherConfig) -> Governor:
         if key not in self._governors:
-            limits = GovernorLimits.from_config(config)
+            limits = limits_of(config)
             if self.redis_url:
                 if self._redis is None:
                     self._redis = self._runner.run(_make_redis(self.redis_url))
@@ -205,13 +219,11 @@ class LabelRuntime:
             if call.request.request_hash not in ctx.cached
         }
         reservations = [self._reserve(spec_id, loaded.spec, misses, ctx)]
-        in_flight: list[int] = []
-        ctx.outcomes = self._send(spec_id, misses, in_flight)
+        ctx.outcomes = self._send(spec_id, misses)
         for _ in range(int(loaded.spec.checks["repair_attempts"])):
-            if not self._repair_round(spec_id, loaded, ctx, reservations, in_flight):
+            if not self._repair_round(spec_id, loaded, ctx, reservations):
                 break
         batch, summary, stop = assemble(ctx)
-        batch.in_flight_ids = in_flight
         with self.sessions.begin() as session:
             record_batch(session, spec_id, batch)
             spent = summary.spent_usd
@@ -225,20 +237,24 @@ class LabelRuntime:
             raise stop
         return summary
 
-    def _send(
-        self, spec_id: int, misses: dict[str, _Call], in_flight: list[int]
-    ) -> dict[str, TeacherOutcome]:
-        """Ledger the requests as in flight (committed), then send them all concurrently,
-        each to its own teacher."""
+    def _send(self, spec_id: int, misses: dict[str, _Call]) -> dict[str, TeacherOutcome]:
+        """Send the requests concurrently, each to its own teacher; every HTTP attempt is on
+        the ledger (committed) right before it goes out."""
         if not misses:
             return {}
-        with self.sessions.begin() as session:
-            in_flight += record_in_flight(
-                session,
-                spec_id,
-                [(c.item_id, h, round(c.reserve_usd, 10)) for h, c in misses.items()],
+        calls = [(call, self._before_send(spec_id, call)) for call in misses.values()]
+        return self._runner.run(_call_all(calls))
+
+    def _before_send(self, spec_id: int, call: _Call) -> BeforeSend:
+        cost = round(call.reserve_usd, 10)
+
+        async def write_ahead(attempt: int, request_id: str) -> None:
+            rhash = call.request.request_hash
+            await self._ahead.record(
+                InFlight(call.item_id, spec_id, rhash, attempt, request_id, cost)
             )
-        return self._runner.run(_call_all(list(misses.values())))
+
+        return write_ahead
 
     def _call_cpu_since_last(self) -> float:
         """CPU the event loop thread (teacher calls only) used since the last batch asked."""
@@ -253,7 +269,6 @@ class LabelRuntime:
         loaded: _Loaded,
         ctx: BatchContext,
         reservations: list[int | None],
-        in_flight: list[int],
     ) -> bool:
         """Re-ask, once, every item whose latest answer does not parse or fit the schema,
         quoting the problem back; returns whether anything was re-asked.
@@ -287,7 +302,7 @@ class LabelRuntime:
             if r.request_hash not in ctx.cached and r.request_hash not in ctx.outcomes
         }
         reservations.append(self._reserve(spec_id, spec, misses, ctx))
-        ctx.outcomes.update(self._send(spec_id, misses, in_flight))
+        ctx.outcomes.update(self._send(spec_id, misses))
         return True
 
     def _context(self, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
@@ -391,6 +406,10 @@ async def _make_client(config: TeacherConfig, transport: str) -> Any:
     return make_http_client(config, transport=transport)
 
 
+async def _make_pool(governor: Governor, token: str, tolerance: float | None) -> SlotPool:
+    return SlotPool(governor, token, latency_tolerance=tolerance)
+
+
 async def _make_redis(url: str) -> Any:
     import redis.asyncio
 
@@ -405,20 +424,65 @@ def _first_calls(loaded: _Loaded, ctx: BatchContext) -> Iterator[_Call]:
             yield _Call(item.id, request, juror)
 
 
-async def _call_all(calls: list[_Call]) -> dict[str, TeacherOutcome]:
-    results = await asyncio.gather(*(c.client.complete(c.request) for c in calls))
-    return {c.request.request_hash: outcome for c, outcome in zip(calls, results, strict=True)}
+async def _call_all(calls: list[tuple[_Call, BeforeSend]]) -> dict[str, TeacherOutcome]:
+    results = await asyncio.gather(*(c.client.complete(c.request, ahead) for c, ahead in calls))
+    return {c.request.request_hash: outcome for (c, _), outcome in zip(calls, results, strict=True)}
 
 
 def label_until_done(
-    runtime: LabelRuntime, spec_id: int, *, on_batch: Callable[[BatchSummary], None] | None = None
+    runtime: LabelRuntime,
+    spec_id: int,
+    *,
+    on_batch: Callable[[BatchSummary], None] | None = None,
+    lanes: int | None = None,
 ) -> BatchSummary:
-    """Embedded mode: label claimable items batch after batch until none is left."""
-    total = BatchSummary()
-    while True:
-        summary = runtime.label_batch(spec_id)
-        if summary.claimed == 0:
-            return total
-        total.add(summary)
-        if on_batch is not None:
-            on_batch(summary)
+    """Embedded mode: label claimable items until none is left, several batches at once.
+
+    One batch at a time would leave the teacher idle while a batch is claimed, checked and
+    written, and while its last calls finish: ``lanes`` threads (by default enough batches
+    to fill the teacher's concurrency twice over, 2 to 8) each label batch after batch, as
+    the threads of a Celery worker do, over the runtime's one event loop and its slots. A
+    configuration error (a bad key, a spent budget) stops every lane after its batch and is
+    raised; the lanes' last empty claims are followed by one more pass, since a batch that
+    finished meanwhile may have put items back (a short wait after a 429).
+    """
+    spec = runtime.spec(spec_id)
+    lanes = lanes or _lanes_for(spec)
+    total, lock, stop = BatchSummary(), threading.Lock(), threading.Event()
+    errors: list[BaseException] = []
+
+    def lane() -> None:
+        try:
+            while not stop.is_set():
+                summary = runtime.label_batch(spec_id)
+                if summary.claimed == 0:
+                    return
+                with lock:
+                    total.add(summary)
+                    if on_batch is not None:
+                        on_batch(summary)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=lane, name=f"stillhouse-lane-{n}", daemon=True)
+        for n in range(lanes)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    lane()  # the straggler pass, in this thread
+    if errors:
+        raise errors[0]
+    return total
+
+
+def _lanes_for(spec: Spec) -> int:
+    """Batches in work at once: enough to keep every teacher's concurrency full twice over."""
+    batch = int(spec.labeling["batch_size"])
+    widest = max(teacher.concurrency for teacher in spec.teachers)
+    return max(2, min(8, -(-2 * widest // batch)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +31,8 @@ __all__ = [
     "AnthropicProvider",
     "OpenAIProvider",
     "Provider",
+    "RateHeaders",
+    "parse_duration",
     "parse_retry_after",
     "provider_for",
 ]
@@ -52,6 +55,24 @@ class Answer:
     logprob_confidence: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """What a teacher's rate-limit headers say: per-minute limits, what is left, and the
+    seconds until each is full again (None where a header is missing)."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        """The server says nothing more fits now (requests or tokens)."""
+        return self.remaining_requests == 0 or self.remaining_tokens == 0
+
+
 class Provider(Protocol):
     name: str
     path: str
@@ -69,6 +90,44 @@ class Provider(Protocol):
     def parse(self, body: dict[str, Any]) -> Answer: ...
 
     def map_error(self, response: httpx.Response, api_key_env: str | None) -> StillhouseError: ...
+
+    def rate_headers(self, headers: httpx.Headers) -> RateHeaders | None: ...
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(value: str | None) -> float | None:
+    """Seconds from OpenAI's reset durations (``20ms``, ``1.5s``, ``6m0s``, ``1h2m``)."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value.strip())
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _int_header(headers: httpx.Headers, name: str) -> int | None:
+    value = headers.get(name)
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _retry_after_of(headers: httpx.Headers) -> float | None:
+    """``retry-after-ms`` (OpenAI's and Azure's precise form) first, then ``Retry-After``."""
+    precise = headers.get("retry-after-ms")
+    if precise is not None:
+        try:
+            return max(0.0, float(precise) / 1000)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -102,7 +161,7 @@ def _error_detail(response: httpx.Response) -> str:
 
 def _common_error(response: httpx.Response, api_key_env: str | None) -> StillhouseError:
     status, detail = response.status_code, _error_detail(response)
-    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    retry_after = _retry_after_of(response.headers)
     if status == 429:
         return RateLimited(
             f"teacher rate-limited the request (429): {detail}", retry_after_s=retry_after
@@ -179,6 +238,21 @@ class OpenAIProvider:
     def map_error(self, response: httpx.Response, api_key_env: str | None) -> StillhouseError:
         return _common_error(response, api_key_env)
 
+    def rate_headers(self, headers: httpx.Headers) -> RateHeaders | None:
+        """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (also sent by
+        Azure, vLLM behind a gateway, LiteLLM and the local teacher)."""
+        names = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
+        if not any(name in headers for name in names):
+            return None
+        return RateHeaders(
+            _int_header(headers, "x-ratelimit-limit-requests"),
+            _int_header(headers, "x-ratelimit-remaining-requests"),
+            parse_duration(headers.get("x-ratelimit-reset-requests")),
+            _int_header(headers, "x-ratelimit-limit-tokens"),
+            _int_header(headers, "x-ratelimit-remaining-tokens"),
+            parse_duration(headers.get("x-ratelimit-reset-tokens")),
+        )
+
 
 def _sequence_probability(logprobs: Any) -> float | None:
     """The probability of the whole answer, from per-token logprobs (OpenAI's shape)."""
@@ -245,6 +319,36 @@ class AnthropicProvider:
 
     def map_error(self, response: httpx.Response, api_key_env: str | None) -> StillhouseError:
         return _common_error(response, api_key_env)
+
+    def rate_headers(self, headers: httpx.Headers) -> RateHeaders | None:
+        """``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (reset is an
+        RFC 3339 time)."""
+        prefix = "anthropic-ratelimit-"
+        if f"{prefix}requests-limit" not in headers and f"{prefix}tokens-limit" not in headers:
+            return None
+        return RateHeaders(
+            _int_header(headers, f"{prefix}requests-limit"),
+            _int_header(headers, f"{prefix}requests-remaining"),
+            _seconds_until(headers.get(f"{prefix}requests-reset")),
+            _int_header(headers, f"{prefix}tokens-limit"),
+            _int_header(headers, f"{prefix}tokens-remaining"),
+            _seconds_until(headers.get(f"{prefix}tokens-reset")),
+        )
+
+
+def _seconds_until(value: str | None) -> float | None:
+    """Seconds from now until an RFC 3339 time (Anthropic's reset headers)."""
+    import datetime
+
+    if not value:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def _anthropic_content(blocks: list[Any]) -> str | None:

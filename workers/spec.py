@@ -41,7 +41,9 @@ class TeacherConfig:
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 60.0
     max_retries: int = 4
-    concurrency: int = 16
+    concurrency: int = 16  # calls in flight for the whole fleet: the adaptive limit's ceiling
+    min_concurrency: int = 1
+    latency_tolerance: float | None = 2.0
     max_output_tokens: int = 256
     samples: int = 1
     logprobs: bool = False
@@ -49,6 +51,8 @@ class TeacherConfig:
     tpm: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
+    breaker_failure_ratio: float = 0.5
+    breaker_window_s: float = 10.0
     max_inline_wait_s: float = 5.0
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
@@ -228,6 +232,8 @@ _OPERATIONAL_TEACHER = (
     "timeout_s",
     "max_retries",
     "concurrency",
+    "min_concurrency",
+    "latency_tolerance",
     "price",
 )
 
@@ -299,6 +305,8 @@ def _teacher_config(raw: dict[str, Any]) -> TeacherConfig:
         **fields,
         breaker_failures=int(breaker.get("failures", 5)),
         breaker_cooldown_s=float(breaker.get("cooldown_s", 30.0)),
+        breaker_failure_ratio=float(breaker.get("failure_ratio", 0.5)),
+        breaker_window_s=float(breaker.get("window_s", 10.0)),
         input_per_mtok=float(price.get("input_per_mtok", 0)),
         output_per_mtok=float(price.get("output_per_mtok", 0)),
     )

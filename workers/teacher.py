@@ -1,9 +1,10 @@
 """The teacher client: one ``httpx.AsyncClient`` per teacher, a provider adapter, the governor.
 
-This is the only retry layer: 429, 5xx, resets and timeouts are retried with exponential
-backoff and full jitter that honours ``Retry-After``; a wait longer than the teacher's
-``max_inline_wait_s`` is handed back to the caller, which writes it to the item as
-``retry_at`` in the database (never a Celery countdown).
+This is the only retry layer: a 429 waits its ``Retry-After`` (that call alone), and 5xx,
+resets and timeouts are retried with exponential backoff and full jitter; a wait longer
+than the teacher's ``max_inline_wait_s`` is handed back to the caller, which writes it to the
+item as ``retry_at`` in the database (never a Celery countdown). Calls in flight are bounded
+by the adaptive, fleet-wide limit of ``workers.concurrency``.
 """
 
 from __future__ import annotations
@@ -15,26 +16,33 @@ import math
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 
 from schemas.errors import (
     BadResponse,
-    ConfigError,
-    PermanentError,
+    RateLimited,
     StillhouseError,
+    TeacherBusy,
     TeacherTimeout,
     TransientError,
     Unavailable,
 )
-from workers.governor import Governor, GovernorLimits, LocalGovernor, wait_for_slot
-from workers.providers import Answer, Provider, parse_retry_after, provider_for
+from workers.concurrency import SlotPool
+from workers.governor import Governor, LocalGovernor, limits_of, wait_for_slot
+from workers.http import make_http_client
+from workers.loop import StallWatch
+from workers.providers import Answer, Provider, RateHeaders, parse_retry_after, provider_for
 from workers.spec import TeacherConfig
 
 __all__ = [
+    "REQUEST_ID_HEADER",
     "Attempt",
+    "BeforeSend",
     "TeacherClient",
     "TeacherOutcome",
     "TeacherRequest",
@@ -48,6 +56,10 @@ __all__ = [
 # A conservative prompt-token estimate (English runs about 4 characters a token) for limits
 # and budget reservations before the teacher tells us the real count.
 CHARS_PER_TOKEN_ESTIMATE = 3.0
+# One id per HTTP attempt, in OpenAI's header for it: the ledger and the teacher's logs meet.
+REQUEST_ID_HEADER = "X-Client-Request-Id"
+REQUEST_ID_HEADER_RAW = REQUEST_ID_HEADER.lower().encode()
+DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without Retry-After
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,7 @@ class Attempt:
     error_kind: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    request_id: str | None = None  # sent as X-Client-Request-Id; the ledger keeps it
 
 
 @dataclass(slots=True)
@@ -115,67 +128,6 @@ def build_request(
     )
 
 
-def make_http_client(config: TeacherConfig, *, transport: str = "aiohttp") -> httpx.AsyncClient:
-    """One client per process and teacher, sized to the spec's concurrency."""
-    limits = httpx.Limits(
-        max_connections=config.concurrency, max_keepalive_connections=config.concurrency
-    )
-    timeout = httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s))
-    headers = {"Content-Type": "application/json"}
-    if config.api_key_env:
-        key = os.environ.get(config.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"the spec's teacher.api_key_env names {config.api_key_env}, "
-                f"but that environment variable is not set: export it first"
-            )
-        headers.update(provider_for(config.provider).auth_headers(key))
-    base_url = config.base_url.rstrip("/")
-    if transport == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        return _StatelessClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=timeout,
-            transport=AiohttpTransport(
-                limits=limits, trust_env=False, client=lambda: _aiohttp_session(config)
-            ),
-        )
-    return _StatelessClient(
-        base_url=base_url, headers=headers, timeout=timeout, limits=limits, trust_env=False
-    )
-
-
-def _aiohttp_session(config: TeacherConfig) -> Any:
-    """The aiohttp session under httpx: sized to the spec, and keeping no cookies either."""
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
-    )
-
-
-class _NoCookies(httpx.Cookies):
-    """A cookie jar that keeps nothing: teacher APIs are stateless, and parsing every
-    response for cookies cost about a tenth of a millisecond of CPU per call."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-    def set_cookie_header(self, request: httpx.Request) -> None:
-        return None
-
-
-class _StatelessClient(httpx.AsyncClient):
-    """``httpx.AsyncClient`` without cookie handling (the only change)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._cookies = _NoCookies()
-
-
 def map_http_error(
     response: httpx.Response, api_key_env: str | None, provider: str = "openai"
 ) -> StillhouseError:
@@ -188,8 +140,28 @@ def usage_of(body: dict[str, Any], provider: str = "openai") -> tuple[int, int]:
     return answer.prompt_tokens, answer.completion_tokens
 
 
+@dataclass(slots=True)
+class _Verdict:
+    """How one attempt went, for the slots: ``ok`` (with its latency), ``overload``, ``other``."""
+
+    outcome: str = "other"
+    latency_s: float | None = None
+
+
+# Called right before each HTTP attempt with its number and client request id; returns once
+# the attempt is on the ledger (committed), so a worker killed mid-call leaves its trace.
+BeforeSend = Callable[[int, str], Awaitable[None]]
+
+
 class TeacherClient:
-    """Sends requests to one teacher: bounded concurrency, the governor, one retry layer."""
+    """Sends requests to one teacher: the adaptive fleet-wide slots, the governor, one retry
+    layer, and a ledger hook before every HTTP attempt.
+
+    Waits are not failures: a 429 delays the call that got it (by its ``Retry-After``), and
+    only that call, for up to ``max_inline_wait_s`` in all, without using one of
+    ``max_retries``, which bound the transient failures (5xx, resets, timeouts) alone. A
+    longer wait is handed back to the caller as a ``RateLimited`` carrying it.
+    """
 
     def __init__(
         self,
@@ -197,6 +169,7 @@ class TeacherClient:
         http: httpx.AsyncClient,
         *,
         governor: Governor | None = None,
+        slots: SlotPool | None = None,
         max_inline_wait_s: float | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 20.0,
@@ -206,74 +179,185 @@ class TeacherClient:
         self.provider: Provider = provider_for(config.provider)
         # A server may echo the key in an error body; it must not reach a log or the database.
         self._secret = os.environ.get(config.api_key_env) if config.api_key_env else None
-        self.governor = governor or LocalGovernor(GovernorLimits.from_config(config))
+        self.governor = governor or LocalGovernor(limits_of(config))
+        self._slots = slots
+        self._own_slots = slots is None
         self.max_inline_wait_s = (
             config.max_inline_wait_s if max_inline_wait_s is None else max_inline_wait_s
         )
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
-        self._semaphore = asyncio.Semaphore(config.concurrency)
-        # Absolute and parsed once: httpx re-parses a relative path on every request.
+        self.stalls = StallWatch()
+        self._seen_limits: tuple[int | None, int | None] | None = None
+        # Absolute and parsed once: httpx re-parses a relative path on every request; the
+        # client's headers are merged once too (merging them per request cost 0.1 ms a call).
         self._url = http.base_url.copy_with(
             path=http.base_url.path.rstrip("/") + self.provider.path
         )
+        self._headers = list(http.headers.raw)
+        self._extensions = {"timeout": http.timeout.as_dict()}
 
-    async def complete(self, request: TeacherRequest) -> TeacherOutcome:
+    def _request(self, payload: bytes, request_id: str) -> httpx.Request:
+        headers = [*self._headers, (REQUEST_ID_HEADER_RAW, request_id.encode())]
+        return httpx.Request(
+            "POST", self._url, headers=headers, content=payload, extensions=self._extensions
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and stop the stall watch (the slots belong to the caller
+        that gave them; a pool this client made itself is closed too)."""
+        self.stalls.stop()
+        if self._own_slots and self._slots is not None:
+            await self._slots.close()
+        await self.http.aclose()
+
+    @property
+    def slots(self) -> SlotPool:
+        """The process's slots for this teacher (made on first use, inside the event loop)."""
+        if self._slots is None:
+            self._slots = SlotPool(
+                self.governor,
+                f"client:{os.urandom(6).hex()}",
+                latency_tolerance=self.config.latency_tolerance,
+            )
+        return self._slots
+
+    async def complete(
+        self, request: TeacherRequest, before_send: BeforeSend | None = None
+    ) -> TeacherOutcome:
         """Call the teacher, retrying transient errors; never raises for HTTP failures."""
+        self.stalls.start()
         outcome = TeacherOutcome()
-        for attempt in range(self.config.max_retries + 1):
+        failures, waited = 0, 0.0
+        while True:
             try:
-                async with self._semaphore:
-                    await self._attempt(request, outcome)
+                await self._attempt(request, outcome, before_send)
                 return outcome
-            except TransientError as exc:
+            except RateLimited as exc:
                 outcome.error = exc
-                wait = self._backoff(attempt, exc.retry_after_s)
-                if attempt == self.config.max_retries or wait > self.max_inline_wait_s:
+                wait = self._retry_after(exc.retry_after_s)
+                if isinstance(exc, TeacherBusy) or waited + wait > self.max_inline_wait_s:
                     exc.retry_after_s = max(wait, exc.retry_after_s or 0.0)
                     return outcome
+                await asyncio.sleep(wait)
+                waited += wait
+            except TransientError as exc:
+                outcome.error = exc
+                wait = self._backoff(failures, exc.retry_after_s)
+                if failures == self.config.max_retries or wait > self.max_inline_wait_s:
+                    exc.retry_after_s = max(wait, exc.retry_after_s or 0.0)
+                    return outcome
+                failures += 1
                 await asyncio.sleep(wait)
             except StillhouseError as exc:
                 outcome.error = exc
                 return outcome
-        return outcome
+
+    def _retry_after(self, retry_after_s: float | None) -> float:
+        base = DEFAULT_RETRY_AFTER_S if retry_after_s is None else retry_after_s
+        return base + random.uniform(0, min(0.25, max(0.01, base / 4)))
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
             return retry_after_s + random.uniform(0, 0.25)
         return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
 
-    async def _attempt(self, request: TeacherRequest, outcome: TeacherOutcome) -> None:
-        # Governor waits are not attempts: nothing was sent, so nothing goes in the ledger.
-        report_ok = await wait_for_slot(
-            self.governor, request.tokens_estimate, self.max_inline_wait_s
-        )
-        started = time.perf_counter()
+    async def _attempt(
+        self, request: TeacherRequest, outcome: TeacherOutcome, before_send: BeforeSend | None
+    ) -> None:
+        slots = self.slots
+        epoch = await slots.acquire()
+        verdict = _Verdict()
+        try:
+            # Governor waits are not attempts: nothing was sent, so nothing goes in the ledger.
+            probe = await wait_for_slot(
+                self.governor, request.tokens_estimate, self.max_inline_wait_s
+            )
+            await self._send(request, outcome, before_send, probe, verdict)
+        finally:
+            slots.release(epoch, verdict.outcome, verdict.latency_s)
+
+    async def _send(
+        self,
+        request: TeacherRequest,
+        outcome: TeacherOutcome,
+        before_send: BeforeSend | None,
+        probe: bool,
+        verdict: _Verdict,
+    ) -> None:
+        """One HTTP attempt; ``verdict`` says how it went, for the slots."""
+        request_id = os.urandom(16).hex()
+        if before_send is not None:
+            await before_send(len(outcome.attempts) + 1, request_id)
+        started, sent_at = time.perf_counter(), self.stalls.clock()
         status: int | None = None
+        rate: RateHeaders | None = None
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                response = await self.http.post(self._url, content=request.payload)
+                response = await self.http.send(self._request(request.payload, request_id))
                 status = response.status_code
+                rate = self.provider.rate_headers(response.headers)
                 if status >= 400:
                     raise self.provider.map_error(response, self.config.api_key_env)
                 body = _json_body(response)
                 answer = self.provider.parse(body)
         except StillhouseError as exc:
             self._redact(exc)
-            await self._failed(outcome, started, status, exc)
+            attempt = Attempt(False, _ms(started), status, exc.kind, request_id=request_id)
+            outcome.attempts.append(attempt)
+            stalled = self.stalls.stalled_since(sent_at)
+            verdict.outcome = await self._failed(exc, rate, probe, stalled)
             raise
         except (TimeoutError, httpx.TransportError) as exc:
             error = self._transport_error(exc)
-            await self._failed(outcome, started, status, error)
+            attempt = Attempt(False, _ms(started), status, error.kind, request_id=request_id)
+            outcome.attempts.append(attempt)
+            await self._failed(error, rate, probe, self.stalls.stalled_since(sent_at))
             raise error from exc
-        if report_ok:
-            await self.governor.report("ok")
+        stalled = self.stalls.stalled_since(sent_at)
+        if probe:
+            await self.governor.report("ok", probe=True)
+        if rate is not None:
+            await self._observe(rate)
         outcome.body, outcome.answer, outcome.error = body, answer, None
         outcome.attempts.append(
             Attempt(
-                True, _ms(started), status, None, answer.prompt_tokens, answer.completion_tokens
+                True,
+                _ms(started),
+                status,
+                None,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                request_id,
             )
         )
+        verdict.outcome = "ok"
+        verdict.latency_s = None if stalled else time.perf_counter() - started
+
+    async def _observe(self, rate: RateHeaders) -> None:
+        """Share what the rate headers say when it is news: new limits, or nothing left."""
+        limits = (rate.limit_requests, rate.limit_tokens)
+        if limits != self._seen_limits or rate.exhausted:
+            self._seen_limits = limits
+            await self.governor.observe(rate)
+
+    async def _failed(
+        self, error: StillhouseError, rate: RateHeaders | None, probe: bool, stalled: bool
+    ) -> str:
+        """Tell the governor what a failed attempt means; returns the slots' verdict."""
+        if isinstance(error, RateLimited):
+            if rate is not None and rate.exhausted:
+                await self._observe(rate)  # a bucket ran dry: pace, keep the calls in flight
+                return "other"
+            return "overload"  # over the teacher's capacity: fewer calls in flight
+        if isinstance(error, TransientError):
+            if not stalled:  # else a timeout that expired while this process was stopped
+                oks = self.slots.take_oks()  # the breaker weighs failures against successes
+                await self.governor.report("failure", probe=probe, oks=oks)
+            return "other"
+        if probe:
+            await self.governor.report("ok", probe=True)  # the teacher answered: it is up
+        return "ok"
 
     def _redact(self, exc: StillhouseError) -> None:
         if self._secret and self._secret in str(exc):
@@ -294,21 +378,16 @@ class TeacherClient:
             f"{type(exc).__name__}: {exc}"
         )
 
-    async def _failed(
-        self, outcome: TeacherOutcome, started: float, status: int | None, error: StillhouseError
-    ) -> None:
-        outcome.attempts.append(Attempt(False, _ms(started), status, error.kind))
-        if error.kind == "rate_limited":
-            await self.governor.report("rate_limited", getattr(error, "retry_after_s", None))
-        elif isinstance(error, TransientError):
-            await self.governor.report("failure")
-        elif isinstance(error, PermanentError):
-            await self.governor.report("ok")  # the teacher answered: it is up (closes a probe)
-
 
 def _json_body(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = response.json()
+        # orjson parses an answer several times faster; what it refuses (NaN, huge
+        # integers) the standard parser may still read.
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    try:
+        body = response.json() if body is None else body
     except ValueError as exc:
         raise BadResponse(
             f"teacher answered {response.status_code} with a body that is not "

@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -113,6 +114,8 @@ class RequestLog:
 
     entries: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
     first: int = 0  # the number of the oldest entry still kept
+    path: Path | None = None  # also append each entry here, as it arrives (JSON lines)
+    _out: TextIO | None = field(default=None, repr=False)
 
     def add(self, number: int, raw: bytes, request: Request) -> dict[str, Any]:
         if len(self.entries) == self.entries.maxlen:
@@ -125,7 +128,20 @@ class RequestLog:
             "status": None,
         }
         self.entries.append(entry)
+        self._append(entry)
         return entry
+
+    def answered(self, entry: dict[str, Any], status: int) -> None:
+        entry["status"] = status
+        self._append({"n": entry["n"], "status": status})
+
+    def _append(self, line: dict[str, Any]) -> None:
+        # Written on arrival, before the answer: a server killed mid-request still has
+        # every request it received on file (a restarted one appends to the same file).
+        if self.path is not None:
+            if self._out is None:
+                self._out = self.path.open("a", encoding="utf-8", buffering=1)
+            self._out.write(json.dumps(line) + "\n")
 
     def page(self, offset: int, limit: int) -> dict[str, Any]:
         start = max(0, offset - self.first)
@@ -141,7 +157,12 @@ class _Routes:
     """Request handlers bound to one backend, key, fault plan and set of counters."""
 
     def __init__(
-        self, backend: Backend, api_key: str | None, plan: FaultPlan, limits: LimitsConfig
+        self,
+        backend: Backend,
+        api_key: str | None,
+        plan: FaultPlan,
+        limits: LimitsConfig,
+        request_log: Path | None = None,
     ) -> None:
         self.backend = backend
         self.api_key = api_key
@@ -149,7 +170,8 @@ class _Routes:
         self.limits_config = limits
         self.limits = RateLimits(limits)
         self.stats = ServerStats()
-        self.log = RequestLog()
+        self.request_log = request_log
+        self.log = RequestLog(path=request_log)
         self.ready = False
         self.started = int(time.time())
 
@@ -172,7 +194,7 @@ class _Routes:
         raw = await request.body()
         entry = self.log.add(number, raw, request)
         response = await self._answer(request, raw, number)
-        entry["status"] = response.status_code
+        self.log.answered(entry, response.status_code)
         return response
 
     async def _answer(self, request: Request, raw: bytes, number: int) -> Response:
@@ -262,7 +284,7 @@ class _Routes:
 
     async def stats_reset(self, request: Request) -> JSONResponse:
         self.stats = ServerStats()
-        self.log = RequestLog()
+        self.log = RequestLog(path=self.request_log)
         self.limits = RateLimits(self.limits_config)
         return JSONResponse(self.stats.as_json())
 
@@ -307,9 +329,13 @@ def create_app(
     api_key: str | None = None,
     faults: FaultProfile | None = None,
     limits: LimitsConfig | None = None,
+    request_log: Path | None = None,
 ) -> TeacherApp:
-    """Build the teacher app; the backend is loaded in the lifespan, before requests."""
-    routes = _Routes(backend, api_key, FaultPlan(faults), limits or LimitsConfig())
+    """Build the teacher app; the backend is loaded in the lifespan, before requests.
+
+    ``request_log`` is a file the request log is also appended to (JSON lines: each request
+    as it arrives, then ``{"n", "status"}`` once it is answered)."""
+    routes = _Routes(backend, api_key, FaultPlan(faults), limits or LimitsConfig(), request_log)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -36,17 +36,19 @@ def serve(
     latency_ms: float | None = None,
     model: str | None = None,
     limits: LimitsConfig | None = None,
+    request_log: Path | None = None,
 ) -> None:
     """Serve the teacher until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
-        ``faults`` is a YAML fault profile (or a ``FaultProfile``); ``fault`` holds
-        ``KIND=SHARE`` overrides and ``seed`` overrides its seed. ``latency_ms`` is the ``fixed``
-        backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
-        that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
-    ``limits`` are the rate limits the server enforces as a hosted provider would (429s).
+            ``faults`` is a YAML fault profile (or a ``FaultProfile``); ``fault`` holds
+            ``KIND=SHARE`` overrides and ``seed`` overrides its seed. ``latency_ms`` is the ``fixed``
+            backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
+            that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
+        ``limits`` are the rate limits the server enforces as a hosted provider would (429s);
+    ``request_log`` a JSON-lines file every request is appended to as it arrives.
 
-        Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
-        is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
+            Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
+            is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
     """
     fixed = backend == "fixed"
     profile = build_profile(
@@ -56,7 +58,16 @@ def serve(
         backend = make_backend(backend, model=model, latency_ms=latency_ms if fixed else None)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(
-            _serve(backend, host, port, api_key, log_level, profile, limits or LimitsConfig())
+            _serve(
+                backend,
+                host,
+                port,
+                api_key,
+                log_level,
+                profile,
+                limits or LimitsConfig(),
+                request_log,
+            )
         )
 
 
@@ -77,9 +88,12 @@ async def _serve(
     log_level: str,
     profile: FaultProfile,
     limits: LimitsConfig,
+    request_log: Path | None,
 ) -> None:
     await backend.load()  # before binding, so a connection never waits on the model
-    app = create_app(backend, api_key=api_key, faults=profile, limits=limits)
+    app = create_app(
+        backend, api_key=api_key, faults=profile, limits=limits, request_log=request_log
+    )
     config = uvicorn.Config(
         app,
         host=host,
