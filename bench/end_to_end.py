@@ -137,6 +137,8 @@ def _spec_file(directory: str, concurrency: int, batch_size: int) -> Path:
     body = yaml.safe_load(Path(load_spec("triage").source).read_text())
     body["name"] = "bench-e2e"
     body["teacher"].update(concurrency=concurrency, timeout_s=30, max_retries=2)
+    if os.environ.get("X_NO_LATENCY"):
+        body["teacher"]["latency_tolerance"] = None
     body["labeling"] = {"batch_size": batch_size, "lease_s": 600, "max_attempts": 5}
     body["checks"]["require_known_good_match"] = False
     path = Path(directory) / "bench-e2e.yaml"
@@ -174,7 +176,7 @@ def _call_cpu_ms(log: Path) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="stillhouse-e2e-")
-    log = Path(tmp) / "requests.jsonl"
+    log = Path(args.keep_log) if args.keep_log else Path(tmp) / "requests.jsonl"
     with local_teacher("fixed", extra_args=[*server_args(args), "--request-log", str(log)]) as url:
         reference = asyncio.run(aiohttp_reference(url, args.concurrency, args.items))
         httpx.post(f"{url}/stats/reset", timeout=5).raise_for_status()
@@ -214,15 +216,19 @@ def _server_side(url: str, log: Path, started_at: float) -> dict[str, Any]:
     stats = httpx.get(f"{url}/stats", timeout=5).json()
     arrived: dict[int, float] = {}
     statuses: dict[int, int] = {}
+    done: dict[int, float] = {}
     for line in log.read_text().splitlines():
         entry = json.loads(line)
         if "at" in entry:
             arrived[entry["n"]] = entry["at"]
         if entry.get("status") is not None:
             statuses[entry["n"]] = entry["status"]
+            done[entry["n"]] = entry["done"]
     late = [n for n, at in arrived.items() if at > started_at + 5]
     late_429 = sum(1 for n in late if statuses.get(n) == 429)
+    served = [done[n] - arrived[n] for n in done if n in arrived and statuses.get(n) == 200]
     return {
+        "server_latency_ms": round(sum(served) / len(served) * 1000, 1) if served else None,
         "teacher_requests": stats["requests"],
         "teacher_429s": stats["rate_limited"] + stats["faults"]["rate_limit"],
         "teacher_max_in_flight": stats["max_in_flight"],
@@ -247,6 +253,7 @@ def _embedded(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
         started_at, started, cpu = time.time(), time.monotonic(), time.process_time()
         total = label_until_done(runtime, spec_id)
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
+    latency = _client_latency_ms(sessions)
     engine.dispose()
     if total.labeled != args.items:
         raise SystemExit(f"labeled {total.labeled} of {args.items} items")
@@ -258,7 +265,19 @@ def _embedded(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
         "call_cpu_ms_per_item": round(total.call_cpu_ms / args.items, 3),
         "process_cpu_ms_per_item": round(cpu * 1000 / args.items, 3),
         "lanes": _lanes_of(spec),
+        "client_latency_ms": latency,
     }
+
+
+def _client_latency_ms(sessions: Any) -> float | None:
+    """The mean latency of answered calls as the workers measured them (the ledger's)."""
+    from storage.models import CallStatus, TeacherCall
+
+    with sessions() as session:
+        mean = session.scalar(
+            select(func.avg(TeacherCall.latency_ms)).where(TeacherCall.status == CallStatus.OK)
+        )
+    return None if mean is None else round(float(mean), 1)
 
 
 def _lanes_of(spec: Any) -> int:
@@ -281,6 +300,7 @@ def _distributed(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any
         spec = load_spec(str(_spec_file(str(tmp), args.concurrency, args.batch_size)))
         load_source(sessions, spec, _rows(args.items))
         result = _measure(args, db, broker, url, sessions, tmp)
+        result["client_latency_ms"] = _client_latency_ms(sessions)
         engine.dispose()
     finally:
         if scratch:
@@ -369,7 +389,7 @@ def _timed(
         for worker, log in zip(workers, logs, strict=True):
             if worker.poll() is not None:
                 raise SystemExit(f"a worker died:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+        time.sleep(0.1)
     elapsed = time.monotonic() - started
     worker_cpu = sum(tree_cpu_s(w.pid) for w in workers) - cpu_before
     pg_after = postgres_cpu_s()
@@ -407,6 +427,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=12000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dispatch-interval-s", type=float, default=0.5)
+    parser.add_argument("--keep-log", metavar="PATH", help="keep the teacher's request log here")
     parser.add_argument(
         "--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import Engine, case, delete, select, update
 from sqlalchemy.orm import Session
 
 from storage.dialect import db_now_plus, insert_for
@@ -21,12 +21,12 @@ __all__ = [
     "BatchResult",
     "CallRecord",
     "InFlight",
+    "InFlightLedger",
     "LabelRecord",
     "NewResponse",
     "Release",
     "cached_responses",
     "record_batch",
-    "record_in_flight",
 ]
 
 
@@ -98,6 +98,7 @@ class BatchResult:
     calls: list[CallRecord]
     labels: list[LabelRecord]
     releases: list[Release]
+    replaces_in_flight: bool = True  # the attempts were written ahead as ledger rows
 
 
 def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -112,23 +113,69 @@ def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[
     return dict(rows.all())
 
 
-def record_in_flight(session: Session, attempts: Sequence[InFlight]) -> None:
-    """Ledger rows for HTTP attempts about to be sent (flush only; the caller commits before
-    sending). A worker killed mid-call leaves them as ``in_flight``: the ledger accounts for
-    every request the teacher may have received, one row per attempt."""
-    rows = [
-        {
-            "item_id": a.item_id,
-            "spec_id": a.spec_id,
-            "request_hash": a.request_hash,
-            "attempt": a.attempt,
-            "status": CallStatus.IN_FLIGHT.value,
-            "cost_usd": a.cost_usd,
-            "client_request_id": a.client_request_id,
-        }
-        for a in attempts
-    ]
-    _insert(session, TeacherCall.__table__, rows)
+_IN_FLIGHT_COLUMNS = (
+    "item_id",
+    "spec_id",
+    "request_hash",
+    "attempt",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "latency_ms",
+    "client_request_id",
+)
+
+
+class InFlightLedger:
+    """Writes the ledger rows of HTTP attempts about to be sent, on a connection of its own.
+
+    One multi-row ``INSERT`` per group, each its own transaction (autocommit): a worker
+    killed mid-call leaves an ``in_flight`` row for every request the teacher may have
+    received. On Postgres the commit does not wait for the WAL flush (``synchronous_commit
+    off``): a worker's death loses nothing, a Postgres crash at most the last fraction of a
+    second of these rows; the batch's own transaction, which replaces them, is synchronous.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._connection: Any = None
+        marker = "%s" if engine.dialect.name == "postgresql" else "?"
+        self._row = "(" + ", ".join([marker] * len(_IN_FLIGHT_COLUMNS)) + ")"
+        self._head = f"INSERT INTO teacher_calls ({', '.join(_IN_FLIGHT_COLUMNS)}) VALUES "
+
+    def _driver(self) -> Any:
+        if self._connection is None:
+            self._connection = self.engine.raw_connection()
+            driver = self._connection.driver_connection
+            if self.engine.dialect.name == "postgresql":
+                driver.autocommit = True
+                driver.execute("SET synchronous_commit TO OFF")
+            else:
+                driver.isolation_level = None  # autocommit
+        return self._connection.driver_connection
+
+    def write(self, attempts: Sequence[InFlight]) -> None:
+        """Commit one row per attempt (raises when the database cannot take them)."""
+        if not attempts:
+            return
+        values: list[Any] = []
+        for a in attempts:
+            values += [a.item_id, a.spec_id, a.request_hash, a.attempt]
+            values += [CallStatus.IN_FLIGHT.value, 0, 0, a.cost_usd, 0.0, a.client_request_id]
+        sql = self._head + ", ".join([self._row] * len(attempts))
+        try:
+            self._driver().cursor().execute(sql, values)
+        except Exception:
+            self.close()  # a fresh connection next time (the database may have restarted)
+            raise
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.invalidate()
+            finally:
+                self._connection = None
 
 
 def _insert(
@@ -146,6 +193,7 @@ def _insert(
 def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
     """Write one batch's responses, ledger rows, labels and item states (flush only)."""
     sent = [c.client_request_id for c in batch.calls if c.client_request_id]
+    sent = sent if batch.replaces_in_flight else []
     for start in range(0, len(sent), 5000):
         # The write-ahead rows of exactly these attempts give way to their outcomes (rows of
         # attempts whose outcome is unknown, a killed worker's, stay in flight).

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LEASE_VALID_S = 3.0  # hand out no slot on a lease older than this (the governor keeps 5 s)
 OVERLOAD_SETTLE_S = 0.025  # how long a wave of 429s takes to come back, about
+NO_FLOOR = 1 << 30  # "calls in flight" for a cut that must not use them as a floor
 
 
 class LatencyWatch:
@@ -94,7 +95,8 @@ class SlotPool:
         self._successes = 0  # for the limit to grow (the next lease)
         self._oks = 0  # for the breaker (the next lease or failure report, whichever first)
         self._limited = False
-        self._overloaded: set[int] = set()
+        self._overloaded: set[int] = set()  # epochs with a 429 (not a dry rate bucket)
+        self._slowed: set[int] = set()  # epochs whose answers came back too slowly
         self._overload_seen = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -140,7 +142,8 @@ class SlotPool:
             self._oks += 1
             if latency_s is not None and self.latency.add(latency_s, self.held):
                 log.info("teacher latency rose past its tolerance: fewer calls in flight")
-                outcome = "overload"
+                self._slowed.add(epoch)  # a plain cut: the calls in flight say nothing here
+                self._kick()
         if outcome == "overload":
             # The freed slot must not go straight back to a teacher that just refused one:
             # until the next lease, this process keeps only the calls it has in flight (the
@@ -197,10 +200,12 @@ class SlotPool:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.renew_s)
 
     async def _renew(self) -> None:
-        if self.epoch in self._overloaded:
-            seen = (self.token, self.epoch, self.in_use)
+        if self.epoch in self._overloaded or self.epoch in self._slowed:
+            in_flight = self.in_use if self.epoch in self._overloaded else NO_FLOOR
+            seen = (self.token, self.epoch, in_flight)
             self.limit, self.epoch = await self.governor.overload(seen)
         self._overloaded.clear()
+        self._slowed.clear()
         want = min(self.ceiling, self.in_use + len(self._waiters))
         ask = (self.token, want, self.in_use, self._successes, self._limited, self.take_oks())
         self._successes, self._limited = 0, bool(self._waiters)

@@ -122,7 +122,7 @@ class LabelRuntime:
         self._governors: dict[str, Governor] = {}
         self._pools: dict[str, SlotPool] = {}
         self._redis: Any = None
-        self._ahead = WriteAhead(sessions)
+        self._ahead = WriteAhead(sessions.kw["bind"])
 
     def close(self) -> None:
         for loaded in self._loaded.values():
@@ -224,6 +224,7 @@ class LabelRuntime:
             if not self._repair_round(spec_id, loaded, ctx, reservations):
                 break
         batch, summary, stop = assemble(ctx)
+        batch.replaces_in_flight = self._ahead.replaces_rows
         with self.sessions.begin() as session:
             record_batch(session, spec_id, batch)
             spent = summary.spent_usd
@@ -231,6 +232,7 @@ class LabelRuntime:
                 if reservation is not None:
                     settle(session, loaded.spec.name, reservation, spent)
                     spent = 0.0
+        self._ahead.settle([c.client_request_id for c in batch.calls if c.client_request_id])
         summary.call_cpu_ms = self._call_cpu_since_last() * 1000
         summary.cpu_ms = (time.thread_time() - started) * 1000 + summary.call_cpu_ms
         if stop is not None:
@@ -440,7 +442,7 @@ def label_until_done(
 
     One batch at a time would leave the teacher idle while a batch is claimed, checked and
     written, and while its last calls finish: ``lanes`` threads (by default enough batches
-    to fill the teacher's concurrency twice over, 2 to 8) each label batch after batch, as
+    to hold four times the teacher's concurrency, 2 to 16) each label batch after batch, as
     the threads of a Celery worker do, over the runtime's one event loop and its slots. A
     configuration error (a bad key, a spent budget) stops every lane after its batch and is
     raised; the lanes' last empty claims are followed by one more pass, since a batch that
@@ -482,7 +484,8 @@ def label_until_done(
 
 
 def _lanes_for(spec: Spec) -> int:
-    """Batches in work at once: enough to keep every teacher's concurrency full twice over."""
+    """Batches in work at once: four times the teacher's concurrency in items, so slots
+    stay full while some batches wait on a straggler (a call waiting out its 429)."""
     batch = int(spec.labeling["batch_size"])
     widest = max(teacher.concurrency for teacher in spec.teachers)
-    return max(2, min(8, -(-2 * widest // batch)))
+    return max(2, min(16, -(-4 * widest // batch)))

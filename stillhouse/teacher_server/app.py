@@ -133,7 +133,7 @@ class RequestLog:
 
     def answered(self, entry: dict[str, Any], status: int) -> None:
         entry["status"] = status
-        self._append({"n": entry["n"], "status": status})
+        self._append({"n": entry["n"], "status": status, "done": round(time.time(), 6)})
 
     def _append(self, line: dict[str, Any]) -> None:
         # Written on arrival, before the answer: a server killed mid-request still has
@@ -334,7 +334,7 @@ def create_app(
     """Build the teacher app; the backend is loaded in the lifespan, before requests.
 
     ``request_log`` is a file the request log is also appended to (JSON lines: each request
-    as it arrives, then ``{"n", "status"}`` once it is answered)."""
+    as it arrives, then ``{"n", "status", "done"}`` once it is answered)."""
     routes = _Routes(backend, api_key, FaultPlan(faults), limits or LimitsConfig(), request_log)
 
     @asynccontextmanager

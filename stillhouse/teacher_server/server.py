@@ -40,15 +40,15 @@ def serve(
 ) -> None:
     """Serve the teacher until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
-            ``faults`` is a YAML fault profile (or a ``FaultProfile``); ``fault`` holds
-            ``KIND=SHARE`` overrides and ``seed`` overrides its seed. ``latency_ms`` is the ``fixed``
-            backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
-            that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
-        ``limits`` are the rate limits the server enforces as a hosted provider would (429s);
+    ``faults`` is a YAML fault profile (or a ``FaultProfile``); ``fault`` holds
+    ``KIND=SHARE`` overrides and ``seed`` overrides its seed. ``latency_ms`` is the ``fixed``
+    backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
+    that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
+    ``limits`` are the rate limits the server enforces as a hosted provider would (429s);
     ``request_log`` a JSON-lines file every request is appended to as it arrives.
 
-            Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
-            is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
+    Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
+    is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
     """
     fixed = backend == "fixed"
     profile = build_profile(
