@@ -137,8 +137,6 @@ def _spec_file(directory: str, concurrency: int, batch_size: int) -> Path:
     body = yaml.safe_load(Path(load_spec("triage").source).read_text())
     body["name"] = "bench-e2e"
     body["teacher"].update(concurrency=concurrency, timeout_s=30, max_retries=2)
-    if os.environ.get("X_NO_LATENCY"):
-        body["teacher"]["latency_tolerance"] = None
     body["labeling"] = {"batch_size": batch_size, "lease_s": 600, "max_attempts": 5}
     body["checks"]["require_known_good_match"] = False
     path = Path(directory) / "bench-e2e.yaml"

@@ -188,6 +188,9 @@ def run_worker(
     celery = open_celery(settings)
     open_database(settings)[0].dispose()  # fail fast on a bad URL or an old schema
     tasks.set_runtime_factory(lambda: open_runtime(settings, config_pause_s=60.0))
+    # httpx logs every request at INFO: hundreds of lines a second that say nothing the
+    # ledger does not (errors still come through at WARNING).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     with _dispatcher_process(beat):
         celery.worker_main(
             [

@@ -274,6 +274,26 @@ def test_fast_failures_among_slow_successes_keep_the_circuit_closed(
     assert governors.run(scenario) == Slot(0.0)
 
 
+def test_an_outage_opens_the_circuit_whatever_came_before(governors: Governors) -> None:
+    """A minute of answers must not hide an outage: failures with no answer for a while."""
+
+    async def scenario(new: NewGovernor) -> tuple[Slot, Slot]:
+        governor = new(GovernorLimits(failures=5, cooldown_s=5.0))
+        await governor.lease(("w", 64, 64, 500, False, 500))  # 500 answers just now
+        for _ in range(6):
+            await governor.report("failure", quiet_s=10.0)
+        still_closed = await governor.acquire(1)
+        await asyncio.sleep(0.25)  # no answer since: the teacher is down
+        for _ in range(6):
+            await governor.report("failure", quiet_s=0.2)
+        return still_closed, await governor.acquire(1)
+
+    closed, opened = governors.run(scenario)
+
+    assert closed == Slot(0.0)
+    assert opened.why == "open"
+
+
 def test_half_open_lets_one_probe_through_and_success_closes(governors: Governors) -> None:
     async def scenario(new: NewGovernor) -> list[Slot]:
         governor = new(BREAKER)

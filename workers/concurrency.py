@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LEASE_VALID_S = 3.0  # hand out no slot on a lease older than this (the governor keeps 5 s)
 OVERLOAD_SETTLE_S = 0.025  # how long a wave of 429s takes to come back, about
+QUIET_UNKNOWN_S = 5.0  # the same, before any answer has shown the teacher's latency
 NO_FLOOR = 1 << 30  # "calls in flight" for a cut that must not use them as a floor
 
 
@@ -50,8 +51,6 @@ class LatencyWatch:
 
     def add(self, latency_s: float, window: int) -> bool:
         """Count one answer; True when it closes a window that shows congestion."""
-        if self.tolerance is None:
-            return False
         self._n += 1
         self._total += latency_s
         if self._n < max(self.min_window, window):
@@ -60,7 +59,7 @@ class LatencyWatch:
         if self.baseline is None:
             self.baseline = mean
             return False
-        congested = mean > self.baseline * self.tolerance
+        congested = self.tolerance is not None and mean > self.baseline * self.tolerance
         # The low rises a quarter a window toward a lasting change (longer prompts, a
         # slower model), so only a sudden rise reads as congestion.
         self.baseline = min(mean, self.baseline * 1.25)
@@ -102,6 +101,13 @@ class SlotPool:
         self._task: asyncio.Task[None] | None = None
         self._last_lease = -1e9
         self._error: StillhouseError | None = None
+
+    @property
+    def quiet_s(self) -> float:
+        """How long without any answer means the teacher is down: two of its usual
+        latencies, and at least half a second."""
+        baseline = self.latency.baseline
+        return max(0.5, 2 * baseline) if baseline is not None else QUIET_UNKNOWN_S
 
     @property
     def ceiling(self) -> int:

@@ -99,9 +99,12 @@ class Governor(Protocol):
         """May a call worth ``tokens`` go now? (rates, blocks, the breaker)"""
         ...
 
-    async def report(self, outcome: str, *, probe: bool = False, oks: int = 0) -> None:
+    async def report(
+        self, outcome: str, *, probe: bool = False, oks: int = 0, quiet_s: float = 1.0
+    ) -> None:
         """A call's outcome for the breaker: ``ok`` or ``failure``, with the answers that
-        came back fine since the reporter last told it (``oks``)."""
+        came back fine since the reporter last told it (``oks``), and how long without an
+        answer means the teacher is down (``quiet_s``)."""
         ...
 
     async def observe(self, headers: RateHeaders) -> None:
@@ -156,8 +159,11 @@ class LocalGovernor:
     async def acquire(self, tokens: int) -> Slot:
         return rules.acquire(self.state, self.limits, tokens, self._clock())
 
-    async def report(self, outcome: str, *, probe: bool = False, oks: int = 0) -> None:
-        rules.report(self.state, self.limits, outcome, probe, self._clock(), oks)
+    async def report(
+        self, outcome: str, *, probe: bool = False, oks: int = 0, quiet_s: float = 1.0
+    ) -> None:
+        now = self._clock()
+        rules.report(self.state, self.limits, outcome, probe, now, oks, quiet_s * 1000)
 
     async def observe(self, headers: RateHeaders) -> None:
         rules.observe(self.state, self.limits, header_values(headers), self._clock())
@@ -215,12 +221,14 @@ class RedisGovernor:
             self._clear_until = time.monotonic() + self.clear_ttl_s
         return slot
 
-    async def report(self, outcome: str, *, probe: bool = False, oks: int = 0) -> None:
+    async def report(
+        self, outcome: str, *, probe: bool = False, oks: int = 0, quiet_s: float = 1.0
+    ) -> None:
         if outcome != "ok":
             self._clear_until = 0.0
         lim = self.limits
         args = [outcome, int(probe), lim.failures, lim.cooldown_s, lim.failure_ratio]
-        args += [lim.window_s, oks]
+        args += [lim.window_s, oks, quiet_s * 1000]
         try:
             await self._report(keys=[self.key], args=args)
         except RedisError as exc:

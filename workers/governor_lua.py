@@ -78,10 +78,12 @@ REPORT_LUA = (
     + """
 local outcome, probe, failures, cooldown, ratio, window_s = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local fails, oks = decay(window_s)
-oks = oks + tonumber(ARGV[7])
+local fresh, quiet_ms = tonumber(ARGV[7]), tonumber(ARGV[8])
+oks = oks + fresh
 redis.call('HSET', key, 'oks', tostring(oks))
+if fresh > 0 then redis.call('HSET', key, 'last_ok', tostring(now)) end
 if outcome == 'ok' then
-  redis.call('HSET', key, 'oks', tostring(oks + 1))
+  redis.call('HSET', key, 'oks', tostring(oks + 1), 'last_ok', tostring(now))
   if probe == 1 or get('half_open', 0) == 1 then
     redis.call('HSET', key, 'half_open', 0, 'probe_until', 0, 'fails', 0)
   end
@@ -90,7 +92,9 @@ end
 if get('open_until', 0) > now or (get('half_open', 0) == 1 and probe == 0) then return 0 end
 fails = fails + 1
 redis.call('HSET', key, 'fails', tostring(fails))
-if probe == 1 or (fails >= failures - 0.5 and fails >= ratio * (fails + oks)) then
+local silent = now - get('last_ok', now) >= quiet_ms
+local dominant = fails >= ratio * (fails + oks)
+if probe == 1 or (fails >= failures - 0.5 and (dominant or silent)) then
   redis.call('HSET', key, 'open_until', tostring(now + cooldown * 1000), 'half_open', 1, 'probe_until', 0, 'fails', 0, 'oks', 0)
 end
 return 0
@@ -129,6 +133,7 @@ local token, want, in_use, successes, limited = ARGV[1], tonumber(ARGV[2]), tonu
 local concurrency, min_concurrency, ttl_ms, window_s = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local fails, oks = decay(window_s)
 redis.call('HSET', key, 'oks', tostring(oks + tonumber(ARGV[10])))
+if tonumber(ARGV[10]) > 0 then redis.call('HSET', key, 'last_ok', tostring(now)) end
 local limit = current_limit(concurrency, min_concurrency)
 if limited == 1 and successes > 0 and limit < concurrency then
   local acc = get('acc', 0) + successes

@@ -148,14 +148,25 @@ def _decay(s: State, lim: GovernorLimits, now: float) -> None:
 
 
 def report(
-    s: State, lim: GovernorLimits, outcome: str, probe: bool, now: float, oks: int = 0
+    s: State,
+    lim: GovernorLimits,
+    outcome: str,
+    probe: bool,
+    now: float,
+    oks: int = 0,
+    quiet_ms: float = 1000.0,
 ) -> None:
     """A call's outcome for the breaker: ``ok`` or ``failure`` (a probe's, or any call's),
-    with the answers that came back fine since the reporter last said (``oks``)."""
+    with the answers that came back fine since the reporter last said (``oks``), and how
+    long without any answer means the teacher is down (``quiet_ms``: a few of its usual
+    latencies)."""
     _decay(s, lim, now)
     s["oks"] += oks
+    if oks:
+        s["last_ok"] = now
     if outcome == "ok":
         s["oks"] += 1
+        s["last_ok"] = now
         if probe or s.get("half_open"):
             s["half_open"], s["probe_until"], s["fails"] = 0, 0, 0.0
         return
@@ -163,10 +174,11 @@ def report(
         return  # sent before the circuit opened: the opening already counted the outage
     s["fails"] += 1
     # Decayed counts: ``failures`` failures a few seconds apart count as about that many.
-    tripped = s["fails"] >= lim.failures - 0.5 and s["fails"] >= lim.failure_ratio * (
-        s["fails"] + s["oks"]
-    )
-    if probe or tripped:
+    # Enough of them open the circuit when they outnumber the answers, or when no answer at
+    # all came back for ``quiet_ms`` (an outage: the successes of a minute ago say nothing).
+    silent = now - s.get("last_ok", now) >= quiet_ms
+    dominant = s["fails"] >= lim.failure_ratio * (s["fails"] + s["oks"])
+    if probe or (s["fails"] >= lim.failures - 0.5 and (dominant or silent)):
         s["open_until"], s["half_open"], s["probe_until"] = now + lim.cooldown_s * 1000, 1, 0
         s["fails"], s["oks"] = 0.0, 0.0
 
@@ -207,6 +219,8 @@ def lease(
     token, want, in_use, successes, limited, oks = ask
     _decay(s, lim, now)
     s["oks"] += oks
+    if oks:
+        s["last_ok"] = now
     limit = min(float(lim.concurrency), max(float(lim.min_concurrency), s.get("limit", 1e9)))
     if limited and successes > 0 and limit < lim.concurrency:
         acc = s.get("acc", 0.0) + successes

@@ -353,7 +353,9 @@ class TeacherClient:
         if isinstance(error, TransientError):
             if not stalled:  # else a timeout that expired while this process was stopped
                 oks = self.slots.take_oks()  # the breaker weighs failures against successes
-                await self.governor.report("failure", probe=probe, oks=oks)
+                await self.governor.report(
+                    "failure", probe=probe, oks=oks, quiet_s=self.slots.quiet_s
+                )
             return "other"
         if probe:
             await self.governor.report("ok", probe=True)  # the teacher answered: it is up
