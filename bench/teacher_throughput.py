@@ -1,12 +1,16 @@
 """Teacher client throughput against the local `fixed` backend; one JSON line per concurrency.
 
     python bench/teacher_throughput.py --concurrency 16 64 --latency-ms 200 --requests 5000
+    python bench/teacher_throughput.py --concurrency 64 --requests 2000 --server-max-concurrency 32
 
 Runs the same client code the pipeline uses: requests built by `build_request`, the cache
 looked up in the database once per batch (`cached_responses`), the governor (Redis when
-STILLHOUSE_BROKER_URL is set, in-process otherwise) and `TeacherClient` over the configured
-httpx transport. The bound is concurrency / latency; client CPU is this process's CPU time.
-Exits non-zero if any request failed.
+STILLHOUSE_BROKER_URL is set, in-process otherwise) with its adaptive slots, and
+`TeacherClient` over the configured httpx transport. The teacher may enforce a hosted
+provider's limits (--server-max-concurrency, --server-rpm, --server-tpm); the bound is what
+it allows (concurrency or its cap over the latency, or its rpm). ``reference`` is the bare
+aiohttp loop of `bench/reference.py` against the same server in the same run. Client CPU is
+this process's CPU time. Exits non-zero if any request failed.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import time
 from collections import Counter
 from typing import Any
 
+import httpx
+from reference import add_server_options, aiohttp_reference, capped_bound, server_args
+
 from stillhouse.localteacher import local_teacher
 from stillhouse.settings import Settings
 from storage.migrate import upgrade
 from storage.results import cached_responses
 from storage.session import make_engine, make_sessionmaker
-from workers.governor import GovernorLimits, LocalGovernor, RedisGovernor, governor_key
+from workers.governor import LocalGovernor, RedisGovernor, governor_key, limits_of
 from workers.loop import event_loop_factory
 from workers.spec import TeacherConfig, load_spec
 from workers.teacher import TeacherClient, build_request, make_http_client
@@ -46,11 +53,9 @@ async def _run(
         import redis.asyncio as aioredis
 
         redis = aioredis.Redis.from_url(settings.broker_url)
-        governor: Any = RedisGovernor(
-            redis, governor_key(config) + ":bench", GovernorLimits.from_config(config)
-        )
+        governor: Any = RedisGovernor(redis, governor_key(config) + ":bench", limits_of(config))
     else:
-        governor = LocalGovernor(GovernorLimits.from_config(config))
+        governor = LocalGovernor(limits_of(config))
     http = make_http_client(config, transport=settings.http_transport)
     client = TeacherClient(config, http, governor=governor)
     outcomes: list[Any] = []
@@ -81,7 +86,7 @@ async def _run(
     attempts = sum(len(o.attempts) for o in outcomes)
     errors = Counter(a.error_kind for o in outcomes for a in o.attempts if a.error_kind)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    await http.aclose()
+    await client.aclose()
     if redis is not None:
         await redis.aclose()
     return {
@@ -102,7 +107,6 @@ def _loop_run(coro: Any) -> Any:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument(
         "--batch",
@@ -111,18 +115,21 @@ def main() -> int:
         help="requests per cache lookup and gather (default 2 x concurrency)",
     )
     parser.add_argument("--overlap", type=int, default=2, help="batches in flight at once")
+    add_server_options(parser)
     args = parser.parse_args()
     settings = Settings()
     failed_any = False
     with (
         tempfile.TemporaryDirectory() as tmp,
-        local_teacher("fixed", extra_args=["--latency-ms", str(args.latency_ms)]) as base_url,
+        local_teacher("fixed", extra_args=server_args(args)) as base_url,
     ):
         url = settings.database_url if not settings.is_sqlite else f"sqlite:///{tmp}/b.db"
         upgrade(url)
         engine = make_engine(url)
         sessions = make_sessionmaker(engine)
         for concurrency in args.concurrency:
+            reference = asyncio.run(aiohttp_reference(base_url, concurrency, args.requests))
+            httpx.post(f"{base_url}/stats/reset", timeout=5).raise_for_status()
             config = TeacherConfig(
                 model="fixed",
                 base_url=base_url,
@@ -141,8 +148,10 @@ def main() -> int:
                     settings,
                 )
             )
-            bound = concurrency / (args.latency_ms / 1000)
+            bound = capped_bound(args, concurrency)
             rate = args.requests / result["wall"]
+            served = httpx.get(f"{base_url}/stats", timeout=5).json()
+            reference["share_of_bound"] = round(reference["per_s"] / bound, 3)
             print(
                 json.dumps(
                     {
@@ -153,6 +162,14 @@ def main() -> int:
                         "requests_per_s": round(rate, 1),
                         "bound_per_s": round(bound, 1),
                         "share_of_bound": round(rate / bound, 3),
+                        "share_of_reference": round(rate / reference["per_s"], 3),
+                        "reference": reference,
+                        "teacher_429s": served["rate_limited"],
+                        "server_limits": {
+                            "max_concurrency": args.server_max_concurrency,
+                            "rpm": args.server_rpm,
+                            "tpm": args.server_tpm,
+                        },
                         "client_cpu_ms_per_call": round(result["cpu"] * 1000 / args.requests, 3),
                         "failed": result["failed"],
                         "attempts": result["attempts"],

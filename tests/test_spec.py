@@ -205,6 +205,18 @@ def _duplicate_label(body: dict[str, Any]) -> None:
 INVALID_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("missing teacher.model", _drop_teacher_model, "$.teacher", "'model' is a required property"),
     (
+        "min_concurrency above concurrency",
+        lambda b: b["teacher"].update(concurrency=4, min_concurrency=8),
+        "$.teacher.min_concurrency",
+        "8 is above its concurrency 4",
+    ),
+    (
+        "latency_tolerance below 1",
+        lambda b: b["teacher"].update(latency_tolerance=0.5),
+        "$.teacher.latency_tolerance",
+        "0.5 is less than the minimum of 1",
+    ),
+    (
         "wrong kind",
         lambda b: b.update(kind="summarize"),
         "$.kind",

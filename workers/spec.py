@@ -326,6 +326,17 @@ def _classification_schema(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_consistency(body: dict[str, Any], source: str) -> None:
+    teachers = [("$.teacher", body["teacher"])]
+    teachers += [
+        (f"$.jury.teachers[{n}]", t) for n, t in enumerate(body.get("jury", {}).get("teachers", []))
+    ]
+    for where, teacher in teachers:
+        least, most = teacher.get("min_concurrency", 1), teacher.get("concurrency", 16)
+        if least > most:
+            raise SpecError(
+                f"{source}: {where}.min_concurrency: {least} is above its concurrency {most} "
+                f"(the most calls in flight for the whole fleet); lower it or raise concurrency"
+            )
     names = [label["name"] for label in body.get("labels", [])]
     if len(names) != len(set(names)):
         raise SpecError(f"{source}: $.labels: label names must be unique, got {names}")
