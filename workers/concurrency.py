@@ -5,7 +5,8 @@ governor holds the learned limit (AIMD, see ``governor_rules``) and the leases; 
 :class:`SlotPool` is one process's side of it. Calls take a slot locally (no round trip
 while the process holds free slots); the pool renews its lease when callers wait and could
 get more, when it holds more than it needs (so other workers get them), after an overload,
-and every ``renew_s`` while it holds any (so the lease stays alive and the limit can grow).
+and every ``renew_s`` while it holds any (so the lease stays alive and the limit can grow),
+every 25 ms while callers wait and the fleet may have slots to spare.
 A process that dies or stalls stops renewing: its slots come back to the fleet when its
 lease expires, and a stalled process does not hand out slots again before it has renewed.
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LEASE_VALID_S = 3.0  # hand out no slot on a lease older than this (the governor keeps 5 s)
 OVERLOAD_SETTLE_S = 0.025  # how long a wave of 429s takes to come back, about
+STARVED_RENEW_S = 0.025  # how often a pool with waiting callers asks for more
 QUIET_UNKNOWN_S = 5.0  # the same, before any answer has shown the teacher's latency
 NO_FLOOR = 1 << 30  # "calls in flight" for a cut that must not use them as a floor
 
@@ -203,7 +205,13 @@ class SlotPool:
             if not (self.held or self.in_use or self._waiters):
                 return  # idle: nothing held, nothing wanted
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.renew_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=self._next_renewal())
+
+    def _next_renewal(self) -> float:
+        """Soon while callers wait and the fleet may have slots to spare (another worker
+        gives its back between batches); else every ``renew_s``."""
+        starved = self._waiters and self.held < math.floor(self.limit)
+        return STARVED_RENEW_S if starved else self.renew_s
 
     async def _renew(self) -> None:
         if self.epoch in self._overloaded or self.epoch in self._slowed:
