@@ -219,7 +219,7 @@ def _label_distributed(
         return {"queued": sent}
     with _progress(console) if console.is_terminal else nullcontext() as progress:
         task = progress.add_task("labeling", total=None) if progress else None
-        last_done, last_change = -1, time.monotonic()
+        last_done, last_change, pause = -1, time.monotonic(), 0.05
         while True:
             with sessions() as session:
                 now = status(session, spec.name)
@@ -237,7 +237,10 @@ def _label_distributed(
                 last_change = time.monotonic()
             # The same pass `stillhouse dispatch` runs: sweeps, then queues what is ready.
             sent += dispatch().sent
-            time.sleep(0.5)
+            # Often at first, so a small job is not kept waiting after its last label; every
+            # half second once the job has shown it is long.
+            time.sleep(pause)
+            pause = min(0.5, pause * 1.5)
     return {"queued": sent, "by_state": now.by_state}
 
 

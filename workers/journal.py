@@ -17,7 +17,6 @@ the ledger then accounts for every request sent, as it does with Postgres.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -31,6 +30,11 @@ from sqlalchemy.orm import Session
 
 from storage.models import Item, TeacherCall
 from storage.results import InFlight, InFlightLedger
+
+try:
+    import fcntl
+except ImportError:  # Windows: journals are written, but no run can tell a dead one's apart
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Journal", "journal_folder", "recover_journals"]
 
@@ -51,7 +55,7 @@ class _Segment:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file: IO[bytes] = path.open("ab")
-        fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(self.file, blocking=False)
         self.lines = 0
         self.open_ids: set[str] = set()
 
@@ -129,14 +133,12 @@ def recover_journals(engine: Engine) -> int:
     rows, and the segment is deleted.
     """
     folder = journal_folder(engine)
-    if folder is None or not folder.is_dir():
+    if folder is None or not folder.is_dir() or fcntl is None:
         return 0
     written = 0
     for path in sorted(folder.glob("*.jsonl")):
         with path.open("rb") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock(handle, blocking=False):
                 continue  # a living process is still writing it
             attempts = _read(handle.read())
             written += _ledger_missing(engine, attempts)
@@ -147,6 +149,18 @@ def recover_journals(engine: Engine) -> int:
             written,
         )
     return written
+
+
+def _lock(handle: IO[bytes], *, blocking: bool) -> bool:
+    """Hold an exclusive ``flock`` on a file; False when another process holds it."""
+    if fcntl is None:
+        return True
+    flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(handle.fileno(), flags)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _read(raw: bytes) -> list[InFlight]:
