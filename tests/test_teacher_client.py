@@ -583,7 +583,7 @@ def test_a_429_delays_only_the_call_that_got_it() -> None:
     finished = asyncio.run(go())
 
     assert 0.5 <= finished[0] < 1.5  # waited its retry-after-ms
-    assert max(finished[1:]) < 0.3  # nobody else waited for it
+    assert max(finished[1:]) < 0.45  # nobody else waited for it
 
 
 def test_429s_do_not_use_up_max_retries() -> None:
