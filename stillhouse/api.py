@@ -25,17 +25,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,7 +44,8 @@ from stillhouse.api_metrics import CONTENT_TYPE_LATEST, ApiMetrics, Instrumented
 from stillhouse.settings import Settings
 from storage.intake import backlog_by_spec
 from workers.ingest import store_spec
-from workers.intake import IntakeResult, ingest_live
+from workers.intake import IntakeResult, Outcome, RowOutcome, ingest_live
+from workers.rowpolicy import MAX_DEPTH
 from workers.sampling import SamplingRules
 from workers.spec import Spec
 
@@ -117,6 +118,20 @@ class _Backlog:
             return backlog_by_spec(session, [s.spec_id for s in self.served.values()])
 
 
+def is_outage(exc: SQLAlchemyError) -> bool:
+    """Whether a database error means the database cannot be reached (a 503 and a retry
+    help), not that it refused what was sent."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
+
+
+def _client_gone() -> Response:
+    # The client closed the connection before its body arrived: nobody reads an answer, and
+    # it is not a server error (nginx's 499, in the metrics).
+    return Response(status_code=499)
+
+
 def _utc_today() -> date:
     return datetime.now(UTC).date()
 
@@ -169,8 +184,13 @@ class _IngestApi:
             result = await run_in_threadpool(self._ingest, served, rows)
         except _Rejected as exc:
             return exc.response()
-        except SQLAlchemyError:
-            log.exception("ingest failed on a database error")
+        except ClientDisconnect:
+            return _client_gone()
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                log.exception("ingest failed on a database error")
+            else:
+                log.warning("ingest failed: the database is unavailable: %s", exc)
             return self._unavailable().response()
         counts = result.counts()
         self.metrics.count_items(served.spec.name, counts)
@@ -194,6 +214,13 @@ class _IngestApi:
         body = await self._read_limited(request)
         try:
             return json.loads(body)
+        except RecursionError:
+            raise _Rejected(
+                422,
+                "invalid_json",
+                "the body is nested too deep to read (objects and arrays about 1,000 levels "
+                f"down; a row may nest at most {MAX_DEPTH}): flatten it",
+            ) from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Rejected(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
 
@@ -274,10 +301,44 @@ class _IngestApi:
         )
 
     def _ingest(self, served: _Served, rows: list[Any]) -> IntakeResult:
-        with self.sessions.begin() as session:
-            return ingest_live(
-                session, served.spec, served.spec_id, rows, day=self.today(), rules=served.rules
+        try:
+            with self.sessions.begin() as session:
+                return ingest_live(
+                    session, served.spec, served.spec_id, rows, day=self.today(), rules=served.rules
+                )
+        except SQLAlchemyError as exc:
+            if is_outage(exc) or len(rows) == 1:
+                raise
+            # The database refused something in the batch that the row checks let through:
+            # find the row one at a time, and keep the others (never a 503 for bad data,
+            # which a producer would retry forever).
+            log.warning(
+                "a batch of %d rows failed (%s): storing them one at a time", len(rows), exc
             )
+            return self._ingest_one_by_one(served, rows)
+
+    def _ingest_one_by_one(self, served: _Served, rows: list[Any]) -> IntakeResult:
+        result = IntakeResult()
+        for index, row in enumerate(rows):
+            try:
+                with self.sessions.begin() as session:
+                    one = ingest_live(
+                        session,
+                        served.spec,
+                        served.spec_id,
+                        [row],
+                        day=self.today(),
+                        rules=served.rules,
+                    )
+            except SQLAlchemyError as exc:
+                if is_outage(exc):
+                    raise
+                cause = getattr(exc, "orig", None) or exc
+                reason = f"the database refused this row: {type(cause).__name__}"
+                result.outcomes.append(RowOutcome(index, Outcome.INVALID, None, reason))
+                continue
+            result.outcomes.extend(replace(o, index=index) for o in one.outcomes)
+        return result
 
     async def limits_route(self, request: Request) -> Response:
         try:
@@ -302,7 +363,7 @@ class _IngestApi:
         except SQLAlchemyError as exc:
             log.warning("health check: database unreachable: %s", exc)
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
-        return JSONResponse({"status": "ok", "database": "ok", "specs": sorted(self.served)})
+        return JSONResponse({"status": "ok", "database": "ok"})
 
     def _ping(self) -> None:
         with self.sessions() as session:

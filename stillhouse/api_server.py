@@ -7,7 +7,6 @@ served specs from an environment variable the parent sets), so no connection cro
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import ipaddress
 import json
 import os
@@ -22,7 +21,7 @@ from starlette.applications import Starlette
 from schemas.errors import ConfigError
 from stillhouse.api import create_app
 from stillhouse.api_metrics import MULTIPROC_ENV
-from stillhouse.serving import serve_announced
+from stillhouse.serving import ReadLimits, guarded_protocol, serve_announced, uvicorn_config
 from stillhouse.settings import Settings
 from workers.spec import load_spec
 
@@ -89,7 +88,7 @@ def serve(
     # Built here even with several workers: a bad spec, token or database fails at once,
     # with one clear message, before any worker starts.
     app = build_app(settings, spec_names, insecure_no_auth=insecure_no_auth)
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    limits = ReadLimits(settings.api_read_timeout_s, settings.api_max_connections)
     if workers > 1:
         if app.state.engine is not None:
             app.state.engine.dispose()  # the workers open their own after they start
@@ -109,7 +108,7 @@ def serve(
                 host=host,
                 port=port,
                 workers=workers,
-                http=http,
+                http=guarded_protocol(limits),
                 log_level=log_level,
                 access_log=False,
             )
@@ -117,7 +116,7 @@ def serve(
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         return
-    config = uvicorn.Config(
-        app, host=host, port=port, http=http, log_level=log_level, access_log=False
+    config = uvicorn_config(
+        app, limits, host=host, port=port, log_level=log_level, access_log=False
     )
     asyncio.run(serve_announced(uvicorn.Server(config), host, "stillhouse api"))

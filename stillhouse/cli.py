@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from schemas.errors import ConfigError, StillhouseError
+from stillhouse.render import plain
 from stillhouse.settings import Settings
 
 __all__ = ["app", "main"]
@@ -464,5 +465,5 @@ def main() -> None:
     try:
         app()
     except StillhouseError as exc:
-        err.print(f"error: {exc}", style="bold red", markup=False, highlight=False)
+        err.print(f"error: {plain(exc)}", style="bold red", markup=False, highlight=False)
         sys.exit(2)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError
 from stillhouse.context import open_database, open_runtime
+from stillhouse.render import cell, plain
 from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
 from storage.models import SpecRow
@@ -257,7 +258,7 @@ def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Consol
         error = last_error(session, spec_id)
     console.print(
         "no progress for 30 s: is a `stillhouse worker` running on this broker and "
-        "database?" + (f" Last item error: {error}" if error else ""),
+        "database?" + (f" Last item error: {plain(error)}" if error else ""),
         markup=False,
         highlight=False,
     )
@@ -271,15 +272,20 @@ def _report_load(result: dict[str, Any], ingest: IngestSummary, console: Console
         f"{result['duplicate_content']} duplicate content, {result['bad_rows']} bad"
     )
     for bad in ingest.bad[:20]:
-        console.print(f"  line {bad.line}: {bad.reason}", markup=False, highlight=False)
+        console.print(f"  line {bad.line}: {plain(bad.reason)}", markup=False, highlight=False)
     if ingest.bad_count > 20:
         console.print(f"  … and {ingest.bad_count - 20} more bad rows")
     if result["rejects"]:
-        console.print(f"bad rows written to {result['rejects']}", markup=False, highlight=False)
+        console.print(
+            f"bad rows written to {plain(result['rejects'])}", markup=False, highlight=False
+        )
     if ingest.counts.changed:
+        examples = ", ".join(plain(i, one_line=True) for i in ingest.counts.changed_ids[:3])
         console.print(
             f"{ingest.counts.changed} documents changed under an existing id and were "
-            f"kept as first loaded (e.g. {', '.join(ingest.counts.changed_ids[:3])})"
+            f"kept as first loaded (e.g. {examples})",
+            markup=False,
+            highlight=False,
         )
 
 
@@ -292,7 +298,9 @@ def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Con
             f"{result['waiting']} waiting to retry"
         )
     if result.get("failed") or result.get("waiting"):
-        console.print(f"last item error: {result['last_error']}", markup=False, highlight=False)
+        console.print(
+            f"last item error: {plain(result['last_error'])}", markup=False, highlight=False
+        )
     console.print(
         f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])}; "
         f"accepted labels: {result['accepted']} of {result['labels']} "
@@ -391,13 +399,13 @@ def run_report(
             f"{k} {v}" for k, v in sorted(tally["by_reason"].items(), key=lambda kv: -kv[1])[:3]
         )
         table.add_row(
-            name,
+            cell(name),
             str(tally["labels"]),
             str(tally["by_verdict"].get("accepted", 0)),
             str(tally["by_verdict"].get("rejected", 0)),
             _pct(tally["teacher_agreement"]),
             _pct(tally["accepted_accuracy"]),
-            reasons,
+            cell(reasons),
         )
     Console().print(table)
     held = result["withheld"]
@@ -429,11 +437,11 @@ def run_review_list(settings: Settings, spec_ref: str, *, limit: int, as_json: b
         table.add_column(column)
     for e in entries:
         table.add_row(
-            e.external_id,
-            json.dumps(e.output),
-            json.dumps(e.known_good),
+            cell(e.external_id),
+            cell(json.dumps(e.output, ensure_ascii=False)),
+            cell(json.dumps(e.known_good, ensure_ascii=False)),
             "n/a" if e.confidence is None else f"{e.confidence:.2f}",
-            e.text[:80].replace("\n", " "),
+            cell(e.text.replace("\n", " "), limit=80),
         )
     Console().print(table)
 
@@ -454,7 +462,7 @@ def run_review_resolve(
     spec_id = _spec_id_or_fail(sessions, spec)
     with sessions.begin() as session:
         verdict = resolve_review(session, spec_id, item, accept=accept, note=note)
-    console.print(f"{item}: {verdict.value}", markup=False, highlight=False)
+    console.print(f"{plain(item)}: {verdict.value}", markup=False, highlight=False)
 
 
 def run_status(
@@ -476,7 +484,7 @@ def run_status(
         **now.by_state,
         **{f"verdict {k}": v for k, v in now.by_verdict.items()},
     }.items():
-        table.add_row(name, str(count))
+        table.add_row(cell(name), str(count))
     table.add_row("items", str(now.items))
     for name, count in now.calls.items():
         table.add_row(f"calls {name}", str(count))

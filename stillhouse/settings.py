@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         100_000, ge=1, description="a spec's pending+queued+leased items above which POST gets 429"
     )
     api_retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 and 503")
+    api_read_timeout_s: float = Field(
+        15.0, gt=0, description="a request must arrive whole (headers and body) within this"
+    )
+    api_max_connections: int = Field(
+        1000, ge=1, description="connections open at once per server process (more get 503)"
+    )
 
     @field_validator("api_tokens", mode="before")
     @classmethod

@@ -11,15 +11,21 @@ from typing import Any
 
 import uvicorn
 
+from stillhouse.serving import ReadLimits, uvicorn_config
+
 
 @contextmanager
-def serve_in_thread(app: Any, *, http: str = "auto", lifespan: str = "auto") -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 and a free port; yields the root URL."""
-    config = uvicorn.Config(
+def serve_in_thread(
+    app: Any, *, http: str = "auto", lifespan: str = "auto", limits: ReadLimits | None = None
+) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 and a free port, as stillhouse serves it (the read guards
+    of ``stillhouse.serving`` included); yields the root URL."""
+    config = uvicorn_config(
         app,
+        limits,
+        parser=http,
         host="127.0.0.1",
         port=0,
-        http=http,
         lifespan=lifespan,
         log_level="warning",
         access_log=False,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from schemas.errors import ConfigError
 from storage.items import ItemIn, claim_items, ensure_spec, upsert_items
 from storage.leases import claim_ready, expire_leases, requeue_lost
 from storage.models import Item, ItemState, SpecRow
@@ -185,6 +187,46 @@ def test_operational_checks_refuse_pickle_and_short_visibility() -> None:
     assert any(
         "visibility_timeout 60 s is shorter than task_time_limit 900 s" in p for p in problems
     )
+
+
+def test_pickle_is_refused_by_its_content_type_and_not_by_a_substring() -> None:
+    from celery import Celery
+
+    from workers.celery_app import configure, operational_problems
+
+    app = configure(Celery("t", set_as_current=False), "redis://127.0.0.1:6379/13")
+    # pickle's content type: the substring test let it through.
+    app.conf.accept_content = ["json", "application/x-python-serialize"]
+    assert any("accept_content includes pickle" in p for p in operational_problems(app))
+    app.conf.accept_content = ["json", "application/json"]
+    app.conf.task_serializer = " Pickle "
+    assert any("task_serializer includes pickle" in p for p in operational_problems(app))
+
+
+def test_a_sites_celery_config_is_applied_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery
+
+    from workers.celery_app import configure
+
+    (tmp_path / "site_celery.py").write_text(
+        "worker_prefetch_multiplier = 4\n"
+        "broker_transport_options = {'visibility_timeout': 7200, 'socket_timeout': 5}\n"
+        "import os\n_private = 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = configure(
+        Celery("t", set_as_current=False),
+        "redis://127.0.0.1:6379/13",
+        config_module="site_celery",
+    )
+    # The site's values win over stillhouse's own (prefetch 1, visibility 1800 s).
+    assert app.conf.worker_prefetch_multiplier == 4
+    assert app.conf.broker_transport_options["visibility_timeout"] == 7200
+    assert app.conf.task_acks_late is True  # what the site did not set stays ours
+    with pytest.raises(ConfigError, match="no_such_module"):
+        configure(Celery("t", set_as_current=False), "redis://x", config_module="no_such_module")
 
 
 @pytest.mark.redis

@@ -284,7 +284,7 @@ def test_bbc_source_is_balanced(spec: Spec) -> None:
 
 def test_make_item_renders_text_known_good_and_slices(spec: Spec) -> None:
     row = {
-        "id": "  t-1 ",
+        "id": "t-1",
         "headline": "Cup final",
         "body": "Caf\u0065\u0301 wins\r\nagain ",
         "queue": "sport",

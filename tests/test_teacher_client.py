@@ -22,6 +22,7 @@ from schemas.errors import (
     TransientError,
     Unavailable,
 )
+from workers.redact import SHOWN_AT_MOST, Redactor
 from workers.spec import TeacherConfig
 from workers.teacher import (
     TeacherClient,
@@ -549,6 +550,93 @@ def test_a_key_echoed_by_the_server_never_reaches_the_error(
     outcome = asyncio.run(call())
     assert outcome.error is not None
     assert secret not in str(outcome.error) and "***" in str(outcome.error)
+
+
+def _echo_call(
+    monkeypatch: pytest.MonkeyPatch, secret: str, answer: Callable[[str], httpx.Response]
+) -> TeacherOutcome:
+    monkeypatch.setenv("ECHO_KEY", secret)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return answer(request.headers["authorization"].removeprefix("Bearer "))
+
+    async def call() -> TeacherOutcome:
+        config = TeacherConfig(model="m", api_key_env="ECHO_KEY", max_retries=0)
+        http = httpx.AsyncClient(
+            base_url="http://teacher.test/v1",
+            transport=httpx.MockTransport(handler),
+            headers={"Authorization": f"Bearer {secret}"},
+        )
+        client = TeacherClient(config, http)
+        outcome = await client.complete(
+            build_request(config, [{"role": "user", "content": "x"}], {"type": "object"}, "s")
+        )
+        await http.aclose()
+        return outcome
+
+    return asyncio.run(call())
+
+
+def _longest_run_of(secret: str, text: str) -> int:
+    """The longest run of the secret's characters that appears in ``text``."""
+    best = 0
+    for i in range(len(secret)):
+        for j in range(i + best + 1, len(secret) + 1):
+            if secret[i:j] not in text:
+                break
+            best = j - i
+    return best
+
+
+SECRET = "sk-proj-" + "Zq7rT2xW9mK4vB8n" * 3
+
+
+def test_a_key_echoed_past_the_message_cut_leaves_no_run_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The error message is cut to a few hundred characters: an exact-match replace after the
+    # cut let most of the key through.
+    outcome = _echo_call(
+        monkeypatch,
+        SECRET,
+        lambda key: httpx.Response(400, json={"error": {"message": "x" * 270 + " key " + key}}),
+    )
+    assert outcome.error is not None
+    assert _longest_run_of(SECRET, str(outcome.error)) <= SHOWN_AT_MOST
+    assert "***" in str(outcome.error) or SECRET[:8] not in str(outcome.error)
+
+
+def test_a_key_echoed_in_a_200_answer_is_masked_before_it_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def answer(key: str) -> httpx.Response:
+        body = {
+            "system_fingerprint": f"Authorization: Bearer {key}",
+            "choices": [
+                {
+                    "message": {"content": json.dumps({"label": f"billing {key[3:40]}"})},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        }
+        return httpx.Response(200, json=body)
+
+    outcome = _echo_call(monkeypatch, SECRET, answer)
+    assert outcome.error is None and outcome.answer is not None
+    kept = json.dumps(outcome.body) + outcome.answer.content
+    assert _longest_run_of(SECRET, kept) <= SHOWN_AT_MOST
+    assert "***" in outcome.answer.content and "***" in outcome.body["system_fingerprint"]
+
+
+def test_redactor_masks_every_long_run_and_leaves_other_text() -> None:
+    redactor = Redactor([SECRET, None])
+    text = f"a {SECRET[4:30]} b {SECRET[20:27]} c {SECRET} d sk-proj"
+    masked = redactor.text(text)
+    assert _longest_run_of(SECRET, masked) <= SHOWN_AT_MOST
+    assert masked.startswith("a *** b ") and masked.endswith(" c *** d sk-proj")
+    assert redactor.bytes(text.encode()) == masked.encode()
+    assert Redactor([None]).text(text) == text and not Redactor([])
 
 
 # --- waits, the adaptive limit and the ledger hook ------------------------------------------

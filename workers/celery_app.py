@@ -60,8 +60,41 @@ def configure(
         worker_send_task_events=False,
     )
     if config_module:
-        celery.config_from_object(config_module, force=True)
+        # Applied on top of ours, as documented: `config_from_object` alone would only fill
+        # in what `conf.update` above did not set, and stillhouse's own values would win.
+        celery.conf.update(_settings_of(config_module))
     return celery
+
+
+def _settings_of(config_module: str) -> dict[str, Any]:
+    """The Celery settings a site's module defines (its public, non-module attributes)."""
+    import importlib
+    import types
+
+    try:
+        module = importlib.import_module(config_module)
+    except ImportError as exc:
+        from schemas.errors import ConfigError
+
+        raise ConfigError(
+            f"STILLHOUSE_CELERY_CONFIG names {config_module!r}, which cannot be imported: {exc}"
+        ) from exc
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+# kombu's name and content type for pickle: a message in it runs code when it is read.
+_PICKLE = {"pickle", "application/x-python-serialize"}
+
+
+def _is_pickle(serializer: object) -> bool:
+    from kombu.serialization import registry  # type: ignore[attr-defined]
+
+    name = str(serializer).strip().lower()
+    return name in _PICKLE or registry.name_to_type.get(name, name) in _PICKLE
 
 
 def operational_problems(celery: Celery, redis_client: Any | None = None) -> list[str]:
@@ -80,7 +113,7 @@ def operational_problems(celery: Celery, redis_client: Any | None = None) -> lis
         "event_serializer": [conf.event_serializer],
     }
     for name, values in serializers.items():
-        if any("pickle" in str(v) for v in values):
+        if any(_is_pickle(v) for v in values):
             problems.append(
                 f"Celery {name} includes pickle: set it to json (messages carry only ids)"
             )

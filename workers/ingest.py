@@ -9,9 +9,12 @@ number, reason and raw text to the rejects file.
 The policy, in the order it is applied to each row:
 
 - **Bad rows**: not valid UTF-8 or JSON; not an object; a row whose JSON is over the size
-  limit (``--max-doc-bytes``, default 1 MiB; a longer JSONL line is skipped unread); an id
-  that is missing, empty, longer than 256 characters or not text or an integer; a field of the
-  spec's ``input.text`` template that is missing, an object or a list; an empty rendered text.
+  limit (``--max-doc-bytes``, default 1 MiB; a longer JSONL line is skipped unread); a value
+  the store cannot hold (nesting over 100 levels, an integer beyond 64 bits, NaN or Infinity,
+  a lone surrogate: :mod:`workers.rowpolicy` decides); an id that is missing, empty or only
+  spaces, longer than 256 characters, or not text or an integer (ids are kept exactly as
+  given, never trimmed, and escaped wherever they are printed); a field of the spec's
+  ``input.text`` template that is missing, an object or a list; an empty rendered text.
 - **Normalization**: NUL characters (U+0000) are removed from the whole row, since Postgres
   cannot store them. The rendered text is Unicode NFC, without BOM (U+FEFF), with ``\\n`` line
   endings (``\\r\\n`` and ``\\r`` become ``\\n``) and without leading or trailing whitespace. The
@@ -47,6 +50,7 @@ from storage.bulk import copy_lines, load_items
 from storage.items import IngestCounts, ItemIn, ensure_spec
 from storage.models import SpecRow
 from workers.prompt import FIELD_PATTERN, render_input
+from workers.rowpolicy import check_row
 from workers.sources import (
     DEFAULT_MAX_DOC_BYTES,
     SourceRow,
@@ -190,6 +194,7 @@ def make_item(
     to ``max_doc_bytes``; the row is then neither measured nor serialized again to check it.
     """
     plan = _plan(spec)
+    check_row(row, trusted_scalars=json_line is not None)
     measured = json_line if json_line is not None else _checked_size(row, max_doc_bytes)
     # JSON always escapes U+0000 as \u0000. Postgres text and JSONB cannot hold it: one such
     # row would fail its whole chunk.
@@ -261,9 +266,10 @@ def _external_id(row: dict[str, Any], id_field: str) -> str:
         raise PermanentError(
             f"missing or invalid id field {id_field!r} (expected text or an integer, got {kind})"
         )
-    external_id = str(raw_id).strip()
-    if not external_id:
-        raise PermanentError(f"missing or invalid id field {id_field!r} (empty)")
+    # An id is kept exactly as given: " a " and "a" are two ids, not one silently merged.
+    external_id = str(raw_id)
+    if not external_id.strip():
+        raise PermanentError(f"missing or invalid id field {id_field!r} (empty or only spaces)")
     if len(external_id) > MAX_ID_CHARS:
         raise PermanentError(
             f"id field {id_field!r} is {len(external_id):,} characters, over {MAX_ID_CHARS}"

@@ -26,6 +26,7 @@ from storage.intake import (
 )
 from storage.items import ItemIn
 from workers.ingest import make_item
+from workers.rowpolicy import safe_text
 from workers.sampling import SamplingRules
 from workers.spec import Spec
 
@@ -103,7 +104,9 @@ def prepare_rows(
 
 def _raw_id(spec: Spec, row: dict[str, Any]) -> str | None:
     value = row.get(spec.id_field)
-    return None if value is None or isinstance(value, (dict, list)) else str(value)[:256]
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return safe_text(str(value)[:256], 256)
 
 
 def ingest_live(

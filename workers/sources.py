@@ -40,6 +40,7 @@ DEFAULT_MAX_DOC_BYTES = 1 << 20
 RAW_KEEP_CHARS = 2000  # how much of a bad row's raw text the rejects file keeps
 FILE_TYPES = (".jsonl", ".ndjson", ".csv", ".parquet")
 _BOM = b"\xef\xbb\xbf"
+_TOO_DEEP = "the row is nested over 1,024 levels deep (objects and arrays): flatten it"
 
 
 def _builtin_names() -> tuple[str, ...]:
@@ -143,7 +144,9 @@ def _oversized(number: int, head: bytes, handle: Any, max_bytes: int) -> SourceR
 def _parse_json_line(number: int, raw: bytes) -> SourceRow:
     try:
         value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson stops at 1,024 levels
+            return SourceRow(number, None, _TOO_DEEP, raw=_head(raw))
         return _json_line_error(number, raw)
     if not isinstance(value, dict):
         return SourceRow(
@@ -161,6 +164,8 @@ def _json_line_error(number: int, raw: bytes) -> SourceRow:
         return SourceRow(number, None, reason, raw=_head(raw))
     try:
         json.loads(text)
+    except RecursionError:
+        return SourceRow(number, None, _TOO_DEEP, raw=_head(raw))
     except ValueError as exc:
         return SourceRow(number, None, f"not valid JSON: {exc}", raw=_head(raw))
     # The standard library accepts what JSONB refuses (NaN, Infinity, lone surrogates).
@@ -279,4 +284,7 @@ def _plain(value: Any, column: str = "") -> Any:
 def raw_text(row: dict[Any, Any]) -> str:
     """A bad row's raw text for the rejects file, cut to RAW_KEEP_CHARS."""
     # The standard library escapes the lone surrogates that stand for invalid UTF-8 bytes.
-    return json.dumps(row, default=str)[:RAW_KEEP_CHARS]
+    try:
+        return json.dumps(row, default=str)[:RAW_KEEP_CHARS]
+    except (RecursionError, ValueError):
+        return "(the row is nested too deep to write out)"[:RAW_KEEP_CHARS]

@@ -37,6 +37,7 @@ from workers.governor import Governor, LocalGovernor, limits_of, wait_for_slot
 from workers.http import make_http_client
 from workers.loop import StallWatch
 from workers.providers import Answer, Provider, RateHeaders, parse_retry_after, provider_for
+from workers.redact import Redactor
 from workers.spec import TeacherConfig
 
 __all__ = [
@@ -177,8 +178,9 @@ class TeacherClient:
         self.config = config
         self.http = http
         self.provider: Provider = provider_for(config.provider)
-        # A server may echo the key in an error body; it must not reach a log or the database.
-        self._secret = os.environ.get(config.api_key_env) if config.api_key_env else None
+        # A server may echo the key anywhere in what it sends back: no part of it may reach
+        # the cache, a label, a log or the database (workers.redact).
+        self._redactor = Redactor([os.environ.get(config.api_key_env or "") or None])
         self.governor = governor or LocalGovernor(limits_of(config))
         self._slots = slots
         self._own_slots = slots is None
@@ -295,6 +297,8 @@ class TeacherClient:
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 response = await self.http.send(self._request(request.payload, request_id))
+                if self._redactor.found_in(response.content):
+                    response = _redacted(response, self._redactor)
                 status = response.status_code
                 rate = self.provider.rate_headers(response.headers)
                 if status >= 400:
@@ -310,6 +314,7 @@ class TeacherClient:
             raise
         except (TimeoutError, httpx.TransportError) as exc:
             error = self._transport_error(exc)
+            self._redact(error)
             attempt = Attempt(False, _ms(started), status, error.kind, request_id=request_id)
             outcome.attempts.append(attempt)
             await self._failed(error, rate, probe, self.stalls.stalled_since(sent_at))
@@ -362,8 +367,11 @@ class TeacherClient:
         return "ok"
 
     def _redact(self, exc: StillhouseError) -> None:
-        if self._secret and self._secret in str(exc):
-            exc.args = (str(exc).replace(self._secret, "***"),)
+        if self._redactor:
+            message = str(exc)
+            masked = self._redactor.text(message)
+            if masked != message:
+                exc.args = (masked,)
 
     def _transport_error(self, exc: Exception) -> StillhouseError:
         # httpx-aiohttp reports a refused connection as ConnectTimeout: both mean the teacher
@@ -379,6 +387,17 @@ class TeacherClient:
             f"lost the connection to the teacher at {self.config.base_url}: "
             f"{type(exc).__name__}: {exc}"
         )
+
+
+def _redacted(response: httpx.Response, redactor: Redactor) -> httpx.Response:
+    """The same answer with every run of the key masked, before anything reads it."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        content=redactor.bytes(response.content),
+        request=response.request,
+        extensions=response.extensions,
+    )
 
 
 def _json_body(response: httpx.Response) -> dict[str, Any]:

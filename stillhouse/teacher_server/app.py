@@ -4,8 +4,9 @@ Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/stats`` (co
 can hold against the client's ledger), ``GET /v1/requests`` (the request log: one entry per
 chat-completion POST, with its request hash and ``X-Client-Request-Id``), ``POST
 /v1/stats/reset`` (zeroes both, and restarts the fault sequence) and ``GET /healthz``. With
-an API key set, the two OpenAI routes want ``Authorization: Bearer <key>``; the health check,
-the counters and the log stay open so operators and tests can read them without the secret.
+an API key set, the two OpenAI routes and the reset want ``Authorization: Bearer <key>``;
+the health check, the counters and the log (hashes, no content) stay open so operators and
+tests can read them without the secret.
 
 A chat completion is checked (key, body), then held to the server's rate limits (``limits``:
 requests in flight, per minute, tokens per minute; over them it is answered 429 with
@@ -180,7 +181,9 @@ class _Routes:
         if self.api_key is None:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key):
+        # Bytes, not text: compare_digest refuses non-ASCII text (a 500 for a wrong key).
+        given = token.strip().encode("latin-1", "replace")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, self.api_key.encode()):
             return None
         return _error(
             401,
@@ -283,6 +286,9 @@ class _Routes:
         return JSONResponse(self.stats.as_json())
 
     async def stats_reset(self, request: Request) -> JSONResponse:
+        refused = self.unauthorized(request)  # it changes state: the key's holder only
+        if refused is not None:
+            return refused
         self.stats = ServerStats()
         self.log = RequestLog(path=self.request_log)
         self.limits = RateLimits(self.limits_config)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from stillhouse.serving import serve_announced
+from stillhouse.serving import ReadLimits, serve_announced, uvicorn_config
 from stillhouse.teacher_server.app import create_app
 from stillhouse.teacher_server.backends import Backend, make_backend
 from stillhouse.teacher_server.faults import FaultProfile, build_profile
@@ -94,14 +94,14 @@ async def _serve(
     app = create_app(
         backend, api_key=api_key, faults=profile, limits=limits, request_log=request_log
     )
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        ReadLimits(),
         host=host,
         port=port,
         workers=1,
         log_level=log_level,
         access_log=False,
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
         # An injected hang or drip must not hold a shutdown for minutes.
         timeout_graceful_shutdown=5,
     )

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stillhouse.api import create_app
+from stillhouse.serving import ReadLimits
 from stillhouse.settings import Settings
 from storage.models import Item
 from storage.session import make_engine, make_sessionmaker
@@ -57,9 +58,9 @@ class Running:
 
 
 @contextmanager
-def serve_app(app: Any) -> Iterator[str]:
+def serve_app(app: Any, limits: ReadLimits | None = None) -> Iterator[str]:
     """``app`` under uvicorn on a loopback port, in a thread; yields the root URL."""
-    with serve_in_thread(app, lifespan="on") as root:
+    with serve_in_thread(app, lifespan="on", limits=limits) as root:
         yield root
 
 
@@ -85,7 +86,8 @@ def running_api(
         **extra,
     )
     try:
-        with serve_app(app) as root:
+        limits = ReadLimits(config.api_read_timeout_s, config.api_max_connections)
+        with serve_app(app, limits) as root:
             yield Running(root, sessions, {"Authorization": f"Bearer {TOKEN}"})
     finally:
         engine.dispose()
