@@ -116,10 +116,12 @@ class _Guard:
         return True
 
     def _count_header_bytes(self, data: bytes) -> bool:
+        """After the parser has seen ``data``: False (and a 431) when headers that are
+        still unfinished have passed the cap."""
         if not self._in_headers:
             return True
         self._header_bytes += len(data)
-        if self._header_bytes > MAX_HEADER_BYTES + 4096:  # the body's start may ride along
+        if self._header_bytes > MAX_HEADER_BYTES:
             self._refuse(
                 431,
                 "Request Header Fields Too Large",
@@ -151,11 +153,11 @@ class GuardedH11(_Guard, H11Protocol):
         if self.conn.their_state is h11.IDLE and self._deadline is None:
             self._in_headers, self._header_bytes = True, 0
             self._arm()
-        if not self._count_header_bytes(data):
-            return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._in_headers = False
+        if not self._count_header_bytes(data):
+            return
         if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
             self._disarm()
 
@@ -176,8 +178,8 @@ if HttpToolsProtocol is not None:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._count_header_bytes(data):
-                super().data_received(data)
+            super().data_received(data)
+            self._count_header_bytes(data)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

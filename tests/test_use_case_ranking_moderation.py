@@ -40,8 +40,21 @@ def embedding_teacher() -> Iterator[str]:
 def moderation_teacher() -> Iterator[str]:
     """The moderation backend (hatesonar): hate_speech, offensive_language, neither."""
     pytest.importorskip("hatesonar")
-    from stillhouse.localteacher import local_teacher
+    import locale
+    import os
 
+    from stillhouse.localteacher import local_teacher
+    from stillhouse.teacher_server.moderation import LOCALE_FIX
+
+    previous = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "en_US.UTF-8")
+    except locale.Error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{LOCALE_FIX} (CI=true: install the locale)")
+        pytest.skip(LOCALE_FIX)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
     with local_teacher("moderation") as url:
         yield url
 

@@ -15,8 +15,8 @@ _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 FIELD_PATTERN = _FIELD  # a source field in the input.text template: {name}
 
 
-# The prompt's structure: the blocks stillhouse writes (and the local teachers read), and the
-# ranking template's blocks. A spec's own templates add the tags they use.
+# The prompt's structure: the blocks stillhouse writes around a document and the blocks of a
+# ranking prompt (the local teachers read both). A spec's input.text template adds its tags.
 STRUCTURE_TAGS = frozenset({"document", "labels", "query", "candidate"})
 _TAG_NAME = re.compile(r"</?\s*([A-Za-z][A-Za-z0-9_:-]*)")
 
@@ -25,7 +25,12 @@ def render_input(spec: Spec, row: dict[str, Any]) -> str:
     """Build the item's input text from source fields with the spec's ``input.text`` template.
 
     Every prompt-structure marker inside a field's value is neutralized (``<labels>`` becomes
-    ``&lt;labels&gt;``): a document cannot open, close or fake a block of the prompt.
+    ``&lt;labels&gt;``): a document cannot open, close or fake a block of the prompt. The
+    markers are :data:`STRUCTURE_TAGS` and every tag the template itself writes (so
+    ``{query}`` cannot close the ``<query>`` around it). A field the spec lists in
+    ``input.markup_fields`` carries markup on purpose (ranking's pre-rendered
+    ``<candidate>`` blocks) and keeps it, but for ``<document>`` and ``<labels>``; its source
+    escapes the text inside (:func:`neutralize`).
     """
     template = str(spec.body["input"]["text"])
     pieces = _pieces(template)
@@ -34,10 +39,14 @@ def render_input(spec: Spec, row: dict[str, Any]) -> str:
         raise PermanentError(
             f"row is missing field(s) {', '.join(missing)} used by the spec's input.text template"
         )
-    markers = _markers(template, str(spec.body.get("prompt", {}).get("user", "")))
+    markers = _markers(template)
+    markup = spec.body["input"].get("markup_fields") or ()
     # Even positions are literal text, odd ones field names (a bulk load renders per row).
     text = "".join(
-        [p if i % 2 == 0 else _neutral(str(row[p]), markers) for i, p in enumerate(pieces)]
+        [
+            p if i % 2 == 0 else _neutral(str(row[p]), _OWN if p in markup else markers)
+            for i, p in enumerate(pieces)
+        ]
     )
     return text[: int(spec.body["input"].get("max_chars", 20000))]
 
@@ -70,18 +79,20 @@ def _escape_marker(match: re.Match[str]) -> str:
 
 
 def neutralize(text: str) -> str:
-    """``text`` with the prompt's own blocks (``<document>``, ``<labels>``) neutralized."""
-    return _neutral(text, _DOCUMENT_MARKERS)
+    """``text`` with every prompt-structure marker (:data:`STRUCTURE_TAGS`) neutralized: for
+    a source that builds markup around untrusted text."""
+    return _neutral(text, _markers())
 
 
-_DOCUMENT_MARKERS = re.compile(r"<(\s*/?\s*(?:document|labels)\b[^<>]*)>?", re.IGNORECASE)
+# What render_messages neutralizes in a stored text (and a markup field keeps no less).
+_OWN = re.compile(r"<(\s*/?\s*(?:document|labels)\b[^<>]*)>?", re.IGNORECASE)
 
 
 def render_messages(spec: Spec, text: str) -> list[dict[str, str]]:
     """The chat messages for one document: system instructions, then the delimited data."""
     # A document cannot close its own delimiter, or bring its own label set, and smuggle
     # instructions after it (texts stored before render_input neutralized them included).
-    safe = neutralize(text)
+    safe = _neutral(text, _OWN)
     user = str(spec.body["prompt"]["user"])
     user = user.replace("{labels}", _labels_block(spec)).replace(
         "{document}", f"<document>\n{safe}\n</document>"

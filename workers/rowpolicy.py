@@ -45,7 +45,10 @@ def safe_text(value: str, limit: int = 80) -> str:
 
 
 def _where(path: list[str]) -> str:
-    return "field " + repr(".".join(safe_text(p, 40) for p in path)) if path else "the row"
+    if not path:
+        return "the row"
+    shown = ".".join(safe_text(p, 40) for p in path)
+    return "field " + repr(shown if len(shown) <= 60 else shown[:60] + "…")
 
 
 def check_row(row: dict[str, Any], *, trusted_scalars: bool = False) -> None:
@@ -72,7 +75,8 @@ def check_row(row: dict[str, Any], *, trusted_scalars: bool = False) -> None:
                     f"{_where(path)} is nested over {MAX_DEPTH} levels deep (objects and "
                     f"arrays): flatten it or send it as text"
                 )
-            for key, item in value.items():
+            # Pushed last to first, so the first bad field in the row's order is the one named.
+            for key, item in reversed(value.items()):
                 if type(key) is not str:
                     raise PermanentError(f"{_where(path)} has a key that is not text: {key!r}")
                 if not trusted_scalars and not _is_unicode(key):
@@ -86,8 +90,8 @@ def check_row(row: dict[str, Any], *, trusted_scalars: bool = False) -> None:
                     f"{_where(path)} is nested over {MAX_DEPTH} levels deep (objects and "
                     f"arrays): flatten it or send it as text"
                 )
-            for index, item in enumerate(value):
-                stack.append((item, [*path, str(index)], depth + 1))
+            for index in range(len(value) - 1, -1, -1):
+                stack.append((value[index], [*path, str(index)], depth + 1))
         elif trusted_scalars:
             continue
         elif kind is str:
