@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from hostile_corpus import CASES, Case
 from ingest_tools import running_api
+from sqlalchemy import text
 
 
 def _api_rows() -> list[tuple[Case, Any]]:
@@ -53,3 +54,39 @@ def test_the_corpus_through_the_ingest_api(database_url: str) -> None:
         good = {"spec": "triage", "item": {"id": "after-1", "headline": "h", "body": "fine"}}
         after = httpx.post(api.root + "/v1/items", json=good, headers=api.headers, timeout=30)
         assert after.status_code == 200 and after.json()["counts"]["inserted"] == 1
+
+
+def test_a_row_the_database_refuses_is_that_rows_outcome_not_a_503(database_url: str) -> None:
+    # A constraint the row checks know nothing of (a site's own CHECK, a trigger): the batch
+    # fails in the database, and the API stores the rows one at a time to keep the good ones.
+    with running_api(database_url) as api:
+        with api.sessions.begin() as session:
+            if database_url.startswith("sqlite"):
+                session.execute(
+                    text(
+                        "CREATE TRIGGER no_poison BEFORE INSERT ON items "
+                        "WHEN NEW.external_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poison'); END"
+                    )
+                )
+            else:
+                session.execute(
+                    text(
+                        "ALTER TABLE items ADD CONSTRAINT no_poison CHECK (external_id <> 'poison')"
+                    )
+                )
+        rows = [
+            {"id": rid, "headline": "h", "body": f"body of {rid}"}
+            for rid in ("good-1", "poison", "good-2")
+        ]
+        answer = httpx.post(
+            api.root + "/v1/items",
+            json={"spec": "triage", "items": rows},
+            headers=api.headers,
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        outcomes = [(r["index"], r["outcome"]) for r in answer.json()["results"]]
+        assert outcomes == [(0, "inserted"), (1, "invalid"), (2, "inserted")]
+        reason = answer.json()["results"][1]["reason"]
+        assert reason.startswith("the database refused this row: ")
+        assert api.stored_ids() == ["good-1", "good-2"]
