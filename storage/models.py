@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     literal_column,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -178,7 +179,8 @@ Index("ix_items_spec_name_content_key", Item.spec_name, CONTENT_KEY)
 class TeacherResponse(Base):
     """The teacher's raw successful answer, keyed by the hash of the normalized request.
 
-    This is the cache that keeps teacher spend from ever doubling. Failures are never stored.
+    This is the cache that keeps teacher spend from ever doubling. Failures are never stored;
+    an answer not worth replaying is stored for its label with ``replayable`` false.
     """
 
     __tablename__ = "teacher_responses"
@@ -190,6 +192,9 @@ class TeacherResponse(Base):
     response: Mapped[dict[str, Any]]
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # False for an answer kept only for its label (refused, truncated, unparseable): the cache
+    # does not replay it, and a later good answer to the same request replaces it.
+    replayable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 

@@ -39,6 +39,7 @@ class NewResponse:
     response: dict[str, Any]
     prompt_tokens: int
     completion_tokens: int
+    replayable: bool = True  # false: kept for its label, never replayed by the cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +103,14 @@ class BatchResult:
 
 
 def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Stored raw responses for these request hashes (only successes are ever stored)."""
+    """Stored raw responses worth replaying for these request hashes (only successes are
+    stored, and a refused, truncated or unparseable one is not replayed)."""
     if not hashes:
         return {}
     rows = session.execute(
         select(TeacherResponse.request_hash, TeacherResponse.response).where(
-            TeacherResponse.request_hash.in_(list(set(hashes)))
+            TeacherResponse.request_hash.in_(list(set(hashes))),
+            TeacherResponse.replayable.is_(True),
         )
     )
     return dict(rows.all())
@@ -205,12 +208,7 @@ def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
             )
             .execution_options(synchronize_session=False)
         )
-    _insert(
-        session,
-        TeacherResponse.__table__,
-        [_as_row(r) for r in batch.responses],
-        ignore_conflicts=True,
-    )
+    _store_responses(session, batch.responses)
     _insert(
         session, TeacherCall.__table__, [{**_as_row(c), "spec_id": spec_id} for c in batch.calls]
     )
@@ -225,6 +223,36 @@ def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
         _finish_labeled(session, spec_id, [lb.item_id for lb in batch.labels])
     for release in batch.releases:
         _release(session, release)
+
+
+def _store_responses(session: Session, responses: list[NewResponse]) -> None:
+    """Cache the answers: a new request's answer is inserted; a good answer replaces one
+    kept only for its label (not replayable); a stored good answer is never replaced."""
+    _insert(
+        session, TeacherResponse.__table__, [_as_row(r) for r in responses], ignore_conflicts=True
+    )
+    good = {r.request_hash: r for r in responses if r.replayable}
+    if not good:
+        return
+    stale = session.scalars(
+        select(TeacherResponse.request_hash).where(
+            TeacherResponse.request_hash.in_(list(good)), TeacherResponse.replayable.is_(False)
+        )
+    ).all()
+    for rhash in stale:  # rare: a request asked again after a refused or cut answer
+        new = good[rhash]
+        session.execute(
+            update(TeacherResponse)
+            .where(TeacherResponse.request_hash == rhash)
+            .values(
+                request=new.request,
+                response=new.response,
+                prompt_tokens=new.prompt_tokens,
+                completion_tokens=new.completion_tokens,
+                replayable=True,
+            )
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _as_row(record: Any) -> dict[str, Any]:

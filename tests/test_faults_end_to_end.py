@@ -191,3 +191,66 @@ def test_a_re_ask_repairs_answers_that_were_broken_only_sometimes(tmp_path: Path
     # Only items whose re-ask was cut as well stay rejected.
     assert len(rejected) < repaired
     assert all(reasons == ["truncated"] for reasons in rejected)
+
+
+def _backfill(env: dict[str, str], spec: Path, limit: int) -> dict:
+    args = ["backfill", "bbc", "--spec", str(spec), "--limit", str(limit), "--json"]
+    run = subprocess.run(
+        [sys.executable, "-m", "stillhouse", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def _named(tmp_path: Path, name: str) -> Path:
+    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body["name"] = name
+    body["checks"]["require_known_good_match"] = False
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.slow
+def test_a_second_spec_asking_the_same_question_is_answered_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    # The spec's name and version used to be in the request (the schema's name): every spec
+    # paid for its own copy of the same answers.
+    db = {"STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/c.db", "STILLHOUSE_BROKER_URL": ""}
+    with local_teacher("fixed", extra_args=["--latency-ms", "5"]) as url:
+        env = {**db, "STILLHOUSE_TEACHER_BASE_URL": url}
+        first = _backfill(env, _named(tmp_path, "triage_a"), ITEMS)
+        second = _backfill(env, _named(tmp_path, "triage_b"), ITEMS)
+        served = httpx.get(f"{url}/stats", timeout=5).json()
+    assert first["teacher_calls"] == ITEMS and first["cache_hits"] == 0
+    assert second["teacher_calls"] == 0 and second["cache_hits"] == ITEMS
+    assert served["completions"] == ITEMS
+
+
+@pytest.mark.slow
+def test_a_refused_or_truncated_answer_is_kept_but_never_replayed(tmp_path: Path) -> None:
+    db = {"STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "STILLHOUSE_BROKER_URL": ""}
+    profile = tmp_path / "refuse.yaml"
+    profile.write_text(yaml.safe_dump({"seed": 1, "latency": 5, "shares": {"refusal": 1.0}}))
+    with local_teacher("fixed", extra_args=["--faults", str(profile)]) as url:
+        refused = _backfill({**db, "STILLHOUSE_TEACHER_BASE_URL": url}, _named(tmp_path, "a"), 6)
+    with local_teacher("fixed", extra_args=["--latency-ms", "5"]) as url:
+        env = {**db, "STILLHOUSE_TEACHER_BASE_URL": url}
+        asked_again = _backfill(env, _named(tmp_path, "b"), 6)
+        replayed = _backfill(env, _named(tmp_path, "c"), 6)
+    assert refused["accepted"] == 0 and refused["teacher_calls"] == 6
+    # The same requests: the refusals were kept for their labels, not replayed.
+    assert asked_again["cache_hits"] == 0 and asked_again["teacher_calls"] == 6
+    assert asked_again["accepted"] == 6
+    # The good answers replaced them in the cache.
+    assert replayed["cache_hits"] == 6 and replayed["teacher_calls"] == 0
+    engine = make_engine(db["STILLHOUSE_DATABASE_URL"])
+    with make_sessionmaker(engine)() as session:
+        kept = session.scalars(select(Label.reasons).join(Item).where(Item.spec_name == "a"))
+        assert all(reasons == ["refused"] for reasons in kept)
+    engine.dispose()

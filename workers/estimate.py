@@ -89,7 +89,7 @@ def estimate_source(
     messages = [render_messages(spec, i.text) for i in items if i.external_id not in done]
     # Every item is asked of every teacher (a jury's too), each with its own cache key.
     asked = [
-        (teacher, build_request(teacher, m, spec.output_schema, f"{spec.name}_v{spec.version}"))
+        (teacher, build_request(teacher, m, spec.output_schema, spec.schema_name))
         for teacher in spec.teachers
         for m in messages
     ]

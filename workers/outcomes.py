@@ -10,7 +10,8 @@ from schemas.errors import ConfigError, PermanentError, RateLimited, StillhouseE
 from storage.items import ClaimedItem
 from storage.models import CallStatus, Verdict
 from storage.results import BatchResult, CallRecord, LabelRecord, NewResponse, Release
-from workers.checks import Checker, CheckResult
+from workers.checks import Checker, CheckResult, parse_json_answer
+from workers.providers import Answer
 from workers.spec import Spec, TeacherConfig
 from workers.teacher import TeacherOutcome, TeacherRequest
 
@@ -190,8 +191,25 @@ def _ledger(
                 outcome.body,
                 outcome.answer.prompt_tokens,
                 outcome.answer.completion_tokens,
+                worth_caching(outcome.answer),
             )
         )
+
+
+def worth_caching(answer: Answer) -> bool:
+    """Whether an answer may be replayed from the cache: not a refusal, not cut short, and
+    every sample JSON (the checks decide the rest, every time). A refused, truncated or
+    unparseable answer is kept on its label, with its reasons, but asked again next time."""
+    if answer.refusal or answer.finish_reason in ("length", "refusal", "content_filter"):
+        return False
+    for content in answer.samples or [answer.content]:
+        if content is None:
+            return False
+        try:
+            parse_json_answer(content)
+        except (ValueError, RecursionError):
+            return False
+    return True
 
 
 def _release(

@@ -291,7 +291,7 @@ class LabelRuntime:
                 ]
                 ctx.messages[item.id] = messages
                 round_[item.id] = build_request(
-                    spec.teacher, messages, spec.output_schema, f"{spec.name}_v{spec.version}"
+                    spec.teacher, messages, spec.output_schema, spec.schema_name
                 )
         if not round_:
             return False
@@ -311,7 +311,7 @@ class LabelRuntime:
         spec = loaded.spec
         messages = {c.id: render_messages(spec, c.text) for c in claimed}
         ctx_ids = {c.id: c.external_id for c in claimed}
-        schema_name = f"{spec.name}_v{spec.version}"
+        schema_name = spec.schema_name
         requests = {
             item_id: build_request(spec.teacher, conversation, spec.output_schema, schema_name)
             for item_id, conversation in messages.items()

@@ -90,6 +90,15 @@ class Spec:
     jury: Jury = field(default_factory=Jury)
 
     @property
+    def schema_name(self) -> str:
+        """The output schema's name in a teacher request (OpenAI's ``json_schema.name``,
+        Anthropic's tool name): named by the schema's content, never by the spec's name or
+        version, so two specs that ask the same question send the same request, and the
+        response cache answers the second (the design's promise)."""
+        canonical = json.dumps(self.output_schema, sort_keys=True, separators=(",", ":"))
+        return "answer_" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
     def teachers(self) -> tuple[TeacherConfig, ...]:
         """The primary teacher first, then the jury's, in spec order."""
         return (self.teacher, *self.jury.teachers)
