@@ -137,6 +137,8 @@ def backfill(
     )
     if as_json:
         _print_json(result)
+    if result.get("waiting") or result.get("failed"):
+        raise typer.Exit(3)  # labeling did not finish: the summary said why and what next
     if result.get("bad_rows"):
         raise typer.Exit(1)
 
@@ -203,6 +205,49 @@ def train(
     report = run_train(Settings(), spec, out=out, epochs=epochs, console=err)
     if as_json:
         _print_json(report)
+
+
+@app.command()
+def requeue(
+    spec: SpecOpt,
+    failed: Annotated[
+        bool, typer.Option("--failed/--no-failed", help="items that used their attempts")
+    ] = True,
+    rejected: Annotated[
+        bool,
+        typer.Option(help="items rejected under an earlier version, to relabel under this one"),
+    ] = False,
+    error: Annotated[
+        str | None,
+        typer.Option(metavar="TEXT", help="only failed items whose last error holds TEXT"),
+    ] = None,
+    item: Annotated[
+        list[str] | None, typer.Option("--id", help="only this external id (repeatable)")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put failed items (and rejected ones, for a new spec version) back to pending.
+
+    A failed item used its attempts (labeling.max_attempts): say, the teacher was down. Its
+    attempts start again. Waits never fail an item; they stay pending by themselves.
+
+    Example: stillhouse requeue --spec triage --error "cannot connect"
+
+    Example: stillhouse requeue --spec triage_v2.yaml --no-failed --rejected
+    """
+    from stillhouse.commands import run_requeue
+
+    result = run_requeue(
+        Settings(),
+        spec,
+        failed=failed,
+        rejected=rejected,
+        error_contains=error,
+        external_ids=item,
+        console=err,
+    )
+    if as_json:
+        _print_json(result)
 
 
 @app.command()

@@ -183,8 +183,26 @@ def _spec_id(sessions: sessionmaker[Session], spec: Spec) -> int:
 def _label_embedded(
     settings: Settings, sessions: sessionmaker[Session], spec_id: int, console: Console
 ) -> dict[str, Any]:
-    with sessions() as session:
+    import socket
+
+    from storage.leases import ready_now, reclaim_dead_owners, release_owner
+    from workers.spec import LABELING_DEFAULTS
+
+    with sessions.begin() as session:
+        # An earlier embedded run on this machine that was killed left its batch leased:
+        # the sweeper's rules, now, in-process (there is no sweeper here). Its waits were
+        # that run's view of the teacher: this run asks again at once.
+        reclaimed = reclaim_dead_owners(
+            session,
+            spec_id,
+            socket.gethostname(),
+            _pid_alive,
+            default_max_attempts=LABELING_DEFAULTS["max_attempts"],
+        )
+        ready_now(session, spec_id)
         todo = len(pending_item_ids(session, spec_id))
+    if reclaimed:
+        console.print(f"took back {reclaimed} items an earlier run left leased when it stopped")
     total = BatchSummary()
     with open_runtime(settings) as runtime, _progress(console) as progress:
         task = progress.add_task("labeling", total=todo)
@@ -192,7 +210,13 @@ def _label_embedded(
         def advance(batch: BatchSummary) -> None:
             progress.advance(task, batch.labeled + batch.failed)
 
-        total = label_until_done(runtime, spec_id, on_batch=advance)
+        try:
+            total = label_until_done(runtime, spec_id, on_batch=advance)
+        finally:
+            # Ctrl-C, a 401, a spent budget: the batch in hand goes back now, its attempt
+            # refunded, instead of staying leased for lease_s.
+            with sessions.begin() as session:
+                release_owner(session, runtime.owner)
     return {
         "labeled": total.labeled,
         "teacher_calls": total.teacher_calls,
@@ -200,6 +224,20 @@ def _label_embedded(
         "failed": total.failed,
         "waiting": total.released,
     }
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def _label_distributed(
@@ -300,6 +338,14 @@ def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Con
     if result.get("failed") or result.get("waiting"):
         console.print(
             f"last item error: {plain(result['last_error'])}", markup=False, highlight=False
+        )
+        console.print(
+            f"not finished: {result.get('waiting', 0)} items wait to retry (they stay pending "
+            f"and keep their attempts: run the same command again once the teacher answers), "
+            f"{result.get('failed', 0)} failed (`stillhouse requeue --spec SPEC` puts failed "
+            f"items back)",
+            markup=False,
+            highlight=False,
         )
     console.print(
         f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])}; "
@@ -510,6 +556,47 @@ def run_train(
         f"trained in {report['train_seconds']:.1f} s; written to {out}"
     )
     return report
+
+
+def run_requeue(
+    settings: Settings,
+    spec_ref: str,
+    *,
+    failed: bool,
+    rejected: bool,
+    error_contains: str | None,
+    external_ids: list[str] | None,
+    console: Console,
+) -> dict[str, Any]:
+    """Put failed (and, for a new spec version, earlier rejected) items back to pending."""
+    from storage.items import requeue_items
+
+    spec = load_spec(spec_ref)
+    _, sessions = open_database(settings)
+    spec_id = _spec_id_or_fail(sessions, spec)
+    with sessions.begin() as session:
+        spec_row = session.get(SpecRow, spec_id)
+        assert spec_row is not None
+        done = requeue_items(
+            session,
+            spec_row,
+            failed=failed,
+            rejected=rejected,
+            error_contains=error_contains,
+            external_ids=external_ids,
+        )
+    result = {"spec": spec.name, "version": spec.version, "failed": done.failed}
+    if rejected:
+        result["rejected"] = done.rejected
+    console.print(
+        f"{done.failed + done.rejected} items of {spec.name} back to pending for v{spec.version} "
+        f"({done.failed} failed, {done.rejected} rejected under an earlier version): embedded, "
+        f"run the same backfill again (rows already loaded are skipped); distributed, the "
+        f"dispatcher queues them for the workers",
+        markup=False,
+        highlight=False,
+    )
+    return result
 
 
 def _spec_id_or_fail(sessions: sessionmaker[Session], spec: Spec) -> int:

@@ -17,6 +17,7 @@ __all__ = [
     "ClaimedItem",
     "IngestCounts",
     "ItemIn",
+    "Requeued",
     "claim_items",
     "ensure_spec",
     "item_fields",
@@ -24,6 +25,7 @@ __all__ = [
     "last_error",
     "new_item_row",
     "pending_item_ids",
+    "requeue_items",
     "upsert_items",
 ]
 
@@ -171,6 +173,62 @@ def _requeue_for_version(session: Session, spec: SpecRow, external_ids: list[str
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass(slots=True)
+class Requeued:
+    failed: int = 0
+    rejected: int = 0
+
+
+def requeue_items(
+    session: Session,
+    spec: SpecRow,
+    *,
+    failed: bool = True,
+    rejected: bool = False,
+    error_contains: str | None = None,
+    external_ids: Sequence[str] | None = None,
+) -> Requeued:
+    """Put items of a spec name back to ``pending`` for its version ``spec`` (flush only).
+
+    ``failed``: items that used their attempts (any version), with their attempts reset;
+    ``error_contains`` keeps only those whose last error holds that text. ``rejected``:
+    items whose rejected label belongs to an earlier version, to be labeled under this one
+    (a rejection under this very version is its answer: bump the version to ask again).
+    ``external_ids`` narrows either to these ids.
+    """
+    back = {
+        "spec_id": spec.id,
+        "state": ItemState.PENDING,
+        "attempts": 0,
+        "retry_at": None,
+        "last_error": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    counts = Requeued()
+
+    def run(*where: Any) -> int:
+        conditions = [Item.spec_name == spec.name, *where]
+        if external_ids is not None:
+            conditions.append(Item.external_id.in_(list(external_ids)))
+        result = session.execute(
+            update(Item)
+            .where(*conditions)
+            .values(**back)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    if failed:
+        where = [Item.state == ItemState.FAILED]
+        if error_contains:
+            where.append(Item.last_error.contains(error_contains, autoescape=True))
+        counts.failed = run(*where)
+    if rejected:
+        counts.rejected = run(Item.state == ItemState.REJECTED, Item.spec_id != spec.id)
+    return counts
 
 
 def _add_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> None:

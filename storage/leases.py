@@ -9,11 +9,11 @@ back to pending. Every time comes from the database clock, never a worker's.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.dialect import db_now, db_now_plus, picked_ids
@@ -25,6 +25,9 @@ __all__ = [
     "expire_leases",
     "labeling_setting",
     "queued_counts",
+    "ready_now",
+    "reclaim_dead_owners",
+    "release_owner",
     "requeue_lost",
     "return_to_pending",
 ]
@@ -127,6 +130,82 @@ def requeue_lost(session: Session, *, older_than_s: float, limit: int = 50_000) 
         update(Item)
         .where(Item.id.in_(picked_ids(session, stale)), Item.state == ItemState.QUEUED)
         .values(state=ItemState.PENDING)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def release_owner(session: Session, owner: str, *, refund: bool = True) -> int:
+    """Give back every lease ``owner`` holds: its items go back to ``pending`` at once, with
+    the claim's attempt refunded (a run that stops, by Ctrl-C or an error, did not fail them)."""
+    values: dict[str, Any] = {
+        "state": ItemState.PENDING,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if refund:
+        values["attempts"] = case((Item.attempts > 0, Item.attempts - 1), else_=0)
+    result = session.execute(
+        update(Item)
+        .where(Item.state == ItemState.LEASED, Item.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def reclaim_dead_owners(
+    session: Session,
+    spec_id: int,
+    host: str,
+    alive: Callable[[int], bool],
+    *,
+    default_max_attempts: int,
+) -> int:
+    """The leases of processes on ``host`` that are gone (a ``kill -9`` of an embedded run):
+    expired now, then swept by the sweeper's rules (back to pending, or failed on the last
+    allowed attempt). Owners are ``HOST:PID:…`` (``workers.pipeline.worker_id``)."""
+    owners = session.scalars(
+        select(Item.lease_owner)
+        .where(
+            Item.spec_id == spec_id,
+            Item.state == ItemState.LEASED,
+            Item.lease_owner.startswith(f"{host}:", autoescape=True),
+        )
+        .distinct()
+    ).all()
+    dead = [o for o in owners if o is not None and not _alive(o, alive)]
+    if not dead:
+        return 0
+    session.execute(
+        update(Item)
+        .where(Item.state == ItemState.LEASED, Item.lease_owner.in_(dead))
+        .values(lease_expires_at=db_now_plus(session, -1))
+        .execution_options(synchronize_session=False)
+    )
+    swept = expire_leases(session, default_max_attempts=default_max_attempts)
+    return swept.expired + swept.failed
+
+
+def _alive(owner: str, alive: Callable[[int], bool]) -> bool:
+    parts = owner.split(":")
+    try:
+        return alive(int(parts[1]))
+    except (IndexError, ValueError):
+        return True  # not ours to judge
+
+
+def ready_now(session: Session, spec_id: int) -> int:
+    """Pending items of ``spec_id`` that wait for a ``retry_at``: ready at once (an embedded
+    run starts with a fresh view of the teacher; the waits were an earlier run's)."""
+    result = session.execute(
+        update(Item)
+        .where(
+            Item.spec_id == spec_id,
+            Item.state == ItemState.PENDING,
+            Item.retry_at.is_not(None),
+        )
+        .values(retry_at=None)
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)

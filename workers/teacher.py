@@ -190,6 +190,9 @@ class TeacherClient:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.stalls = StallWatch()
+        # What the teacher did last when it failed (a refused connection, a 503): a wait the
+        # breaker asks for then says why, with the URL, instead of only "wait 29.6 s".
+        self.last_failure: str | None = None
         self._seen_limits: tuple[int | None, int | None] | None = None
         # Absolute and parsed once: httpx re-parses a relative path on every request; the
         # client's headers are merged once too (merging them per request cost 0.1 ms a call).
@@ -272,9 +275,14 @@ class TeacherClient:
         verdict = _Verdict()
         try:
             # Governor waits are not attempts: nothing was sent, so nothing goes in the ledger.
-            probe = await wait_for_slot(
-                self.governor, request.tokens_estimate, self.max_inline_wait_s
-            )
+            try:
+                probe = await wait_for_slot(
+                    self.governor, request.tokens_estimate, self.max_inline_wait_s
+                )
+            except TeacherBusy as exc:
+                if self.last_failure is not None and "circuit breaker" in str(exc):
+                    exc.args = (f"{exc}; the last failure: {self.last_failure}",)
+                raise
             await self._send(request, outcome, before_send, probe, verdict)
         finally:
             slots.release(epoch, verdict.outcome, verdict.latency_s)
@@ -356,6 +364,7 @@ class TeacherClient:
                 return "other"
             return "overload"  # over the teacher's capacity: fewer calls in flight
         if isinstance(error, TransientError):
+            self.last_failure = str(error)
             if not stalled:  # else a timeout that expired while this process was stopped
                 oks = self.slots.take_oks()  # the breaker weighs failures against successes
                 await self.governor.report(

@@ -1,0 +1,162 @@
+"""A new user's first runs (issue 12): every mistake ends in an error or a summary that
+points at the fix, and nothing is lost on the way. Real CLI processes, a real local teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from clitools import run_cli
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from stillhouse.localteacher import local_teacher
+from storage.models import Item, ItemState
+from storage.session import make_engine, make_sessionmaker
+
+LIMIT = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(tmp_path: Path, teacher: str) -> dict[str, str]:
+    return {
+        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/first.db",
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_TEACHER_BASE_URL": teacher,
+        "STILLHOUSE_RUNS_DIR": str(tmp_path / "runs"),
+    }
+
+
+def _states(tmp_path: Path) -> dict[str, int]:
+    engine = make_engine(f"sqlite:///{tmp_path}/first.db")
+    with make_sessionmaker(engine)() as session:
+        rows = session.execute(select(Item.state, Item.attempts)).all()
+    engine.dispose()
+    counts: dict[str, int] = {}
+    for state, _ in rows:
+        counts[state.value] = counts.get(state.value, 0) + 1
+    counts["attempts"] = sum(attempts for _, attempts in rows)
+    return counts
+
+
+def test_a_teacher_that_is_not_there_is_named_and_the_items_wait_for_it(
+    tmp_path: Path, teacher_url: str
+) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    down = run_cli(
+        _env(tmp_path, dead), "backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT)
+    )
+    # Not a rate limit, not a success: the URL and the refused connection, and exit 3.
+    assert down.returncode == 3, down.stderr
+    assert f"cannot connect to the teacher at {dead}" in down.stderr
+    assert "not finished: " in down.stderr and "run the same command again" in down.stderr
+    # The items wait, and no wait cost an attempt.
+    assert _states(tmp_path) == {"pending": LIMIT, "attempts": 0}
+
+    up = run_cli(
+        _env(tmp_path, teacher_url),
+        "backfill",
+        "bbc",
+        "--spec",
+        "triage",
+        "--limit",
+        str(LIMIT),
+        "--json",
+    )
+    assert up.returncode == 0, up.stderr
+    summary = json.loads(up.stdout)
+    assert summary["already_loaded"] == LIMIT and summary["labeled"] == LIMIT
+
+
+def test_failed_items_are_requeued_by_filter(tmp_path: Path, teacher_url: str) -> None:
+    env = _env(tmp_path, teacher_url)
+    loaded = run_cli(
+        env, "backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT), "--load-only"
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    engine = make_engine(env["STILLHOUSE_DATABASE_URL"])
+    with make_sessionmaker(engine).begin() as session:
+        ids = list(session.scalars(select(Item.id).order_by(Item.id)))
+        for n, item_id in enumerate(ids):
+            error = "unavailable: cannot connect" if n % 2 else "bad_response: gibberish"
+            session.execute(
+                update(Item)
+                .where(Item.id == item_id)
+                .values(state=ItemState.FAILED, attempts=5, last_error=error)
+            )
+    engine.dispose()
+
+    some = run_cli(env, "requeue", "--spec", "triage", "--error", "cannot connect", "--json")
+    assert some.returncode == 0, some.stderr
+    assert json.loads(some.stdout)["failed"] == LIMIT // 2
+    assert _states(tmp_path) == {
+        "pending": LIMIT // 2,
+        "failed": LIMIT // 2,
+        "attempts": 5 * (LIMIT // 2),
+    }
+    rest = run_cli(env, "requeue", "--spec", "triage", "--json")
+    assert json.loads(rest.stdout)["failed"] == LIMIT // 2
+    labeled = run_cli(env, "backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT), "--json")
+    assert labeled.returncode == 0, labeled.stderr
+    assert json.loads(labeled.stdout)["labeled"] == LIMIT
+
+
+def _start_backfill(env: dict[str, str]) -> subprocess.Popen[str]:
+    args = ["backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "stillhouse", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_leases(tmp_path: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if _states(tmp_path).get("leased"):
+                return
+        except OperationalError:  # the schema is not there yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the backfill never leased a batch")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_an_embedded_run_that_stops_leaves_no_item_leased(
+    tmp_path: Path, teacher_url: str, stop: signal.Signals
+) -> None:
+    with local_teacher("fixed", extra_args=["--latency-ms", "3000"]) as slow:
+        running = _start_backfill(_env(tmp_path, slow))
+        _wait_for_leases(tmp_path)
+        time.sleep(0.5)  # the batch's calls are out
+        running.send_signal(stop)
+        running.wait(timeout=30)
+    after = _states(tmp_path)
+    if stop == signal.SIGINT:
+        # The batch in hand went back at once, its attempts refunded.
+        assert after.get("leased", 0) == 0 and after["attempts"] == 0, after
+    else:
+        assert after.get("leased", 0) > 0  # a killed process cannot clean up
+    again = run_cli(
+        _env(tmp_path, teacher_url), "backfill", "bbc", "--spec", "triage", "--limit", str(LIMIT)
+    )
+    assert again.returncode == 0, again.stderr
+    if stop == signal.SIGKILL:
+        assert "took back " in again.stderr and "an earlier run left leased" in again.stderr
+    final = _states(tmp_path)
+    assert final.get("leased", 0) == 0 and final.get("pending", 0) == 0, final
