@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -25,13 +26,16 @@ from storage.models import SpecRow
 from storage.stats import label_stats, status
 from workers.ingest import (
     DEFAULT_MAX_DOC_BYTES,
+    FIELD_CHECK_ROWS,
     IngestSummary,
     RejectsFile,
     SourceRow,
+    check_fields,
     load_source,
     position_name,
     read_source,
     read_sql,
+    unmatched_known_good,
 )
 from workers.pipeline import BatchSummary, label_until_done
 from workers.spec import Spec, load_spec
@@ -77,6 +81,10 @@ def run_backfill(
     options = options or BackfillOptions()
     spec = load_spec(spec_ref)
     rows, position = _open_source(settings, source, limit, options)
+    # A field the spec reads and no row has (a typo) is refused before anything is written.
+    head = list(itertools.islice(rows, FIELD_CHECK_ROWS))
+    field_warnings = check_fields(spec, head, source or "the query")
+    rows = itertools.chain(head, rows)
     _, sessions = open_database(settings)
     started = time.monotonic()
     rejects = RejectsFile(options.rejects or _rejects_path(settings, spec.name), position=position)
@@ -93,6 +101,7 @@ def run_backfill(
         "bad_rows": ingest.bad_count,
         "rejects": str(rejects.path) if rejects.count else None,
         "load_seconds": round(time.monotonic() - started, 2),
+        "warnings": field_warnings + unmatched_known_good(spec, ingest.known_good_values),
     }
     if options.load_only:
         _report_load(loaded, ingest, console)
@@ -317,6 +326,8 @@ def _report_load(result: dict[str, Any], ingest: IngestSummary, console: Console
         console.print(
             f"bad rows written to {plain(result['rejects'])}", markup=False, highlight=False
         )
+    for warning in result["warnings"]:
+        console.print(f"warning: {plain(warning)}", style="bold yellow", markup=False)
     if ingest.counts.changed:
         examples = ", ".join(plain(i, one_line=True) for i in ingest.counts.changed_ids[:3])
         console.print(

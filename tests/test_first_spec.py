@@ -22,6 +22,7 @@ from storage.models import Item, ItemState
 from storage.session import make_engine, make_sessionmaker
 
 LIMIT = 12
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -160,3 +161,54 @@ def test_an_embedded_run_that_stops_leaves_no_item_leased(
         assert "took back " in again.stderr and "an earlier run left leased" in again.stderr
     final = _states(tmp_path)
     assert final.get("leased", 0) == 0 and final.get("pending", 0) == 0, final
+
+
+def _spec_with(tmp_path: Path, old: str, new: str) -> Path:
+    text = (ROOT / "examples/specs/triage.yaml").read_text()
+    assert old in text
+    path = tmp_path / "mine.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "says"),
+    [
+        ("{source: queue, compare: exact}", "{source: queu, compare: exact}", "known_good.label"),
+        ('"{headline}\\n\\n{body}"', '"{headline}\\n\\n{bdy}"', "input.text reads field 'bdy'"),
+    ],
+    ids=["known-good", "template"],
+)
+def test_a_field_no_row_has_is_refused_before_anything_is_written(
+    tmp_path: Path, old: str, new: str, says: str
+) -> None:
+    spec = _spec_with(tmp_path, old, new)
+    env = _env(tmp_path, "http://127.0.0.1:9/v1")
+    run = run_cli(env, "backfill", "bbc", "--spec", str(spec), "--limit", "30", "--load-only")
+    assert run.returncode == 2, run.stderr
+    assert says in run.stderr and "The rows have: body, headline, id, length, queue" in run.stderr
+    assert not (tmp_path / "first.db").exists()  # nothing written, the version not used up
+
+
+def test_known_good_values_no_label_matches_are_counted_at_load(tmp_path: Path) -> None:
+    spec = _spec_with(tmp_path, "  - name: sport\n", "  - name: sports\n")
+    env = _env(tmp_path, "http://127.0.0.1:9/v1")
+    run = run_cli(
+        env, "backfill", "bbc", "--spec", str(spec), "--limit", "300", "--load-only", "--json"
+    )
+    assert run.returncode == 0, run.stderr
+    [warning] = json.loads(run.stdout)["warnings"]
+    assert warning.startswith("known_good.label: 60 rows have a value no label of the spec")
+    assert "'sport' (60 rows)" in warning and "warning: known_good.label" in run.stderr
+
+
+def test_a_slice_field_no_row_has_is_a_loud_warning(tmp_path: Path) -> None:
+    spec = _spec_with(tmp_path, "slices: [length, queue]", "slices: [lenght, queue]")
+    env = _env(tmp_path, "http://127.0.0.1:9/v1")
+    run = run_cli(
+        env, "backfill", "bbc", "--spec", str(spec), "--limit", "30", "--load-only", "--json"
+    )
+    assert run.returncode == 0, run.stderr
+    [warning] = json.loads(run.stdout)["warnings"]
+    assert warning.startswith("slices reads field 'lenght', which none of the first 30 rows")
+    assert "warning: slices reads field 'lenght'" in run.stderr

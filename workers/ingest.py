@@ -45,7 +45,7 @@ from typing import IO, Any
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import PermanentError
+from schemas.errors import ConfigError, PermanentError
 from storage.bulk import copy_lines, load_items
 from storage.items import IngestCounts, ItemIn, ensure_spec
 from storage.models import SpecRow
@@ -64,10 +64,12 @@ from workers.spec import Spec
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "DEFAULT_MAX_DOC_BYTES",
+    "FIELD_CHECK_ROWS",
     "BadRow",
     "IngestSummary",
     "RejectsFile",
     "SourceRow",
+    "check_fields",
     "load_source",
     "make_item",
     "normalize_text",
@@ -75,6 +77,7 @@ __all__ = [
     "read_source",
     "read_sql",
     "store_spec",
+    "unmatched_known_good",
 ]
 
 PARALLEL_WRITERS = 2  # chunks written at once on Postgres, each on its own connection
@@ -94,6 +97,8 @@ class IngestSummary:
     counts: IngestCounts = field(default_factory=IngestCounts)
     bad: list[BadRow] = field(default_factory=list)  # the first 100, for the terminal
     bad_count: int = 0
+    # known-good rule name -> value -> rows, for the rules that compare against the labels
+    known_good_values: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class RejectsFile:
@@ -297,6 +302,91 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
+FIELD_CHECK_ROWS = 1000  # the rows a backfill looks at before it writes anything
+
+
+def check_fields(spec: Spec, rows: Sequence[SourceRow], source: str = "the source") -> list[str]:
+    """Look at ``rows`` (the start of a source) for the fields the spec reads, before anything
+    is written; a typo such as ``queu`` must not pass in silence.
+
+    Refused (``ConfigError``): a template or id field no row has (every row would be bad), and
+    a known-good field no row has while ``checks.require_known_good_match`` is on (it would
+    turn the known-good check off in silence). Returned as warnings: a slice field no row has
+    (one slice of ``None``), and a known-good field when the match is not required.
+
+    A field counts as there when a row has the key, even with null or an empty value (a row
+    without a known-good record has it empty). Rows that could not be read are left out.
+    """
+    read = [r.row for r in rows if r.row is not None]
+    if not read:
+        return []
+    seen: set[str] = set()
+    for row in read:
+        seen.update(row)
+    required = bool(spec.checks["require_known_good_match"])
+    wanted: list[tuple[str, str, bool]] = [
+        *(
+            (f"known_good.{name}.source", rule["source"], required)
+            for name, rule in spec.known_good.items()
+        ),
+        *(("slices", name, False) for name in spec.slice_fields),
+        *(
+            ("input.text", name, True)
+            for name in FIELD_PATTERN.findall(str(spec.body["input"]["text"]))
+        ),
+        ("input.id_field", spec.id_field, True),
+    ]
+    missing = [(where, name, fatal) for where, name, fatal in wanted if name not in seen]
+    shown = ", ".join(sorted(seen)[:30]) + (" …" if len(seen) > 30 else "")
+    where_seen = f"none of the first {len(read):,} rows of {source} has"
+    errors = [f"{where} reads field {name!r}" for where, name, fatal in missing if fatal]
+    if errors:
+        hint = ""
+        if any(e.startswith("known_good") for e in errors):
+            hint = (
+                " (with checks.require_known_good_match, a known-good field that no row has "
+                "would turn the known-good check off in silence)"
+            )
+        raise ConfigError(
+            f"spec {spec.name!r}: {'; '.join(errors)}, which {where_seen}{hint}. The rows "
+            f"have: {shown}. Fix the field name in the spec; a row without a value has the "
+            f"field, null or empty"
+        )
+    return [
+        f"{where} reads field {name!r}, which {where_seen} (they have: {shown}): "
+        + ("every item gets this slice as null" if where == "slices" else "no record is checked")
+        for where, name, _ in missing
+    ]
+
+
+def unmatched_known_good(spec: Spec, counts: dict[str, dict[str, int]]) -> list[str]:
+    """Known-good values that no label of the spec can match, with their counts, worst first:
+    a spec label ``sport`` against records that say ``sports`` rejects every such item."""
+    labels = spec.label_names
+    if not labels:
+        return []
+    problems = []
+    for name, values in counts.items():
+        rule = spec.known_good.get(name, {})
+        fold = rule.get("compare") in ("casefold", "fuzzy")
+        known = {label.casefold() if fold else label for label in labels}
+        unmatched = {
+            value: n
+            for value, n in values.items()
+            if (value.casefold() if fold else value) not in known
+        }
+        if unmatched:
+            top = sorted(unmatched.items(), key=lambda kv: -kv[1])[:5]
+            listed = ", ".join(f"{v!r} ({n:,} rows)" for v, n in top)
+            problems.append(
+                f"known_good.{name}: {sum(unmatched.values()):,} rows have a value no label "
+                f"of the spec matches: {listed}; those items will be rejected as "
+                f"known_good_mismatch (the spec's labels: {', '.join(labels)}): rename the "
+                f"label, or map the values in the source"
+            )
+    return problems
+
+
 def store_spec(session: Session, spec: Spec) -> SpecRow:
     return ensure_spec(session, spec.name, spec.version, spec.kind, spec.body, spec.content_hash)
 
@@ -326,10 +416,17 @@ def load_source(
         _ChunkWriter(sessions, target, summary, on_chunk, rejects, keep_duplicate_content) as w,
     ):
         chunk: list[ItemIn] = []
+        label_rules = [name for name in spec.known_good if name == "label"] if spec.labels else []
+        tally = {name: summary.known_good_values.setdefault(name, {}) for name in label_rules}
         for source_row in rows:
             summary.rows += 1
             item = _to_item(spec, source_row, summary, rejects, max_doc_bytes)
             if item is not None:
+                if tally and item.known_good:
+                    for name, values in tally.items():
+                        value = item.known_good.get(name)
+                        if isinstance(value, str):
+                            values[value] = values.get(value, 0) + 1
                 chunk.append(item)
                 if len(chunk) >= chunk_size:
                     w.submit(chunk)
