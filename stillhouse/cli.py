@@ -49,7 +49,10 @@ def backfill(
     spec: SpecOpt,
     source: Annotated[
         str | None,
-        typer.Argument(help="a .jsonl, .csv or .parquet file, or 'bbc' (bundled)"),
+        typer.Argument(
+            help="a .jsonl, .csv or .parquet file, or 'bbc' (bundled); none: label what is "
+            "pending (requeued items, say)"
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="load at most this many rows")] = None,
     wait: Annotated[bool, typer.Option(help="distributed mode: wait until labeled")] = True,
@@ -472,6 +475,19 @@ def spec_check(spec: Annotated[str, typer.Argument(help="spec file or bundled na
             "output_schema": loaded.output_schema,
         }
     )
+
+
+@spec_app.command("reference")
+def spec_reference() -> None:
+    """Print the spec reference (every field, its type, default and meaning) as Markdown.
+
+    It is generated from schemas/spec.schema.json; docs/spec-reference.md holds a copy.
+
+    Example: stillhouse spec reference > spec-reference.md
+    """
+    from schemas.reference import render_reference
+
+    sys.stdout.write(render_reference())
 
 
 @review_app.command("list")

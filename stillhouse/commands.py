@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError
 from stillhouse.context import open_database, open_runtime
-from stillhouse.render import cell, plain
+from stillhouse.render import cell, plain, table_console
 from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
 from storage.models import SpecRow
@@ -141,7 +141,8 @@ def _open_source(
     if options.sql_url is not None:
         raise ConfigError("--sql-url goes with --from-sql QUERY")
     if source is None:
-        raise ConfigError("give a SOURCE (a .jsonl, .csv or .parquet file) or --from-sql QUERY")
+        # No source: nothing to load, label what is pending (requeued items, say).
+        return iter(()), "row"
     rows = read_source(source, limit=limit, max_doc_bytes=options.max_doc_bytes)
     return rows, position_name(source)
 
@@ -464,7 +465,7 @@ def run_report(
             _pct(tally["accepted_accuracy"]),
             cell(reasons),
         )
-    Console().print(table)
+    table_console().print(table)
     held = result["withheld"]
     console.print(
         f"withheld known-good ({held['labels']} items): the other checks accepted "
@@ -500,7 +501,7 @@ def run_review_list(settings: Settings, spec_ref: str, *, limit: int, as_json: b
             "n/a" if e.confidence is None else f"{e.confidence:.2f}",
             cell(e.text.replace("\n", " "), limit=80),
         )
-    Console().print(table)
+    table_console().print(table)
 
 
 def run_review_resolve(
@@ -547,7 +548,7 @@ def run_status(
         table.add_row(f"calls {name}", str(count))
     table.add_row("spend (USD)", f"{now.spend_usd:.4f}")
     table.add_row("labeled / s", "n/a" if now.labeled_per_s is None else str(now.labeled_per_s))
-    Console().print(table)
+    table_console().print(table)
 
 
 def run_train(
@@ -581,13 +582,12 @@ def run_requeue(
 ) -> dict[str, Any]:
     """Put failed (and, for a new spec version, earlier rejected) items back to pending."""
     from storage.items import requeue_items
+    from workers.ingest import store_spec
 
     spec = load_spec(spec_ref)
     _, sessions = open_database(settings)
-    spec_id = _spec_id_or_fail(sessions, spec)
     with sessions.begin() as session:
-        spec_row = session.get(SpecRow, spec_id)
-        assert spec_row is not None
+        spec_row = store_spec(session, spec)  # a new version is stored here, ready to label
         done = requeue_items(
             session,
             spec_row,
@@ -601,8 +601,8 @@ def run_requeue(
         result["rejected"] = done.rejected
     console.print(
         f"{done.failed + done.rejected} items of {spec.name} back to pending for v{spec.version} "
-        f"({done.failed} failed, {done.rejected} rejected under an earlier version): embedded, "
-        f"run the same backfill again (rows already loaded are skipped); distributed, the "
+        f"({done.failed} failed, {done.rejected} rejected under an earlier version): "
+        f"`stillhouse backfill --spec SPEC` (no source) labels them; distributed, the "
         f"dispatcher queues them for the workers",
         markup=False,
         highlight=False,

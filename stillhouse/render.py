@@ -12,11 +12,13 @@ control, format and bidi characters are written as visible escapes (``\\x1b``, `
 
 from __future__ import annotations
 
+import os
 import re
 
+from rich.console import Console
 from rich.text import Text
 
-__all__ = ["cell", "plain"]
+__all__ = ["cell", "plain", "table_console"]
 
 # C0 controls but tab and newline, DEL, C1 controls, the bidi embeddings, overrides and
 # isolates, the directional marks, zero-width characters and the BOM, and lone surrogates.
@@ -47,3 +49,12 @@ def plain(value: object, *, one_line: bool = False, limit: int | None = None) ->
 def cell(value: object, *, limit: int | None = None) -> Text:
     """A table cell for untrusted text: escaped, on one line, and never read as markup."""
     return Text(plain(value, one_line=True, limit=limit))
+
+
+def table_console() -> Console:
+    """Where tables go (stdout): as wide as the terminal, and 160 columns when piped or
+    redirected (rich would cut every table to 80 there); ``COLUMNS`` still decides."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)
+    return console

@@ -212,3 +212,34 @@ def test_a_slice_field_no_row_has_is_a_loud_warning(tmp_path: Path) -> None:
     [warning] = json.loads(run.stdout)["warnings"]
     assert warning.startswith("slices reads field 'lenght', which none of the first 30 rows")
     assert "warning: slices reads field 'lenght'" in run.stderr
+
+
+def test_tables_are_not_cut_to_80_columns_when_piped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stillhouse.render import table_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert table_console().width == 160  # pytest's stdout is not a terminal
+    monkeypatch.setenv("COLUMNS", "100")
+    assert table_console().width == 100
+
+
+def test_a_new_version_relabels_what_the_old_one_rejected(tmp_path: Path, teacher_url: str) -> None:
+    env = _env(tmp_path, teacher_url)
+    first = run_cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "40", "--json")
+    assert first.returncode == 0, first.stderr
+    rejected = json.loads(first.stdout)["labels"] - json.loads(first.stdout)["accepted"]
+    assert rejected > 0  # the zero-shot teacher gets some of 40 BBC articles wrong
+    v2 = _spec_with(tmp_path, "version: 1", "version: 2")
+    again = run_cli(env, "requeue", "--spec", str(v2), "--no-failed", "--rejected", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {
+        "spec": "triage",
+        "version": 2,
+        "failed": 0,
+        "rejected": rejected,
+    }
+    # No source: label what is pending.
+    relabeled = run_cli(env, "backfill", "--spec", str(v2), "--json")
+    assert relabeled.returncode == 0, relabeled.stderr
+    done = json.loads(relabeled.stdout)
+    assert done["rows"] == 0 and done["labeled"] == rejected

@@ -81,7 +81,7 @@ def _hashes(spec: Spec, texts: list[str]) -> dict[str, set[str]]:
     return {
         teacher.model: {
             build_request(
-                teacher, render_messages(spec, text), spec.output_schema, f"{spec.name}_v1"
+                teacher, render_messages(spec, text), spec.output_schema, spec.schema_name
             ).request_hash
             for text in texts
         }

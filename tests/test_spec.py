@@ -540,3 +540,26 @@ def test_error_path_and_schema_problems() -> None:
     assert schema_problems(validator, {"name": "ok", "items": []}) == []
     error = next(validator.iter_errors({"name": "ok", "items": [{"n": 1.5}]}))
     assert error_path(error) == "$.items[0].n"
+
+
+def test_the_spec_reference_in_docs_is_what_the_schema_says() -> None:
+    from pathlib import Path
+
+    from schemas.loader import load_schema
+    from schemas.reference import render_reference
+
+    committed = (Path(__file__).resolve().parent.parent / "docs/spec-reference.md").read_text()
+    assert committed == render_reference(), (
+        "docs/spec-reference.md is stale: run `stillhouse spec reference > docs/spec-reference.md`"
+    )
+
+    def fields(node: dict, path: str = "") -> list[str]:
+        out = []
+        for name, child in node.get("properties", {}).items():
+            out.append(f"{path}{name}")
+            out += fields(child, f"{path}{name}.")
+        return out
+
+    schema = load_schema("spec")
+    missing = [f for f in fields(schema) if f"`{f}`" not in committed]
+    assert not missing, missing  # every field of the schema is in the reference
