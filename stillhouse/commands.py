@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import BudgetExhausted, ConfigError
+from schemas.errors import BudgetExhausted, ConfigError, SpecError
 from stillhouse.context import open_database, open_runtime
 from stillhouse.render import cell, plain, table_console
 from stillhouse.settings import Settings
@@ -279,6 +279,7 @@ def _label_distributed(
                 break
             if busy == now.by_state["pending"]:
                 _stop_if_budget_spent(sessions, spec_id)
+                _stop_if_workers_misconfigured(sessions, spec_id)
             if now.items - busy != last_done:
                 last_done, last_change = now.items - busy, time.monotonic()
             elif time.monotonic() - last_change > 30:
@@ -299,6 +300,20 @@ def _stop_if_budget_spent(sessions: sessionmaker[Session], spec_id: int) -> None
         error = last_error(session, spec_id)
     if error and error.startswith(f"{BudgetExhausted.kind}: "):
         raise BudgetExhausted(error.removeprefix(f"{BudgetExhausted.kind}: "))
+
+
+def _stop_if_workers_misconfigured(sessions: sessionmaker[Session], spec_id: int) -> None:
+    # A worker that cannot label (a key variable not set in its environment) says so on the
+    # items it held back: the waiting backfill says it too, and stops.
+    with sessions() as session:
+        error = last_error(session, spec_id)
+    for kind in (ConfigError.kind, SpecError.kind):
+        if error and error.startswith(f"{kind}: "):
+            raise ConfigError(
+                f"the workers cannot label these items: {error.removeprefix(f'{kind}: ')}; "
+                f"fix the workers' environment (see the README's distributed stack), they "
+                f"retry the items by themselves"
+            )
 
 
 def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Console) -> None:
@@ -549,6 +564,12 @@ def run_status(
     table.add_row("spend (USD)", f"{now.spend_usd:.4f}")
     table.add_row("labeled / s", "n/a" if now.labeled_per_s is None else str(now.labeled_per_s))
     table_console().print(table)
+    if now.last_error:
+        console.print(
+            f"last error on an unfinished item: {plain(now.last_error)}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def run_train(

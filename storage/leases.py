@@ -23,6 +23,7 @@ __all__ = [
     "SweepCounts",
     "claim_ready",
     "expire_leases",
+    "hold_back",
     "labeling_setting",
     "queued_counts",
     "ready_now",
@@ -193,6 +194,25 @@ def _alive(owner: str, alive: Callable[[int], bool]) -> bool:
         return alive(int(parts[1]))
     except (IndexError, ValueError):
         return True  # not ours to judge
+
+
+def hold_back(session: Session, item_ids: Sequence[int], error: str, wait_s: float) -> int:
+    """Items a worker cannot label now (its configuration is wrong): back to ``pending`` with
+    the error on them and a wait before they are queued again, attempts untouched; items
+    another worker holds or finished are left alone."""
+    if not item_ids:
+        return 0
+    result = session.execute(
+        update(Item)
+        .where(Item.id.in_(list(item_ids)), Item.state.in_([ItemState.QUEUED, ItemState.PENDING]))
+        .values(
+            state=ItemState.PENDING,
+            last_error=error,
+            retry_at=db_now_plus(session, wait_s),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def ready_now(session: Session, spec_id: int) -> int:

@@ -23,6 +23,9 @@ class Status:
     labeled_per_s: float | None
     spec: str | None = None
     specs: list[dict[str, Any]] = field(default_factory=list)
+    # The newest error on an item not yet labeled (a teacher that cannot be reached, a
+    # worker's configuration): what to fix, where users look first.
+    last_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +66,13 @@ def status(session: Session, spec_name: str | None = None) -> Status:
         for r in session.scalars(select(SpecRow).order_by(SpecRow.name, SpecRow.version))
         if spec_name is None or r.name == spec_name
     ]
+    unfinished = [ItemState.PENDING, ItemState.QUEUED, ItemState.LEASED, ItemState.FAILED]
+    error = session.scalar(
+        select(Item.last_error)
+        .where(*item_filter, Item.state.in_(unfinished), Item.last_error.is_not(None))
+        .order_by(Item.updated_at.desc())
+        .limit(1)
+    )
     return Status(
         items=sum(by_state.values()),
         by_state=by_state,
@@ -72,6 +82,7 @@ def status(session: Session, spec_name: str | None = None) -> Status:
         labeled_per_s=rate,
         spec=spec_name,
         specs=specs,
+        last_error=error,
     )
 
 

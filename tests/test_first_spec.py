@@ -243,3 +243,50 @@ def test_a_new_version_relabels_what_the_old_one_rejected(tmp_path: Path, teache
     assert relabeled.returncode == 0, relabeled.stderr
     done = json.loads(relabeled.stdout)
     assert done["rows"] == 0 and done["labeled"] == rejected
+
+
+@pytest.mark.slow
+def test_a_workers_configuration_error_reaches_the_items_status_and_backfill(
+    tmp_path: Path, postgres_url: str, redis_url: str, teacher_url: str
+) -> None:
+    # The key variable is set where `backfill` runs, not where the worker runs.
+    spec = _spec_with(
+        tmp_path,
+        "  model: minilm-zero-shot\n",
+        "  model: minilm-zero-shot\n  api_key_env: MAIL_TEACHER_KEY\n",
+    )
+    env = {
+        "STILLHOUSE_DATABASE_URL": postgres_url,
+        "STILLHOUSE_BROKER_URL": redis_url,
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+    }
+    worker_env = {k: v for k, v in os.environ.items() if k != "MAIL_TEACHER_KEY"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "stillhouse", "worker", "--concurrency", "1", "--loglevel", "ERROR"],
+        env={**worker_env, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        waited = run_cli(
+            {**env, "MAIL_TEACHER_KEY": "sk-only-here"},
+            "backfill",
+            "bbc",
+            "--spec",
+            str(spec),
+            "--limit",
+            "8",
+            timeout=120,
+        )
+        state = run_cli(env, "status", "--json")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        _, worker_log = worker.communicate(timeout=30)
+    assert waited.returncode == 2, waited.stderr
+    assert "the workers cannot label these items" in waited.stderr
+    assert "MAIL_TEACHER_KEY" in waited.stderr and "is not set" in waited.stderr
+    last = json.loads(state.stdout)["last_error"]
+    assert last.startswith("config: ") and "MAIL_TEACHER_KEY" in last
+    assert "Traceback" not in worker_log  # one line in the worker's log, not 40 tracebacks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -13,12 +14,16 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from schemas.errors import BudgetExhausted, ConfigError
+from storage.leases import hold_back
 from workers.celery_app import LABEL_TASK, app
 from workers.pipeline import LabelRuntime
 
 __all__ = ["label_batch", "set_runtime_factory"]
 
 log = logging.getLogger(__name__)
+
+CONFIG_ERROR_WAIT_S = 30.0  # how long items wait before a worker tries them again
 _state: dict[str, Any] = {"factory": None, "runtime": None}
 _lock = threading.Lock()  # the threads pool builds the runtime once, shared by its threads
 
@@ -76,7 +81,21 @@ def _close(**_: Any) -> None:
 @app.task(name=LABEL_TASK, bind=True)
 def label_batch(self: Any, spec_id: int, item_ids: list[int]) -> dict[str, int]:
     """Label one batch of item ids; returns small counts (results are in the database)."""
-    summary = _runtime().label_batch(spec_id, item_ids=item_ids)
+    runtime = _runtime()
+    try:
+        summary = runtime.label_batch(spec_id, item_ids=item_ids)
+    except BudgetExhausted as exc:
+        log.warning("spec %s: %s", spec_id, exc)  # the pipeline parked the items, with why
+        return {"claimed": 0, "labeled": 0}
+    except ConfigError as exc:
+        # A worker's configuration error (a key variable not set here, a teacher URL that
+        # is not valid) goes where users look: on the items, in `status` and in the waiting
+        # `backfill`, not only as a traceback in this worker's log.
+        message = f"{exc.kind}: {exc} (on worker {socket.gethostname()})"
+        with runtime.sessions.begin() as session:
+            held = hold_back(session, item_ids, message, CONFIG_ERROR_WAIT_S)
+        log.error("spec %s: %d items held back: %s", spec_id, held, exc)
+        return {"claimed": 0, "labeled": 0, "held_back": held}
     log.info(
         "spec %s: %s of %s ids claimed, %s labeled, %s teacher calls, cpu_ms=%.1f call_cpu_ms=%.1f",
         spec_id,
