@@ -151,6 +151,7 @@ def _copy_load(
             continue
         if item.content_hash in stored_content:
             counts.duplicate_content += 1
+            counts.duplicates.append((item.external_id, item.content_hash))
             continue
         kept.append(line)
         counts.inserted += 1
@@ -223,7 +224,7 @@ def _batched_load(
     session: Session, spec: SpecRow, items: Sequence[ItemIn], keep: bool
 ) -> IngestCounts:
     # SQLite (and other drivers): upsert_items' executemany, after the content check.
-    duplicates = 0
+    duplicates: list[tuple[str, str]] = []
     if not keep:
         owners = {h: ext for h, ext in session.execute(content_owners(spec.name, items))}
         if owners:
@@ -236,9 +237,12 @@ def _batched_load(
                 )
             )
             kept = [i for i in items if i.external_id in known_ids or i.content_hash not in owners]
-            duplicates, items = len(items) - len(kept), kept
+            kept_ids = {id(i) for i in kept}
+            duplicates = [(i.external_id, i.content_hash) for i in items if id(i) not in kept_ids]
+            items = kept
     counts = upsert_items(session, spec, items)
-    counts.duplicate_content += duplicates
+    counts.duplicate_content += len(duplicates)
+    counts.duplicates.extend(duplicates)
     return counts
 
 

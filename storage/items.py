@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
 from storage.dialect import db_now, db_now_plus, insert_for, picked_ids
-from storage.models import Item, ItemState, SpecRow
+from storage.models import CONTENT_KEY, CONTENT_KEY_CHARS, Item, ItemAlias, ItemState, SpecRow
 
 __all__ = [
     "ClaimedItem",
@@ -26,6 +26,7 @@ __all__ = [
     "new_item_row",
     "pending_item_ids",
     "requeue_items",
+    "store_aliases",
     "upsert_items",
 ]
 
@@ -53,6 +54,8 @@ class IngestCounts:
     changed: int = 0
     known_good: int = 0
     changed_ids: list[str] = field(default_factory=list)
+    # (external id, content hash) of the duplicate_content rows: kept as aliases
+    duplicates: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def add(self, other: IngestCounts) -> None:
         self.inserted += other.inserted
@@ -62,6 +65,7 @@ class IngestCounts:
         self.changed += other.changed
         self.known_good += other.known_good
         self.changed_ids.extend(other.changed_ids[: max(0, 20 - len(self.changed_ids))])
+        self.duplicates.extend(other.duplicates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +233,42 @@ def requeue_items(
     if rejected:
         counts.rejected = run(Item.state == ItemState.REJECTED, Item.spec_id != spec.id)
     return counts
+
+
+def store_aliases(session: Session, spec_name: str, duplicates: Sequence[tuple[str, str]]) -> int:
+    """Keep the ids of duplicate_content rows as aliases of the item that holds their text
+    (the first stored, by id), so every submitted id can be looked up; flush only. An id that
+    is an item itself, or already an alias, is left as it is."""
+    if not duplicates:
+        return 0
+    by_id = dict(duplicates)
+    hashes = set(by_id.values())
+    owners = dict(
+        session.execute(
+            select(Item.content_hash, func.min(Item.id))
+            .where(
+                Item.spec_name == spec_name,
+                CONTENT_KEY.in_({h[:CONTENT_KEY_CHARS] for h in hashes}),
+                Item.content_hash.in_(hashes),
+            )
+            .group_by(Item.content_hash)
+        ).all()
+    )
+    items = set(
+        session.scalars(
+            select(Item.external_id).where(
+                Item.spec_name == spec_name, Item.external_id.in_(list(by_id))
+            )
+        )
+    )
+    rows = [
+        {"spec_name": spec_name, "external_id": ext, "item_id": owners[digest]}
+        for ext, digest in by_id.items()
+        if digest in owners and ext not in items
+    ]
+    if rows:
+        session.execute(insert_for(session, ItemAlias.__table__).on_conflict_do_nothing(), rows)
+    return len(rows)
 
 
 def _add_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "CallStatus",
     "IngestCounter",
     "Item",
+    "ItemAlias",
     "ItemState",
     "Label",
     "SpecRow",
@@ -174,6 +175,18 @@ CONTENT_KEY = func.substr(
     Item.content_hash, literal_column("1"), literal_column(str(CONTENT_KEY_CHARS))
 )
 Index("ix_items_spec_name_content_key", Item.spec_name, CONTENT_KEY)
+
+
+class ItemAlias(Base):
+    """A submitted id whose text was already stored under another id (content dedupe): the
+    id is kept, pointing at the item that carries the label, so looking it up finds it."""
+
+    __tablename__ = "item_aliases"
+
+    spec_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 
 class TeacherResponse(Base):

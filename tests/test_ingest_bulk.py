@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from schemas.errors import ConfigError
 from storage.bulk import PROBE_CONTENT, PROBE_IDS, content_owners
 from storage.items import ItemIn
-from storage.models import Item, SpecRow
+from storage.models import Item, ItemAlias, SpecRow
 from storage.session import make_engine, make_sessionmaker
 from workers.ingest import RejectsFile, SourceRow, load_source, read_source, read_sql
 from workers.spec import Spec, load_spec, parse_spec
@@ -562,3 +562,23 @@ def test_content_dedupe_goes_through_the_content_key_index(
             rows = session.execute(text(f"EXPLAIN QUERY PLAN {compiled}")).all()
     engine.dispose()
     assert "ix_items_spec_name_content_key" in " ".join(str(row) for row in rows)
+
+
+def test_every_submitted_id_is_kept_an_id_whose_text_repeats_another_points_at_it(
+    tmp_path: Path, sessions: sessionmaker[Session], spec: Spec
+) -> None:
+    # Repeats within a chunk, across chunks (two in flight on Postgres) and across runs.
+    rows = [ticket(f"r{i}", body=f"body {i % 5}", headline="same") for i in range(30)]
+    source = write_lines(tmp_path / "rows.jsonl", list(rows))
+    first = load_source(sessions, spec, read_source(str(source)), chunk_size=4)
+    assert (first.counts.inserted, first.counts.duplicate_content) == (5, 25)
+    with sessions() as session:
+        items = {i.external_id: i.id for i in session.scalars(select(Item))}
+        aliases = dict(session.execute(select(ItemAlias.external_id, ItemAlias.item_id)).all())
+    assert set(items) | set(aliases) == {f"r{i}" for i in range(30)}
+    for i in range(30):
+        assert aliases.get(f"r{i}", items.get(f"r{i}")) == items[f"r{i % 5}"]
+    again = load_source(sessions, spec, read_source(str(source)), chunk_size=7)
+    assert again.counts.inserted == 0
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ItemAlias)) == 25

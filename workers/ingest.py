@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError, PermanentError
 from storage.bulk import copy_lines, load_items
-from storage.items import IngestCounts, ItemIn, ensure_spec
+from storage.items import IngestCounts, ItemIn, ensure_spec, store_aliases
 from storage.models import SpecRow
 from workers.prompt import FIELD_PATTERN, render_input
 from workers.rowpolicy import check_row
@@ -523,7 +523,14 @@ class _ChunkWriter:
 
     def _finish_oldest(self) -> None:
         future, _ = self._in_flight.popleft()
-        self._summary.counts.add(future.result())
+        counts = future.result()
+        if counts.duplicates:
+            # After this chunk and every one before it committed: the items the duplicates
+            # point at are all stored now.
+            with self._sessions.begin() as session:
+                store_aliases(session, self._target.spec_name, counts.duplicates)
+            counts.duplicates = []
+        self._summary.counts.add(counts)
         if self._rejects is not None:
             self._rejects.flush()
         if self._on_chunk is not None:
@@ -586,6 +593,7 @@ def _dedupe(
             item.content_hash in seen.hashes or any(item.content_hash in e.hashes for e in earlier)
         ):
             counts.duplicate_content += 1
+            counts.duplicates.append((item.external_id, item.content_hash))
         else:
             by_id[item.external_id] = item
             seen.ids[item.external_id] = item.content_hash
