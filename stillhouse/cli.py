@@ -296,6 +296,7 @@ def dispatch(
     from stillhouse.distributed import run_dispatch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its schema check says nothing new
     done = run_dispatch(Settings(), once=once)
     if done is not None and as_json:
         _print_json(

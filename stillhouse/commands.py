@@ -546,6 +546,7 @@ def run_status(
 
     _, sessions = open_database(settings)
     with sessions() as session:
+        spec_name = _stored_spec_name(session, spec_name)
         now = status(session, spec_name)
     if as_json:
         sys.stdout.write(json.dumps(now.as_dict(), indent=2) + "\n")
@@ -631,15 +632,39 @@ def run_requeue(
     return result
 
 
+def _stored_spec_name(session: Session, given: str | None) -> str | None:
+    """The spec name ``status --spec`` means: a stored name, or the name in a spec file (a
+    path or a bundled name); a name the store does not know is an error, not a table of
+    zeros."""
+    if given is None:
+        return None
+    names = sorted(set(session.scalars(select(SpecRow.name))))
+    if given in names:
+        return given
+    try:
+        name = load_spec(given).name
+    except ConfigError:
+        name = None
+    if name in names:
+        return name
+    known = ", ".join(names) if names else "none yet: run `stillhouse backfill` first"
+    raise ConfigError(f"no spec named {given!r} in the store (specs stored: {known})")
+
+
 def _spec_id_or_fail(sessions: sessionmaker[Session], spec: Spec) -> int:
     with sessions() as session:
         spec_id = session.scalar(
             select(SpecRow.id).where(SpecRow.name == spec.name, SpecRow.version == spec.version)
         )
     if spec_id is None:
+        given = spec.source if spec.source.endswith((".yaml", ".yml")) else spec.name
+        bundled = (
+            Path(given).parent.name == "specs" and Path(given).parent.parent.name == "examples"
+        )
+        ref = spec.name if bundled else given
         raise ConfigError(
             f"nothing is labeled for spec {spec.name!r} v{spec.version} yet: run "
-            f"`stillhouse backfill SOURCE --spec {spec.name}` first"
+            f"`stillhouse backfill SOURCE --spec {ref}` first"
         )
     return spec_id
 

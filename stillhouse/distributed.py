@@ -191,6 +191,7 @@ def run_worker(
     # httpx logs every request at INFO: hundreds of lines a second that say nothing the
     # ledger does not (errors still come through at WARNING).
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     with _dispatcher_process(beat):
         celery.worker_main(
             [

@@ -290,3 +290,34 @@ def test_a_workers_configuration_error_reaches_the_items_status_and_backfill(
     last = json.loads(state.stdout)["last_error"]
     assert last.startswith("config: ") and "MAIL_TEACHER_KEY" in last
     assert "Traceback" not in worker_log  # one line in the worker's log, not 40 tracebacks
+
+
+def test_status_takes_a_spec_name_or_file_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    env = _env(tmp_path, "http://127.0.0.1:9/v1")
+    spec = _spec_with(tmp_path, "version: 1", "version: 1")
+    loaded = run_cli(env, "backfill", "bbc", "--spec", str(spec), "--limit", "5", "--load-only")
+    assert loaded.returncode == 0, loaded.stderr
+    by_name = run_cli(env, "status", "--spec", "triage", "--json")
+    by_file = run_cli(env, "status", "--spec", str(spec), "--json")
+    assert json.loads(by_name.stdout)["items"] == json.loads(by_file.stdout)["items"] == 5
+    typo = run_cli(env, "status", "--spec", "triagee")
+    assert (
+        typo.returncode == 2
+        and "no spec named 'triagee' in the store (specs stored: triage)" in typo.stderr
+    )
+    never = run_cli(env, "report", "--spec", str(spec).replace("mine", "other"))
+    assert never.returncode == 2
+    other = tmp_path / "other.yaml"
+    other.write_text(spec.read_text().replace("name: triage", "name: other"))
+    hint = run_cli(env, "report", "--spec", str(other))
+    assert hint.returncode == 2 and f"--spec {other}` first" in hint.stderr
+
+
+def test_dispatch_once_prints_no_alembic_chatter(postgres_url: str, redis_url: str) -> None:
+    from storage.migrate import upgrade
+
+    upgrade(postgres_url)
+    env = {"STILLHOUSE_DATABASE_URL": postgres_url, "STILLHOUSE_BROKER_URL": redis_url}
+    once = run_cli(env, "dispatch", "--once", "--json")
+    assert once.returncode == 0, once.stderr
+    assert "alembic" not in once.stderr

@@ -57,7 +57,9 @@ def test_ranking_scores_accepted_and_raw_labels_against_graded_relevance() -> No
     }
     raw = ranking["raw"]["ranking"]
     assert raw["count"] == 2
-    assert raw["mean_tau"] == pytest.approx((1 + 13 / 15) / 2, abs=1e-4)
+    # q2 swaps a (grade 2) and b (grade 1): 10 pairs right, 1 wrong, of the 11 the grades
+    # order (b-c and the three among d, e, f are ties, counted neither way).
+    assert raw["mean_tau"] == pytest.approx((1 + 9 / 11) / 2, abs=1e-4)
     assert raw["top1_agreement"] == 0.5
     assert raw["mean_ndcg"] == pytest.approx((1 + swapped) / 2, abs=1e-4)
 
@@ -72,6 +74,14 @@ def test_ranking_reads_a_bare_known_good_order_with_top_k_grades() -> None:
     assert raw["mean_tau"] == pytest.approx(1 / 3, abs=1e-4)
     assert raw["top1_agreement"] == 1.0
     assert raw["mean_ndcg"] == pytest.approx((31 + 7 / log2(3) + 15 / log2(4)) / ideal, abs=1e-4)
+
+
+def test_swapping_equally_graded_candidates_costs_nothing() -> None:
+    rows = [_row("rank/q1", ["a", "c", "b", "f", "e", "d"], Verdict.ACCEPTED, GRADES)]
+
+    accepted = build_report(load_spec("ranking"), rows)["overall"]["ranking"]["accepted"]
+
+    assert accepted["ranking"]["mean_tau"] == 1.0  # b-c and d-e-f are ties in the grades
 
 
 def test_ranking_tie_order_does_not_depend_on_stored_key_order() -> None:

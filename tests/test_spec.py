@@ -563,3 +563,13 @@ def test_the_spec_reference_in_docs_is_what_the_schema_says() -> None:
     schema = load_schema("spec")
     missing = [f for f in fields(schema) if f"`{f}`" not in committed]
     assert not missing, missing  # every field of the schema is in the reference
+
+
+def test_a_misspelled_kind_is_the_one_problem_reported() -> None:
+    body = minimal_body()
+    body["kind"] = "classifcation"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(body)
+    message = str(caught.value)
+    assert "$.kind: 'classifcation' is not one of" in message
+    assert "output_schema" not in message  # it used to report a missing output_schema too

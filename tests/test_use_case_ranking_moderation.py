@@ -18,7 +18,7 @@ import pytest
 from clitools import embedded_env, run_cli
 
 from examples.ranking import iter_ranking
-from workers.compare import kendall_tau
+from workers.compare import kendall_tau_graded
 from workers.spec import is_withheld
 
 pytestmark = pytest.mark.slow
@@ -94,9 +94,10 @@ def test_ranking_filter_keeps_the_better_orderings(tmp_path: Path, embedding_tea
     relevance = {row["id"]: row["relevance"] for row in iter_ranking(RANKING_LIMIT)}
 
     def tau(label: dict[str, Any]) -> float:
-        grades = relevance[label["id"]]
-        reference = sorted(grades, key=lambda k: -grades[k])
-        return kendall_tau((label["output"] or {}).get("ranking", []), reference)
+        # Against the grades: swaps of equally relevant candidates count neither way.
+        return kendall_tau_graded(
+            (label["output"] or {}).get("ranking", []), relevance[label["id"]]
+        )
 
     accepted = [label for label in labels if label["verdict"] == "accepted"]
     mismatched = [

@@ -294,6 +294,33 @@ def kendall_tau(order: Sequence[str], reference: Sequence[str]) -> float:
     return balance / (n * (n - 1) / 2)
 
 
+def kendall_tau_graded(order: Sequence[str], grades: Mapping[str, float]) -> float:
+    """Kendall's tau of an ordering against graded relevance (missing ids grade 0), over the
+    pairs the grades order.
+
+    A pair the grades tie (two candidates equally relevant) counts neither way, as in tau-b:
+    swapping equally graded candidates costs nothing. Unlike tau-b, whose denominator keeps
+    the tied pairs (so that even the graded order itself scores below 1.0), the score is
+    normalized by the ordered pairs: the graded order scores 1.0 and its reverse -1.0. With
+    no pair the grades order, 1.0.
+    """
+    values = [float(grades.get(item, 0.0)) for item in _unique(order)]
+    n = len(values)
+    concordant = discordant = tied = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            if values[i] > values[j]:
+                concordant += 1  # the more relevant one first: right
+            elif values[i] < values[j]:
+                discordant += 1
+            else:
+                tied += 1
+    pairs = n * (n - 1) // 2
+    if pairs - tied == 0:
+        return 1.0
+    return (concordant - discordant) / (pairs - tied)
+
+
 def top1_agreement(order: Sequence[str], reference: Sequence[str]) -> bool:
     """Whether both orderings put the same id first (False when either is empty)."""
     return bool(order) and bool(reference) and order[0] == reference[0]
@@ -356,8 +383,13 @@ def compare_ranking(
 
     Thresholds: ``min_tau`` (default 0.0), ``min_top1`` (a bool), ``min_ndcg`` with ``k``
     (default 5). Without ``relevance``, NDCG grades the reference's top k as k, k-1, ..., 1.
+    With graded ``relevance`` the score is :func:`kendall_tau_graded`: swaps of equally
+    graded candidates cost nothing.
     """
-    tau = kendall_tau(order, reference_order)
+    if relevance is not None:
+        tau = kendall_tau_graded(order, relevance)
+    else:
+        tau = kendall_tau(order, reference_order)
     failure = _ranking_failure(order, reference_order, relevance, rule, tau)
     return FieldResult(match=failure is None, score=tau, detail=failure)
 
