@@ -123,6 +123,8 @@ def run_backfill(
         "accepted_accuracy": stats.accepted_accuracy,
         "labels": stats.labels,
         "accepted": stats.accepted,
+        "accepted_checked": stats.accepted_checked,
+        "needs_review": stats.needs_review,
         "last_error": error,
     }
     _report_backfill(result, ingest, console)
@@ -374,10 +376,23 @@ def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Con
             markup=False,
             highlight=False,
         )
+    unchecked = result["accepted"] - result["accepted_checked"]
     console.print(
         f"teacher accuracy vs known-good: {_pct(result['teacher_accuracy'])}; "
-        f"accepted labels: {result['accepted']} of {result['labels']} "
-        f"({_pct(result['accepted_accuracy'])} agree with known-good)"
+        f"accepted labels: {result['accepted']} of {result['labels']}: "
+        f"{result['accepted_checked']} checked against a known-good record "
+        f"({_pct(result['accepted_accuracy'])} agree)"
+        + (
+            f", {unchecked} without one (withheld or none: accuracy unknown, see "
+            f"`stillhouse report`)"
+            if unchecked
+            else ""
+        )
+        + (
+            f"; {result['needs_review']} waiting for review (`stillhouse review list`)"
+            if result["needs_review"]
+            else ""
+        )
     )
 
 

@@ -94,7 +94,9 @@ class LabelStats:
     with_known_good: int
     teacher_accuracy: float | None
     accepted: int
-    accepted_accuracy: float | None
+    accepted_accuracy: float | None  # over the accepted labels whose record was checked
+    accepted_checked: int = 0  # accepted, with a known-good record compared
+    needs_review: int = 0
 
 
 def label_stats(session: Session, spec_id: int) -> LabelStats:
@@ -109,6 +111,8 @@ def label_stats(session: Session, spec_id: int) -> LabelStats:
         teacher_accuracy=_mean([m for _, m in with_kg]),
         accepted=sum(1 for v, _ in rows if v == Verdict.ACCEPTED),
         accepted_accuracy=_mean(accepted),
+        accepted_checked=len(accepted),
+        needs_review=sum(1 for v, _ in rows if v == Verdict.NEEDS_REVIEW),
     )
 
 

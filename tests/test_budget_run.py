@@ -53,7 +53,8 @@ def test_estimate_and_dry_run_spend_nothing(tmp_path: Path) -> None:
     out = _cli(tmp_path, env_url, "estimate", "bbc", "--spec", "triage", "--limit", "100", "--json")
     assert out.returncode == 0, out.stderr
     estimate = json.loads(out.stdout)
-    assert estimate["rows"] == 100 and estimate["calls"] == 100
+    # One of the first 100 BBC articles repeats another's text: 99 calls, as the load does.
+    assert estimate["rows"] == 100 and estimate["calls"] == 99
     assert estimate["prompt_tokens"] > 100 * 100 and estimate["cost_usd"] > 0
     assert estimate["within_budget"] is True
     dry = _cli(
@@ -68,6 +69,31 @@ def test_estimate_and_dry_run_spend_nothing(tmp_path: Path) -> None:
         "--dry-run",
         "--json",
     )
-    assert json.loads(dry.stdout)["calls"] == 100
+    assert json.loads(dry.stdout)["calls"] == 99
     state = json.loads(_cli(tmp_path, env_url, "status", "--json").stdout)
     assert state["items"] == 0 and state["spend_usd"] == 0
+
+
+def test_the_estimate_counts_a_repeated_text_once_and_concurrency_for_the_fleet(
+    tmp_path: Path,
+) -> None:
+    # 30 rows, 10 distinct texts: 10 calls (content dedupe and the cache answer the rest).
+    rows = [
+        {
+            "id": f"r{i}",
+            "headline": f"Headline {i % 10}",
+            "body": f"Body {i % 10}.",
+            "queue": "tech",
+        }
+        for i in range(30)
+    ]
+    source = tmp_path / "repeats.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env_url = "http://127.0.0.1:9/v1"
+    out = _cli(tmp_path, env_url, "estimate", str(source), "--spec", "triage", "--json")
+    assert out.returncode == 0, out.stderr
+    estimate = json.loads(out.stdout)
+    assert estimate["rows"] == 30 and estimate["calls"] == 10
+    assert estimate["cached_share"] == round(20 / 30, 4)
+    # teacher.concurrency holds for the fleet: 10 calls at 32 in flight and 1 s a call.
+    assert estimate["seconds"] == round(10 / 32, 1)

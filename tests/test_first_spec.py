@@ -321,3 +321,17 @@ def test_dispatch_once_prints_no_alembic_chatter(postgres_url: str, redis_url: s
     once = run_cli(env, "dispatch", "--once", "--json")
     assert once.returncode == 0, once.stderr
     assert "alembic" not in once.stderr
+
+
+def test_the_summary_tells_checked_from_unchecked_accepted_labels(
+    tmp_path: Path, teacher_url: str
+) -> None:
+    env = _env(tmp_path, teacher_url)
+    run = run_cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "100", "--json")
+    assert run.returncode == 0, run.stderr
+    done = json.loads(run.stdout)
+    unchecked = done["accepted"] - done["accepted_checked"]
+    assert unchecked > 0  # triage withholds 10 % of the records: those labels are unchecked
+    assert f"{done['accepted_checked']} checked against a known-good record" in run.stderr
+    assert f"{unchecked} without one (withheld or none: accuracy unknown" in run.stderr
+    assert done["needs_review"] == 0

@@ -94,7 +94,10 @@ def estimate_source(
         for m in messages
     ]
     cached = cached_responses(session, [r.request_hash for _, r in asked])
-    paid = [(t, r) for t, r in asked if r.request_hash not in cached]
+    # A text that repeats another's is one call (content dedupe, then the cache): the sample's
+    # share of repeats stands for the source's.
+    distinct = {r.request_hash: (t, r) for t, r in asked if r.request_hash not in cached}
+    paid = list(distinct.values())
     scale = (total - round(bad / max(1, len(sample)) * total)) / max(1, len(items))
     history = _history(session, spec.name)
     notes: list[str] = []
@@ -132,7 +135,7 @@ def estimate_source(
         bad_rows=round(bad * total / max(1, len(sample))),
         sampled=len(sample),
         already_done_share=_share(len(done), len(items)),
-        cached_share=_share(len(asked) - len(paid), len(asked)),
+        cached_share=_share(len(asked) - len(paid), len(asked)),  # repeats and cache hits
         calls=calls,
         prompt_tokens=sum(share.prompt_tokens for share in shares),
         completion_tokens=sum(share.completion_tokens for share in shares),
@@ -181,7 +184,10 @@ def _share(part: int, whole: int) -> float:
 
 
 def _calls_per_s(teacher: TeacherConfig, latency_s: float, workers: int) -> float:
-    rate = teacher.concurrency / max(latency_s, 1e-3) * max(1, workers)
+    # teacher.concurrency holds for the whole fleet: more workers share it, they do not add
+    # to it (they only help when one process cannot keep that many calls going).
+    del workers
+    rate = teacher.concurrency / max(latency_s, 1e-3)
     if teacher.rpm:
         rate = min(rate, teacher.rpm / 60)
     return max(rate, 1e-6)
