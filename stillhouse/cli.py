@@ -508,18 +508,57 @@ def review_list(
 
 @review_app.command("resolve")
 def review_resolve(
-    item: Annotated[str, typer.Argument(help="the item's external id")],
     spec: SpecOpt,
     accept: Annotated[bool, typer.Option("--accept/--reject", help="the teacher was right")],
-    note: Annotated[str | None, typer.Option(help="why, kept with the label")] = None,
+    items: Annotated[
+        list[str] | None, typer.Argument(help="external ids to decide (or use the filters)")
+    ] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="every waiting label (with the filters: every match)")
+    ] = False,
+    label: Annotated[str | None, typer.Option(help="only labels the teacher gave this")] = None,
+    reason: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="only labels with a reason holding TEXT")
+    ] = None,
+    min_confidence: Annotated[float | None, typer.Option(help="only at least this")] = None,
+    max_confidence: Annotated[float | None, typer.Option(help="only at most this")] = None,
+    note: Annotated[str | None, typer.Option(help="why, kept with each label")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say which, decide nothing")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Decide one waiting label: --accept (the record was wrong) or --reject.
+    """Decide waiting labels: --accept (the teacher was right, the record wrong) or --reject.
+
+    Give the items' ids, or filters (--label, --reason, --min/--max-confidence) or --all for
+    a bulk decision; --dry-run lists what a decision would cover.
 
     Example: stillhouse review resolve bbc/tech/042 --spec triage --accept --note "record wrong"
+
+    Example: stillhouse review resolve --spec triage --reject --label sport --max-confidence 0.5
     """
     from stillhouse.commands import run_review_resolve
+    from storage.review import ReviewFilter
 
-    run_review_resolve(Settings(), spec, item, accept=accept, note=note, console=err)
+    which = ReviewFilter(label, reason, min_confidence, max_confidence)
+    filtered = any(v is not None for v in (label, reason, min_confidence, max_confidence))
+    if items and (filtered or every):
+        raise ConfigError("give item ids or filters (--all, --label, …), not both")
+    if not items and not (filtered or every):
+        raise ConfigError(
+            "say which labels: item ids, a filter (--label, --reason, --min-confidence, "
+            "--max-confidence), or --all"
+        )
+    result = run_review_resolve(
+        Settings(),
+        spec,
+        items or [],
+        accept=accept,
+        note=note,
+        which=which,
+        dry_run=dry_run,
+        console=err,
+    )
+    if as_json:
+        _print_json(result)
 
 
 def main() -> None:

@@ -537,20 +537,44 @@ def run_review_list(settings: Settings, spec_ref: str, *, limit: int, as_json: b
 def run_review_resolve(
     settings: Settings,
     spec_ref: str,
-    item: str,
+    items: list[str],
     *,
     accept: bool,
     note: str | None,
+    which: Any = None,
+    dry_run: bool = False,
     console: Console,
-) -> None:
-    from storage.review import resolve_review
+) -> dict[str, Any]:
+    """Decide the waiting labels of ``items``, or every waiting label ``which`` covers."""
+    from storage.review import resolve_review, resolve_reviews
 
     spec = load_spec(spec_ref)
     _, sessions = open_database(settings)
     spec_id = _spec_id_or_fail(sessions, spec)
-    with sessions.begin() as session:
-        verdict = resolve_review(session, spec_id, item, accept=accept, note=note)
-    console.print(f"{plain(item)}: {verdict.value}", markup=False, highlight=False)
+    decided: list[str] = []
+    with sessions() as session:
+        if items:
+            for item in items:  # each must be waiting: the error names the one that is not
+                resolve_review(session, spec_id, item, accept=accept, note=note)
+                decided.append(item)
+        else:
+            decided = resolve_reviews(
+                session, spec_id, accept=accept, which=which, note=note, dry_run=dry_run
+            )
+        if dry_run:
+            session.rollback()
+        else:
+            session.commit()
+    verdict = "accepted" if accept else "rejected"
+    shown = ", ".join(plain(i, one_line=True) for i in decided[:10])
+    more = f" and {len(decided) - 10} more" if len(decided) > 10 else ""
+    console.print(
+        f"{'would decide' if dry_run else 'decided'} {len(decided)} labels: {verdict}"
+        + (f" ({shown}{more})" if decided else ""),
+        markup=False,
+        highlight=False,
+    )
+    return {"verdict": verdict, "decided": decided, "dry_run": dry_run}
 
 
 def run_status(

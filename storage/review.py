@@ -11,7 +11,33 @@ from sqlalchemy.orm import Session
 from schemas.errors import ConfigError
 from storage.models import Item, ItemState, Label, Verdict
 
-__all__ = ["ReviewEntry", "resolve_review", "review_queue"]
+__all__ = ["ReviewEntry", "ReviewFilter", "resolve_review", "resolve_reviews", "review_queue"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewFilter:
+    """Which waiting labels a bulk decision covers (every given condition must hold)."""
+
+    label: str | None = None  # the teacher's output label
+    reason: str | None = None  # a reason code of the label holds this text
+    min_confidence: float | None = None
+    max_confidence: float | None = None
+
+    def matches(self, label: Label) -> bool:
+        output = label.output if isinstance(label.output, dict) else {}
+        if self.label is not None and output.get("label") != self.label:
+            return False
+        if self.reason is not None and not any(self.reason in str(r) for r in label.reasons):
+            return False
+        confidence = label.confidence
+        if self.min_confidence is not None and (
+            confidence is None or confidence < self.min_confidence
+        ):
+            return False
+        return not (
+            self.max_confidence is not None
+            and (confidence is None or confidence > self.max_confidence)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +96,38 @@ def resolve_review(
     )
     session.flush()
     return verdict
+
+
+def resolve_reviews(
+    session: Session,
+    spec_id: int,
+    *,
+    accept: bool,
+    which: ReviewFilter,
+    note: str | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Decide every waiting label that ``which`` covers at once; returns their external ids
+    (oldest first). ``dry_run`` decides nothing and says which it would."""
+    rows = session.execute(
+        select(Label, Item)
+        .join(Item, Item.id == Label.item_id)
+        .where(Label.spec_id == spec_id, Label.verdict == Verdict.NEEDS_REVIEW)
+        .order_by(Label.id)
+    ).all()
+    chosen = [(label, item) for label, item in rows if which.matches(label)]
+    if not dry_run:
+        verdict = Verdict.ACCEPTED if accept else Verdict.REJECTED
+        reason = f"reviewed:{verdict.value}" + (f":{note}" if note else "")
+        for label, _ in chosen:
+            label.verdict, label.reasons = verdict, [*label.reasons, reason]
+        ids = [item.id for _, item in chosen]
+        for start in range(0, len(ids), 5000):
+            session.execute(
+                update(Item)
+                .where(Item.id.in_(ids[start : start + 5000]))
+                .values(state=ItemState.ACCEPTED if accept else ItemState.REJECTED)
+                .execution_options(synchronize_session=False)
+            )
+        session.flush()
+    return [item.external_id for _, item in chosen]

@@ -56,3 +56,33 @@ def test_review_list_and_resolve(tmp_path: Path, teacher_url: str) -> None:
     assert again.returncode == 2 and "not waiting for review" in again.stderr
     left = json.loads(_cli(env, "review", "list", "--spec", str(spec), "--json").stdout)
     assert len(left) == len(waiting) - (2 if second != first else 1)
+    assert left, "60 BBC articles leave more than two disagreements to review"
+    # The rest in bulk, by filter: a dry run first, then the decision.
+    label = left[0]["output"]["label"]
+    matching = [e["external_id"] for e in left if (e["output"] or {}).get("label") == label]
+    preview = _cli(
+        env,
+        "review",
+        "resolve",
+        "--spec",
+        str(spec),
+        "--reject",
+        "--label",
+        label,
+        "--dry-run",
+        "--json",
+    )
+    assert preview.returncode == 0, preview.stderr
+    assert json.loads(preview.stdout)["decided"] == matching
+    assert len(
+        json.loads(_cli(env, "review", "list", "--spec", str(spec), "--json").stdout)
+    ) == len(left)
+    bulk = _cli(
+        env, "review", "resolve", "--spec", str(spec), "--reject", "--label", label, "--json"
+    )
+    assert json.loads(bulk.stdout)["decided"] == matching
+    rest = _cli(env, "review", "resolve", "--spec", str(spec), "--accept", "--all", "--json")
+    assert len(json.loads(rest.stdout)["decided"]) == len(left) - len(matching)
+    assert json.loads(_cli(env, "review", "list", "--spec", str(spec), "--json").stdout) == []
+    unsaid = _cli(env, "review", "resolve", "--spec", str(spec), "--accept")
+    assert unsaid.returncode == 2 and "say which labels" in unsaid.stderr
