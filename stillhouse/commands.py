@@ -622,6 +622,14 @@ def run_train(
     spec_id = _spec_id_or_fail(sessions, spec)
     out = out or settings.runs_dir / f"{spec.name}-v{spec.version}"
     report = train_student(sessions, spec, spec_id, out_dir=out, epochs=epochs)
+    share = spec.body.get("student", {}).get("val_share", 0.2)
+    console.print(
+        f"held out {report['n_val']} items by a stable hash of their id (val_share {share:g}: "
+        f"an item keeps its side as the data grows; on a small set the share held out "
+        f"varies around it)",
+        markup=False,
+        highlight=False,
+    )
     console.print(
         f"student on {report['n_val']} held-out items: "
         f"{_pct(report['student_accuracy'])} vs known-good "
