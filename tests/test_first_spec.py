@@ -335,3 +335,13 @@ def test_the_summary_tells_checked_from_unchecked_accepted_labels(
     assert f"{done['accepted_checked']} checked against a known-good record" in run.stderr
     assert f"{unchecked} without one (withheld or none: accuracy unknown" in run.stderr
     assert done["needs_review"] == 0
+
+
+@pytest.mark.slow
+def test_train_says_how_the_held_out_share_is_chosen(tmp_path: Path, teacher_url: str) -> None:
+    env = _env(tmp_path, teacher_url)
+    assert run_cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "60").returncode == 0
+    trained = run_cli(env, "train", "--spec", "triage", "--epochs", "2", "--json")
+    assert trained.returncode == 0, trained.stderr
+    n_val = json.loads(trained.stdout)["n_val"]
+    assert f"held out {n_val} items by a stable hash of their id (val_share 0.2" in trained.stderr
