@@ -60,16 +60,30 @@ def _raw_response(status: int, reason: str, message: str) -> bytes:
     ).encode()
 
 
-class _Guard:
-    """The deadline, header cap and connection cap, mixed into a uvicorn HTTP protocol."""
+def _limits_from_environment() -> ReadLimits:
+    raw = os.environ.get(LIMITS_ENV)
+    return ReadLimits(**json.loads(raw)) if raw else ReadLimits()
 
-    limits: ReadLimits
+
+class _Guard:
+    """The deadline, header cap and connection cap, mixed into a uvicorn HTTP protocol
+    (first in the bases: its connection hooks wrap the protocol's own)."""
+
+    limits: ReadLimits = _limits_from_environment()
     transport: asyncio.Transport
     connections: set[Any]
     cycle: Any
     _deadline: asyncio.TimerHandle | None = None
     _header_bytes = 0
     _in_headers = True
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._guard_connection()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -131,23 +145,8 @@ class _Guard:
         return True
 
 
-def _limits_from_environment() -> ReadLimits:
-    raw = os.environ.get(LIMITS_ENV)
-    return ReadLimits(**json.loads(raw)) if raw else ReadLimits()
-
-
-class GuardedH11(_Guard, H11Protocol):
+class GuardedH11(_Guard, H11Protocol):  # type: ignore[misc]
     """uvicorn's h11 protocol with the read guards."""
-
-    limits = _limits_from_environment()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._guard_connection()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and self._deadline is None:
@@ -164,18 +163,8 @@ class GuardedH11(_Guard, H11Protocol):
 
 if HttpToolsProtocol is not None:
 
-    class GuardedHttpTools(_Guard, HttpToolsProtocol):
+    class GuardedHttpTools(_Guard, HttpToolsProtocol):  # type: ignore[misc]
         """uvicorn's httptools protocol with the read guards."""
-
-        limits = _limits_from_environment()
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._guard_connection()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

@@ -190,28 +190,28 @@ def test_a_field_no_row_has_is_refused_before_anything_is_written(
     assert not (tmp_path / "first.db").exists()  # nothing written, the version not used up
 
 
-def test_known_good_values_no_label_matches_are_counted_at_load(tmp_path: Path) -> None:
-    spec = _spec_with(tmp_path, "  - name: sport\n", "  - name: sports\n")
+def _load_with_warning(tmp_path: Path, spec: Path, limit: int) -> tuple[str, str]:
+    """Load ``limit`` BBC rows with ``spec`` (no teacher needed): its one warning, stderr."""
     env = _env(tmp_path, "http://127.0.0.1:9/v1")
-    run = run_cli(
-        env, "backfill", "bbc", "--spec", str(spec), "--limit", "300", "--load-only", "--json"
-    )
+    args = ["backfill", "bbc", "--spec", str(spec), "--limit", str(limit), "--load-only"]
+    run = run_cli(env, *args, "--json")
     assert run.returncode == 0, run.stderr
     [warning] = json.loads(run.stdout)["warnings"]
+    return warning, run.stderr
+
+
+def test_known_good_values_no_label_matches_are_counted_at_load(tmp_path: Path) -> None:
+    spec = _spec_with(tmp_path, "  - name: sport\n", "  - name: sports\n")
+    warning, stderr = _load_with_warning(tmp_path, spec, 300)
     assert warning.startswith("known_good.label: 60 rows have a value no label of the spec")
-    assert "'sport' (60 rows)" in warning and "warning: known_good.label" in run.stderr
+    assert "'sport' (60 rows)" in warning and "warning: known_good.label" in stderr
 
 
 def test_a_slice_field_no_row_has_is_a_loud_warning(tmp_path: Path) -> None:
     spec = _spec_with(tmp_path, "slices: [length, queue]", "slices: [lenght, queue]")
-    env = _env(tmp_path, "http://127.0.0.1:9/v1")
-    run = run_cli(
-        env, "backfill", "bbc", "--spec", str(spec), "--limit", "30", "--load-only", "--json"
-    )
-    assert run.returncode == 0, run.stderr
-    [warning] = json.loads(run.stdout)["warnings"]
+    warning, stderr = _load_with_warning(tmp_path, spec, 30)
     assert warning.startswith("slices reads field 'lenght', which none of the first 30 rows")
-    assert "warning: slices reads field 'lenght'" in run.stderr
+    assert "warning: slices reads field 'lenght'" in stderr
 
 
 def test_tables_are_not_cut_to_80_columns_when_piped(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -527,27 +527,11 @@ def test_a_key_echoed_by_the_server_never_reaches_the_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secret = "sk-echoed-" + "ab12" * 6
-    monkeypatch.setenv("ECHO_KEY", secret)
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        key = request.headers["authorization"].removeprefix("Bearer ")
-        return httpx.Response(400, json={"error": {"message": f"bad request for key {key}"}})
-
-    async def call() -> TeacherOutcome:
-        config = TeacherConfig(model="m", api_key_env="ECHO_KEY", max_retries=0)
-        http = httpx.AsyncClient(
-            base_url="http://teacher.test/v1",
-            transport=httpx.MockTransport(handler),
-            headers={"Authorization": f"Bearer {secret}"},
-        )
-        client = TeacherClient(config, http)
-        outcome = await client.complete(
-            build_request(config, [{"role": "user", "content": "x"}], {"type": "object"}, "s")
-        )
-        await http.aclose()
-        return outcome
-
-    outcome = asyncio.run(call())
+    outcome = _echo_call(
+        monkeypatch,
+        secret,
+        lambda key: httpx.Response(400, json={"error": {"message": f"bad request for key {key}"}}),
+    )
     assert outcome.error is not None
     assert secret not in str(outcome.error) and "***" in str(outcome.error)
 
