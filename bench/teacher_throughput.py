@@ -33,7 +33,7 @@ from stillhouse.settings import Settings
 from storage.migrate import upgrade
 from storage.results import cached_responses
 from storage.session import make_engine, make_sessionmaker
-from workers.governor import LocalGovernor, RedisGovernor, governor_key, limits_of
+from workers.governor import LocalGovernor, RedisGovernor, governor_key, limits_of, shared_redis
 from workers.loop import event_loop_factory
 from workers.spec import TeacherConfig, load_spec
 from workers.teacher import TeacherClient, build_request, make_http_client
@@ -50,9 +50,7 @@ async def _run(
     spec = load_spec("triage")
     redis = None
     if settings.broker_url:
-        import redis.asyncio as aioredis
-
-        redis = aioredis.Redis.from_url(settings.broker_url)
+        redis = shared_redis(settings.broker_url)
         governor: Any = RedisGovernor(redis, governor_key(config) + ":bench", limits_of(config))
     else:
         governor = LocalGovernor(limits_of(config))

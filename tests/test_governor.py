@@ -35,6 +35,7 @@ from workers.governor import (
     Slot,
     governor_key,
     limits_of,
+    shared_redis,
     wait_for_slot,
 )
 from workers.providers import RateHeaders
@@ -54,7 +55,7 @@ class Governors:
 
     def run(self, scenario: Callable[[NewGovernor], Awaitable[T]]) -> T:
         async def go() -> T:
-            client = None if self.redis_url is None else aredis.Redis.from_url(self.redis_url)
+            client = None if self.redis_url is None else shared_redis(self.redis_url)
 
             def new(limits: GovernorLimits) -> Governor:
                 if client is None:
@@ -685,6 +686,35 @@ def test_api_key_leaves_no_trace_in_redis(redis_url: str, monkeypatch: pytest.Mo
     for key, values in stored.items():
         assert needle not in key
         assert all(needle not in value for value in values), key
+
+
+@pytest.mark.redis
+def test_a_burst_past_the_redis_pool_waits_its_turn_and_shares_one_check(redis_url: str) -> None:
+    """300 calls at once, three times redis-py's default pool: every one gets its answer (the
+    default pool refused the 101st with "Too many connections", read as Redis being down:
+    a 2 s wait for every call past the 100th). Unpaced, the burst costs one round trip."""
+
+    async def go() -> None:
+        client = shared_redis(redis_url)
+        key = f"stillhouse:governor:test-{uuid.uuid4().hex}"
+        unpaced = RedisGovernor(client, key, GovernorLimits(concurrency=512))
+        script, asked = unpaced._acquire, []
+
+        async def counted(**kwargs: Any) -> Any:
+            asked.append(1)
+            return await script(**kwargs)
+
+        unpaced._acquire = counted
+        slots = await asyncio.gather(*(unpaced.acquire(1) for _ in range(300)))
+        assert [s.wait_s for s in slots] == [0.0] * 300
+        assert len(asked) == 1
+        # Paced, each call takes its own request from the bucket: 300 scripts, 32 connections.
+        paced = RedisGovernor(client, key + ":paced", GovernorLimits(rpm=1_000_000))
+        slots = await asyncio.gather(*(paced.acquire(1) for _ in range(300)))
+        assert [s.wait_s for s in slots] == [0.0] * 300
+        await client.aclose()
+
+    asyncio.run(go())
 
 
 def test_an_unreachable_redis_governor_delays_calls_and_never_loses_an_answer() -> None:

@@ -42,10 +42,17 @@ __all__ = [
     "Slot",
     "governor_key",
     "limits_of",
+    "shared_redis",
     "wait_for_slot",
 ]
 
 REDIS_DOWN_RETRY_S = 2.0  # how long a call waits when the shared limiter cannot be reached
+# One process's connections to the shared limiter. Calls beyond it wait for a free one (up
+# to REDIS_POOL_WAIT_S): redis-py's default pool refuses the 101st concurrent command with
+# "Too many connections", which read as Redis being down and cost every call past the 100th
+# a 2 s wait at high concurrency.
+REDIS_POOL_SIZE = 32
+REDIS_POOL_WAIT_S = 10.0
 LEASE_TTL_MS = 5_000.0  # a process that stops renewing gives its slots back after this
 
 # LeaseAsk: (process token, slots wanted, slots in use, answers fine since the last lease,
@@ -54,6 +61,22 @@ LeaseAsk = tuple[str, int, int, int, bool, int]
 # OverloadAsk: (process token, the epoch the overloaded call was sent in, the calls the
 # process still has in flight).
 OverloadAsk = tuple[str, int, int]
+
+
+def shared_redis(url: str) -> Any:
+    """The asyncio Redis client a process's governors share: a bounded pool whose callers
+    wait their turn for a connection instead of failing (build it inside the loop it
+    serves)."""
+    import redis.asyncio
+
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=REDIS_POOL_WAIT_S,
+        socket_timeout=REDIS_POOL_WAIT_S,
+        socket_connect_timeout=5,
+    )
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def limits_of(config: TeacherConfig) -> GovernorLimits:
@@ -181,7 +204,9 @@ class RedisGovernor:
     Without rpm/tpm limits (the spec's or learned from headers) there is nothing to count per
     call, only blocks and the breaker to notice: then a clear answer from Redis is trusted
     for ``clear_ttl_s``, so a busy process asks Redis a few times a second rather than once
-    per call. A failure or rate headers seen locally end that trust at once.
+    per call; the calls that arrive while one such check is out share its answer (one
+    round trip for a burst of 256 calls, not 256). A failure or rate headers seen locally
+    end that trust at once.
     """
 
     def __init__(
@@ -193,6 +218,7 @@ class RedisGovernor:
         self._paced = bool(limits.rpm or limits.tpm)
         self.clear_ttl_s = clear_ttl_s
         self._clear_until = 0.0
+        self._checking: asyncio.Future[Slot] | None = None
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._report = redis.register_script(REPORT_LUA)
         self._observe = redis.register_script(OBSERVE_LUA)
@@ -210,8 +236,19 @@ class RedisGovernor:
             ) from exc
 
     async def acquire(self, tokens: int) -> Slot:
-        if not self._paced and time.monotonic() < self._clear_until:
+        if self._paced:
+            return await self._ask(tokens)  # each call takes its own share of the buckets
+        if time.monotonic() < self._clear_until:
             return Slot(0.0)
+        check = self._checking
+        if check is None or check.done():
+            check = self._checking = asyncio.ensure_future(self._ask(tokens))
+            return await asyncio.shield(check)
+        slot = await asyncio.shield(check)
+        # A half-open circuit's probe is one call's: the others ask for themselves (and wait).
+        return await self._ask(tokens) if slot.probe else slot
+
+    async def _ask(self, tokens: int) -> Slot:
         lim = self.limits
         wait, probe, why = await self._call(
             self._acquire, [self.key], [lim.rpm or 0, lim.tpm or 0, tokens, PROBE_MS]

@@ -29,7 +29,14 @@ from storage.models import SpecRow
 from storage.results import InFlight, cached_responses, record_batch
 from workers.checks import Checker
 from workers.concurrency import SlotPool
-from workers.governor import Governor, LocalGovernor, RedisGovernor, governor_key, limits_of
+from workers.governor import (
+    Governor,
+    LocalGovernor,
+    RedisGovernor,
+    governor_key,
+    limits_of,
+    shared_redis,
+)
 from workers.loop import LoopThread, event_loop_factory
 from workers.outcomes import BatchContext, BatchSummary, assemble
 from workers.prompt import render_messages
@@ -413,9 +420,7 @@ async def _make_pool(governor: Governor, token: str, tolerance: float | None) ->
 
 
 async def _make_redis(url: str) -> Any:
-    import redis.asyncio
-
-    return redis.asyncio.Redis.from_url(url)
+    return shared_redis(url)
 
 
 def _first_calls(loaded: _Loaded, ctx: BatchContext) -> Iterator[_Call]:
