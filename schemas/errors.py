@@ -27,6 +27,7 @@ __all__ = [
     "BadResponse",
     "BudgetExhausted",
     "ConfigError",
+    "LeaseExpired",
     "PermanentError",
     "RateLimited",
     "RequestRejected",
@@ -72,6 +73,14 @@ class Unavailable(TransientError):
 
 class TeacherTimeout(TransientError):
     kind = "timeout"
+
+
+class LeaseExpired(StillhouseError):
+    """This worker's lease on the item ran out before its call went out (the process was
+    stopped, or the batch waited too long): another worker may hold the item now, so the
+    call is not sent. Nothing was spent; the item keeps its attempt."""
+
+    kind = "lease_expired"
 
 
 class PermanentError(StillhouseError):

@@ -1,6 +1,11 @@
 """Writing what a batch of teacher calls produced: cache, ledger, labels and item states.
 
-Everything for one batch goes in one transaction that the caller commits.
+Everything for one batch goes in one transaction that the caller commits. The writes are
+fenced by the claim: labels and item states are written only for items this claim still
+holds (same owner, same attempt, still leased). A worker that comes back after its lease
+expired (stopped, or stalled past ``lease_s``) keeps what costs nothing to keep (the answers
+it paid for, in the cache, and their ledger rows, which are real spend) and drops the rest,
+so it never overwrites the work of the worker that took the items over.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from storage.session import is_postgres
 __all__ = [
     "BatchResult",
     "CallRecord",
+    "Fence",
     "InFlight",
     "InFlightLedger",
     "LabelRecord",
@@ -93,6 +99,15 @@ class Release:
     refund_attempt: bool = False  # not the item's fault (a bad key, a spent budget)
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The claim a batch's writes belong to: the lease owner, and each item's attempt number
+    as the claim set it (a later claim of the same item, even by the same owner, has another)."""
+
+    owner: str
+    attempts: dict[int, int]
+
+
 @dataclass(slots=True)
 class BatchResult:
     responses: list[NewResponse]
@@ -100,6 +115,7 @@ class BatchResult:
     labels: list[LabelRecord]
     releases: list[Release]
     replaces_in_flight: bool = True  # the attempts were written ahead as ledger rows
+    fence: Fence | None = None  # None: write every item (tests, tools that hold no lease)
 
 
 def cached_responses(session: Session, hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -193,8 +209,10 @@ def _insert(
     session.execute(stmt.on_conflict_do_nothing() if ignore_conflicts else stmt, rows)
 
 
-def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
-    """Write one batch's responses, ledger rows, labels and item states (flush only)."""
+def record_batch(session: Session, spec_id: int, batch: BatchResult) -> int:
+    """Write one batch's responses, ledger rows, labels and item states (flush only);
+    returns how many items its claim had lost (their labels and states are not written)."""
+    held = _still_held(session, batch.fence)
     sent = [c.client_request_id for c in batch.calls if c.client_request_id]
     sent = sent if batch.replaces_in_flight else []
     for start in range(0, len(sent), 5000):
@@ -212,17 +230,39 @@ def record_batch(session: Session, spec_id: int, batch: BatchResult) -> None:
     _insert(
         session, TeacherCall.__table__, [{**_as_row(c), "spec_id": spec_id} for c in batch.calls]
     )
-    if batch.labels:
+    labels = [lb for lb in batch.labels if held is None or lb.item_id in held]
+    if labels:
         # ON CONFLICT DO NOTHING: a redelivered batch can never make a second label.
         _insert(
             session,
             Label.__table__,
-            [{**_as_row(lb), "spec_id": spec_id} for lb in batch.labels],
+            [{**_as_row(lb), "spec_id": spec_id} for lb in labels],
             ignore_conflicts=True,
         )
-        _finish_labeled(session, spec_id, [lb.item_id for lb in batch.labels])
+        _finish_labeled(session, spec_id, [lb.item_id for lb in labels])
     for release in batch.releases:
-        _release(session, release)
+        if held is None or release.item_id in held:
+            _release(session, release)
+    return 0 if held is None or batch.fence is None else len(batch.fence.attempts) - len(held)
+
+
+def _still_held(session: Session, fence: Fence | None) -> set[int] | None:
+    """The fenced items this claim still holds, locked until the commit (so the sweeper
+    cannot expire them between this check and the writes); None without a fence."""
+    if fence is None:
+        return None
+    held: set[int] = set()
+    ids = sorted(fence.attempts)
+    for start in range(0, len(ids), 5000):
+        stmt = select(Item.id, Item.attempts).where(
+            Item.id.in_(ids[start : start + 5000]),
+            Item.state == ItemState.LEASED,
+            Item.lease_owner == fence.owner,
+        )
+        if is_postgres(session):  # in id order, as every batch locks: no deadlock between them
+            stmt = stmt.order_by(Item.id).with_for_update()
+        held.update(i for i, attempts in session.execute(stmt) if fence.attempts[i] == attempts)
+    return held
 
 
 def _store_responses(session: Session, responses: list[NewResponse]) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.items import ItemIn, claim_items, ensure_spec, pending_item_ids, upsert_items
 from storage.models import Item, ItemState, Label, SpecRow, Verdict
-from storage.results import BatchResult, LabelRecord, Release, record_batch
+from storage.results import BatchResult, Fence, LabelRecord, Release, record_batch
 
 
 def _spec(session: Session, version: int = 1) -> SpecRow:
@@ -100,6 +100,37 @@ def test_release_with_wait_hides_the_item_until_retry_at(sessions: sessionmaker[
         assert pending_item_ids(session, spec.id) == []
         row = session.get(Item, item.id)
         assert row is not None and row.state == ItemState.PENDING and row.retry_at is not None
+
+
+def test_writes_are_fenced_by_owner_and_attempt(sessions: sessionmaker[Session]) -> None:
+    """A claim's writes land only on the items it still holds: not on another owner's, and
+    not on the same owner's later claim of the item (the attempt number tells them apart)."""
+    spec = _load(sessions, 3)
+    with sessions.begin() as session:
+        old = claim_items(session, spec.id, "w1", 600, limit=3)
+        # Item 0's lease expired and w1 itself claimed it again; w2 took item 1 over.
+        session.execute(update(Item).values(lease_expires_at=datetime(2000, 1, 1, tzinfo=UTC)))
+    with sessions.begin() as session:
+        (again,) = claim_items(session, spec.id, "w1", 600, item_ids=[old[0].id])
+        (taken,) = claim_items(session, spec.id, "w2", 600, item_ids=[old[1].id])
+    labels = [LabelRecord(c.id, {"label": "a"}, Verdict.ACCEPTED, [], 0.9, True, "h") for c in old]
+    fence = Fence("w1", {c.id: c.attempts for c in old})
+    with sessions.begin() as session:
+        lost = record_batch(session, spec.id, BatchResult([], [], labels, [], fence=fence))
+    assert lost == 2
+    with sessions() as session:
+        rows = {i.id: i for i in session.scalars(select(Item))}
+        assert session.scalars(select(Label.item_id)).all() == [old[2].id]
+    assert (rows[again.id].state, rows[again.id].lease_owner) == (ItemState.LEASED, "w1")
+    assert (rows[taken.id].state, rows[taken.id].lease_owner) == (ItemState.LEASED, "w2")
+    # A late release moves nothing either.
+    release = Release(taken.id, "timeout: slow", None, failed=False)
+    with sessions.begin() as session:
+        fence = Fence("w1", {taken.id: old[1].attempts})
+        assert record_batch(session, spec.id, BatchResult([], [], [], [release], fence=fence)) == 1
+    with sessions() as session:
+        row = session.get(Item, taken.id)
+        assert row is not None and (row.state, row.lease_owner) == (ItemState.LEASED, "w2")
 
 
 def test_new_spec_version_relabels_on_purpose(sessions: sessionmaker[Session]) -> None:

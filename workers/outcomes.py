@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ class BatchSummary:
     released: int = 0
     failed: int = 0
     spent_usd: float = 0.0
+    # Items whose lease another claim had taken over by the time this batch was written.
+    lost_leases: int = 0
     # Process CPU for the batch, and the part of it spent in teacher calls (HTTP client,
     # governor); the rest is the pipeline's own overhead (claims, checks, database writes).
     cpu_ms: float = 0.0
@@ -53,6 +56,8 @@ class BatchContext:
     cached: dict[str, dict[str, Any]]
     outcomes: dict[str, TeacherOutcome]
     config_pause_s: float = 0.0
+    # When the claim's lease runs out, on this process's monotonic clock.
+    lease_ends: float = math.inf
     # Requests left unsent because the budget could not cover them, and why.
     unsent: dict[str, ConfigError] = field(default_factory=dict)
     # The conversation each item's first request carried, and one dict per repair round.

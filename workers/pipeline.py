@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import logging
 import os
 import socket
 import threading
@@ -22,11 +23,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import BudgetExhausted, ConfigError
+from schemas.errors import BudgetExhausted, ConfigError, LeaseExpired
 from storage.budget import budget_state, current_budget, reserve, settle
 from storage.items import ClaimedItem, claim_items, known_good_for
 from storage.models import SpecRow
-from storage.results import InFlight, cached_responses, record_batch
+from storage.results import Fence, InFlight, cached_responses, record_batch
 from workers.checks import Checker
 from workers.concurrency import SlotPool
 from workers.governor import (
@@ -51,6 +52,8 @@ from workers.teacher import (
     make_http_client,
 )
 from workers.writeahead import WriteAhead
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchSummary",
@@ -110,8 +113,10 @@ class LabelRuntime:
         owner: str | None = None,
         config_pause_s: float = 0.0,
         redis_url: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
+        self.clock = clock  # seconds, for leases: a stopped process sees it jump
         self.teacher_base_url = teacher_base_url
         self.http_transport = http_transport
         self.owner = owner or worker_id()
@@ -207,6 +212,7 @@ class LabelRuntime:
         loaded = self._load(spec_id)
         labeling = loaded.spec.labeling
         size = limit or (len(item_ids) if item_ids is not None else labeling["batch_size"])
+        lease_ends = self.clock() + labeling["lease_s"]  # no later than the database's
         with self.sessions.begin() as session:
             claimed = claim_items(
                 session,
@@ -220,20 +226,22 @@ class LabelRuntime:
         if not claimed:
             return BatchSummary()
         ctx = self._context(loaded, claimed)
+        ctx.lease_ends = lease_ends
         misses = {
             call.request.request_hash: call
             for call in _first_calls(loaded, ctx)
             if call.request.request_hash not in ctx.cached
         }
         reservations = [self._reserve(spec_id, loaded.spec, misses, ctx)]
-        ctx.outcomes = self._send(spec_id, misses)
+        ctx.outcomes = self._send(spec_id, misses, ctx)
         for _ in range(int(loaded.spec.checks["repair_attempts"])):
             if not self._repair_round(spec_id, loaded, ctx, reservations):
                 break
         batch, summary, stop = assemble(ctx)
         batch.replaces_in_flight = self._ahead.replaces_rows
+        batch.fence = Fence(self.owner, {item.id: item.attempts for item in claimed})
         with self.sessions.begin() as session:
-            record_batch(session, spec_id, batch)
+            summary.lost_leases = record_batch(session, spec_id, batch)
             spent = summary.spent_usd
             for reservation in reservations:
                 if reservation is not None:
@@ -242,22 +250,50 @@ class LabelRuntime:
         self._ahead.settle([c.client_request_id for c in batch.calls if c.client_request_id])
         summary.call_cpu_ms = self._call_cpu_since_last() * 1000
         summary.cpu_ms = (time.thread_time() - started) * 1000 + summary.call_cpu_ms
+        if summary.lost_leases:
+            log.warning(
+                "spec %s: %d of %d items had been taken over after this worker's lease ran "
+                "out (lease_s %s): their results are dropped, the answers kept in the cache",
+                spec_id,
+                summary.lost_leases,
+                len(claimed),
+                labeling["lease_s"],
+            )
         if stop is not None:
             raise stop
         return summary
 
-    def _send(self, spec_id: int, misses: dict[str, _Call]) -> dict[str, TeacherOutcome]:
+    def _send(
+        self, spec_id: int, misses: dict[str, _Call], ctx: BatchContext
+    ) -> dict[str, TeacherOutcome]:
         """Send the requests concurrently, each to its own teacher; every HTTP attempt is on
         the ledger (committed) right before it goes out."""
         if not misses:
             return {}
-        calls = [(call, self._before_send(spec_id, call)) for call in misses.values()]
+        lease_s = float(ctx.spec.labeling["lease_s"])
+        calls = [
+            (call, self._before_send(spec_id, call, ctx.lease_ends, lease_s))
+            for call in misses.values()
+        ]
         return self._runner.run(_call_all(calls))
 
-    def _before_send(self, spec_id: int, call: _Call) -> BeforeSend:
+    def _before_send(
+        self, spec_id: int, call: _Call, lease_ends: float, lease_s: float
+    ) -> BeforeSend:
+        """What runs right before each HTTP attempt: the lease check, then the ledger row.
+
+        An attempt starts only while the claim's lease has time left for it to finish
+        (the teacher's ``timeout_s``, at most half the lease): a worker that was stopped or
+        waited past that would pay for a call another worker may be making already."""
         cost = round(call.reserve_usd, 10)
+        last_start = lease_ends - min(call.client.config.timeout_s, lease_s / 2)
 
         async def write_ahead(attempt: int, request_id: str) -> None:
+            if self.clock() > last_start:
+                raise LeaseExpired(
+                    f"this worker's lease on the item ran out before the call was sent "
+                    f"(labeling.lease_s {lease_s:g}): nothing was sent; the item goes back"
+                )
             rhash = call.request.request_hash
             await self._ahead.record(
                 InFlight(call.item_id, spec_id, rhash, attempt, request_id, cost)
@@ -311,7 +347,7 @@ class LabelRuntime:
             if r.request_hash not in ctx.cached and r.request_hash not in ctx.outcomes
         }
         reservations.append(self._reserve(spec_id, spec, misses, ctx))
-        ctx.outcomes.update(self._send(spec_id, misses))
+        ctx.outcomes.update(self._send(spec_id, misses, ctx))
         return True
 
     def _context(self, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
