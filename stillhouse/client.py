@@ -13,8 +13,10 @@ client.submit(...)``).
 from ``GET /v1/limits``), and retries a batch answered 429 or 503, or lost to a connection
 error, honoring ``Retry-After``, until ``max_wait_s`` of waiting is spent. Retrying is safe:
 the server dedupes on the external id, and sampling is decided by the id, so a retried batch
-gets the same outcome. A 4xx raises ``RequestRejected`` (401: ``Unauthorized``) with the
-server's message; rows the server found invalid are results, not errors.
+gets the same outcome. A 4xx raises ``SubmitRejected`` (401: ``Unauthorized``) with the
+server's message; rows the server found invalid are results, not errors. Every error the
+client raises is a :class:`ClientError`, itself a ``schemas.errors.StillhouseError``: one
+error tree for the whole package.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from typing import Any
 
 import httpx
 
+from schemas.errors import StillhouseError
+
 __all__ = [
     "AsyncStillhouseClient",
     "ClientError",
-    "RequestRejected",
     "ServerBusy",
     "StillhouseClient",
+    "SubmitRejected",
     "SubmitResult",
     "Unauthorized",
 ]
@@ -44,24 +48,32 @@ OUTCOMES = ("inserted", "duplicate", "sampled_out", "capped", "invalid")
 _ENVELOPE_BYTES = 256  # room for '{"spec": …, "items": [ … ]}' around the rows
 
 
-class ClientError(Exception):
+class ClientError(StillhouseError):
     """Base of the client's errors; ``status`` is the HTTP status when there was one."""
+
+    kind = "client"
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.code = status, code
 
 
-class RequestRejected(ClientError):
+class SubmitRejected(ClientError):
     """The server refused the request (4xx): fix the request, retrying will not help."""
 
+    kind = "submit_rejected"
 
-class Unauthorized(RequestRejected):
+
+class Unauthorized(SubmitRejected):
     """401: the token is missing or not one the server accepts."""
+
+    kind = "unauthorized"
 
 
 class ServerBusy(ClientError):
     """Still 429/503 (or unreachable) after ``max_wait_s`` of retries: try again later."""
+
+    kind = "server_busy"
 
 
 @dataclass(slots=True)
@@ -298,7 +310,7 @@ def _body_or_raise(response: httpx.Response) -> dict[str, Any]:
     if response.is_success and isinstance(body, dict):
         return body
     code = body["error"].get("code") if isinstance(body, dict) and "error" in body else None
-    error: type[ClientError] = RequestRejected
+    error: type[ClientError] = SubmitRejected
     if response.status_code == 401:
         error = Unauthorized
     elif not response.is_client_error:

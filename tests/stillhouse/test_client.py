@@ -11,11 +11,12 @@ import pytest
 from ingest_tools import TOKEN, row, running_api
 from sqlalchemy import update
 
+from schemas.errors import StillhouseError
 from stillhouse.client import (
     AsyncStillhouseClient,
-    RequestRejected,
     ServerBusy,
     StillhouseClient,
+    SubmitRejected,
     SubmitResult,
     Unauthorized,
 )
@@ -104,11 +105,14 @@ def test_4xx_raises_with_the_server_message(postgres_url: str) -> None:
     with running_api(postgres_url) as api:
         with StillhouseClient(api.root, "wrong") as client, pytest.raises(Unauthorized) as auth:
             client.submit("triage", [row(1)])
-        with StillhouseClient(api.root, TOKEN) as client, pytest.raises(RequestRejected) as spec:
+        with StillhouseClient(api.root, TOKEN) as client, pytest.raises(SubmitRejected) as spec:
             client.submit("nope", [row(1)])
 
         assert auth.value.status == 401 and "not valid" in str(auth.value)
         assert spec.value.status == 422 and spec.value.code == "unknown_spec"
+        # One error tree: what the client raises is a StillhouseError with its own kind.
+        assert isinstance(auth.value, StillhouseError) and auth.value.kind == "unauthorized"
+        assert spec.value.kind == "submit_rejected"
         assert "triage" in str(spec.value)
 
 
@@ -189,7 +193,7 @@ def test_async_client_raises_the_server_message_on_4xx(postgres_url: str) -> Non
     with running_api(postgres_url) as api:
         with pytest.raises(Unauthorized) as auth:
             asyncio.run(submit(api.root, "wrong", "triage"))
-        with pytest.raises(RequestRejected) as spec:
+        with pytest.raises(SubmitRejected) as spec:
             asyncio.run(submit(api.root, TOKEN, "nope"))
     assert auth.value.status == 401
     assert spec.value.status == 422 and spec.value.code == "unknown_spec"
