@@ -1,0 +1,130 @@
+"""The labeling pipeline driven directly (``LabelRuntime.label_batch``), on both databases, against
+the local teacher on loopback with a seeded fault sequence: the branches no CLI run reaches
+on purpose (a repair that works and the reservations it settles, a repair the teacher fails,
+a teacher that refuses the key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from servers import serve_in_thread
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from schemas.errors import ConfigError
+from stillhouse.teacher_server.app import create_app
+from stillhouse.teacher_server.backends import make_backend
+from stillhouse.teacher_server.faults import FaultKind, FaultPlan, FaultProfile, Shares
+from storage.models import (
+    Budget,
+    BudgetReservation,
+    CallStatus,
+    Item,
+    ItemState,
+    Label,
+    SpecRow,
+    TeacherCall,
+    Verdict,
+)
+from workers.ingest import SourceRow, load_source
+from workers.pipeline import LabelRuntime
+from workers.spec import load_spec, parse_spec
+
+
+def seed_for(shares: dict[str, float], wanted: list[FaultKind | None]) -> int:
+    """A fault seed whose first requests get exactly ``wanted`` (None: a clean answer)."""
+    for seed in range(10_000):
+        plan = FaultPlan(FaultProfile(seed=seed, shares=Shares(**shares)))
+        if [plan.decide(n).kind for n in range(len(wanted))] == wanted:
+            return seed
+    raise AssertionError(f"no seed gives {wanted}")
+
+
+@contextmanager
+def teacher(profile: FaultProfile | None = None, api_key: str | None = None) -> Iterator[str]:
+    app = create_app(make_backend("fixed", latency_ms=5), faults=profile, api_key=api_key)
+    with serve_in_thread(app) as root:
+        yield f"{root}/v1"
+
+
+def one_item(sessions: sessionmaker[Session], **teacher: Any) -> int:
+    """The triage spec (one ticket, a budget, one repair round); its spec id."""
+    with open(load_spec("triage").source) as f:
+        body = yaml.safe_load(f)
+    body["name"] = "pipeline"
+    body["teacher"].update(concurrency=1, timeout_s=5, max_retries=0, **teacher)
+    body["checks"].update(require_known_good_match=False, repair_attempts=1)
+    body["budget_usd"] = 10.0
+    spec = parse_spec(body, source="pipeline.yaml")
+    load_source(sessions, spec, [SourceRow(1, {"id": "t1", "headline": "h", "body": "jam"})])
+    with sessions() as session:
+        spec_id = session.scalar(select(SpecRow.id).where(SpecRow.name == "pipeline"))
+    assert spec_id is not None
+    return int(spec_id)
+
+
+def test_a_repaired_answer_is_labeled_and_both_reservations_settle(
+    sessions: sessionmaker[Session],
+) -> None:
+    spec_id = one_item(sessions)
+    seed = seed_for({"truncated": 0.5}, [FaultKind.TRUNCATED, None])
+    profile = FaultProfile(seed=seed, shares=Shares(truncated=0.5))
+    with teacher(profile) as url, LabelRuntime(sessions, teacher_base_url=url) as runtime:
+        summary = runtime.label_batch(spec_id)
+        assert httpx.get(f"{url}/stats").json()["requests"] == 2  # the answer, then the repair
+    assert (summary.labeled, summary.accepted, summary.teacher_calls) == (1, 1, 2)
+    with sessions() as session:
+        (label,) = session.scalars(select(Label)).all()
+        calls = session.scalars(select(TeacherCall)).all()
+        budget = session.get(Budget, "pipeline")
+        reservations = session.scalar(select(func.count()).select_from(BudgetReservation))
+    assert label.verdict == Verdict.ACCEPTED and label.output is not None
+    assert [c.status for c in calls] == [CallStatus.OK, CallStatus.OK]
+    # One reservation per round, both replaced by what the two calls really cost.
+    assert reservations == 0
+    assert budget is not None
+    assert budget.spent_usd == pytest.approx(sum(c.cost_usd for c in calls))
+    assert budget.spent_usd == pytest.approx(summary.spent_usd) and summary.spent_usd > 0
+
+
+def test_a_repair_the_teacher_fails_is_rejected_as_repair_failed(
+    sessions: sessionmaker[Session],
+) -> None:
+    spec_id = one_item(sessions)
+    shares = {"truncated": 0.5, "server_error": 0.5}
+    seed = seed_for(shares, [FaultKind.TRUNCATED, FaultKind.SERVER_ERROR])
+    profile = FaultProfile(seed=seed, shares=Shares(**shares))
+    with teacher(profile) as url, LabelRuntime(sessions, teacher_base_url=url) as runtime:
+        summary = runtime.label_batch(spec_id)
+    assert (summary.labeled, summary.accepted) == (1, 0)
+    with sessions() as session:
+        (label,) = session.scalars(select(Label)).all()
+        item = session.scalars(select(Item)).one()
+    assert label.verdict == Verdict.REJECTED
+    assert "repair_failed" in label.reasons
+    assert item.state == ItemState.REJECTED
+
+
+def test_a_refused_key_stops_the_run_and_refunds_the_attempt(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_TEST_KEY", "not-the-key")
+    spec_id = one_item(sessions, api_key_env="PIPELINE_TEST_KEY")
+    with (
+        teacher(api_key="the-key") as url,
+        LabelRuntime(sessions, teacher_base_url=url) as runtime,
+        pytest.raises(ConfigError, match="401"),
+    ):
+        runtime.label_batch(spec_id)
+    with sessions() as session:
+        item = session.scalars(select(Item)).one()
+        assert session.scalars(select(Label)).all() == []
+    # Not the item's fault: back to pending with its attempt, and the error on it.
+    assert (item.state, item.attempts, item.lease_owner) == (ItemState.PENDING, 0, None)
+    assert item.last_error is not None and "401" in item.last_error
