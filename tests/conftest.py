@@ -24,6 +24,20 @@ PG_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("STILLHOUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by the servers it uses, from its fixtures (``-m "not postgres"`` then
+    leaves out exactly the tests that need one): a test on ``database_url`` is marked for
+    its Postgres run only."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_both = callspec.params.get("database_url") if callspec is not None else None
+        if names & {"postgres_url", "postgres_admin_url"} or on_both == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        if "redis_url" in names:
+            item.add_marker(pytest.mark.redis)
+
+
 def _unavailable(what: str, exc: Exception) -> None:
     message = f"{what} is not reachable: {exc}"
     if IN_CI:
