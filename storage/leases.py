@@ -23,6 +23,7 @@ __all__ = [
     "SweepCounts",
     "claim_ready",
     "expire_leases",
+    "extend_leases",
     "hold_back",
     "labeling_setting",
     "queued_counts",
@@ -131,6 +132,25 @@ def requeue_lost(session: Session, *, older_than_s: float, limit: int = 50_000) 
         update(Item)
         .where(Item.id.in_(picked_ids(session, stale)), Item.state == ItemState.QUEUED)
         .values(state=ItemState.PENDING)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def extend_leases(session: Session, owner: str, item_ids: Sequence[int], lease_s: float) -> int:
+    """A live worker's heartbeat for a batch it is still working on: its leases on these
+    items run ``lease_s`` from now again. Items it no longer holds are left alone (the
+    sweeper or another worker has them); returns how many it still holds."""
+    if not item_ids:
+        return 0
+    result = session.execute(
+        update(Item)
+        .where(
+            Item.id.in_(list(item_ids)),
+            Item.state == ItemState.LEASED,
+            Item.lease_owner == owner,
+        )
+        .values(lease_expires_at=db_now_plus(session, lease_s))
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)

@@ -20,13 +20,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from servers import serve_in_thread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from stillhouse.teacher_server.app import create_app
-from stillhouse.teacher_server.backends import make_backend
+from stillhouse.servers.teacher.app import create_app
+from stillhouse.servers.teacher.backends import make_backend
 from storage.dialect import db_now_plus
 from storage.leases import expire_leases
 from storage.models import CallStatus, Item, ItemState, Label, SpecRow, TeacherCall
@@ -175,3 +176,32 @@ def test_a_batch_that_comes_back_after_a_takeover_writes_over_nothing(
     assert len(labels) == ITEMS and {i.state for i in items} == {ItemState.ACCEPTED}
     # The ledger holds every request both teachers received, no more.
     assert sorted(c.status.value for c in calls) == ["ok"] * (2 * ITEMS)
+
+
+@pytest.mark.slow
+def test_a_live_batch_keeps_its_lease_past_lease_s(sessions: sessionmaker[Session]) -> None:
+    """A batch still working when lease_s runs out (one call at a time, 2.6 s each, 4 items:
+    10.4 s against a 10 s lease) renews its leases: every call goes out, the sweeper takes
+    nothing back at 10.2 s, and every item is labeled. Without the heartbeat the third call
+    (past half the lease) would not be sent and the sweep would take the items back."""
+    spec_id = load_items(sessions, concurrency=1)
+    done: dict[str, Any] = {}
+    with fixed_teacher(latency_ms=2600) as url:
+        runtime = LabelRuntime(sessions, teacher_base_url=url, owner="live:1")
+        with runtime:
+            started = time.monotonic()
+            batch = threading.Thread(
+                target=lambda: done.update(summary=runtime.label_batch(spec_id)), daemon=True
+            )
+            batch.start()
+            wait_until(lambda: received(url) == ITEMS, "the last call", timeout=30)
+            time.sleep(max(0.0, 10.2 - (time.monotonic() - started)))
+            with sessions.begin() as session:
+                swept = expire_leases(
+                    session, default_max_attempts=LABELING_DEFAULTS["max_attempts"]
+                )
+            batch.join(timeout=30)
+    assert swept.expired == 0
+    assert (done["summary"].labeled, done["summary"].lost_leases) == (ITEMS, 0)
+    with sessions() as session:
+        assert {i.state for i in session.scalars(select(Item))} == {ItemState.ACCEPTED}

@@ -17,15 +17,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError, LeaseExpired
 from storage.budget import budget_state, current_budget, reserve, settle
 from storage.items import ClaimedItem, claim_items, known_good_for
+from storage.leases import extend_leases
 from storage.models import SpecRow
 from storage.results import Fence, InFlight, cached_responses, record_batch
 from workers.checks import Checker
@@ -54,6 +55,9 @@ from workers.teacher import (
 from workers.writeahead import WriteAhead
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LEASE_RENEWALS = 3  # heartbeats per lease_s while a batch's calls are out
 
 __all__ = [
     "BatchSummary",
@@ -271,25 +275,38 @@ class LabelRuntime:
         if not misses:
             return {}
         lease_s = float(ctx.spec.labeling["lease_s"])
-        calls = [
-            (call, self._before_send(spec_id, call, ctx.lease_ends, lease_s))
-            for call in misses.values()
-        ]
-        return self._runner.run(_call_all(calls))
+        calls = [(call, self._before_send(spec_id, call, ctx, lease_s)) for call in misses.values()]
+        return self._runner.run(
+            _renewing(_call_all(calls), lease_s / LEASE_RENEWALS, lambda: self._renew(ctx))
+        )
+
+    def _renew(self, ctx: BatchContext) -> None:
+        """The batch's heartbeat: its leases run ``lease_s`` from now again (a stopped
+        process sends none, so its leases run out, as they should)."""
+        lease_s = float(ctx.spec.labeling["lease_s"])
+        now = self.clock()
+        try:
+            with self.sessions.begin() as session:
+                extend_leases(session, self.owner, [c.id for c in ctx.claimed], lease_s)
+        except Exception as exc:  # the database is away: the lease runs out, the fence holds
+            log.warning("cannot renew the leases of a batch: %s", exc)
+            return
+        ctx.lease_ends = now + lease_s
 
     def _before_send(
-        self, spec_id: int, call: _Call, lease_ends: float, lease_s: float
+        self, spec_id: int, call: _Call, ctx: BatchContext, lease_s: float
     ) -> BeforeSend:
         """What runs right before each HTTP attempt: the lease check, then the ledger row.
 
         An attempt starts only while the claim's lease has time left for it to finish
-        (the teacher's ``timeout_s``, at most half the lease): a worker that was stopped or
-        waited past that would pay for a call another worker may be making already."""
+        (the teacher's ``timeout_s``, at most half the lease; the batch's heartbeat extends
+        it): a worker that was stopped or waited past that would pay for a call another
+        worker may be making already."""
         cost = round(call.reserve_usd, 10)
-        last_start = lease_ends - min(call.client.config.timeout_s, lease_s / 2)
+        margin = min(call.client.config.timeout_s, lease_s / 2)
 
         async def write_ahead(attempt: int, request_id: str) -> None:
-            if self.clock() > last_start:
+            if self.clock() > ctx.lease_ends - margin:
                 raise LeaseExpired(
                     f"this worker's lease on the item ran out before the call was sent "
                     f"(labeling.lease_s {lease_s:g}): nothing was sent; the item goes back"
@@ -465,6 +482,17 @@ def _first_calls(loaded: _Loaded, ctx: BatchContext) -> Iterator[_Call]:
         yield _Call(item.id, ctx.requests[item.id], loaded.client)
         for juror, request in zip(loaded.jurors, ctx.jury[item.id], strict=True):
             yield _Call(item.id, request, juror)
+
+
+async def _renewing(work: Coroutine[Any, Any, T], every_s: float, renew: Callable[[], None]) -> T:
+    """Run ``work``, calling ``renew`` (in a thread: it is a database write) every
+    ``every_s`` seconds until it is done."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=every_s)
+        if done:
+            return task.result()
+        await asyncio.to_thread(renew)
 
 
 async def _call_all(calls: list[tuple[_Call, BeforeSend]]) -> dict[str, TeacherOutcome]:
