@@ -18,7 +18,7 @@ import time
 from rich.console import Console
 
 from stillhouse.commands import run_backfill
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from stillhouse.settings import Settings
 
 

@@ -54,7 +54,7 @@ import yaml
 from reference import add_server_options, aiohttp_reference, capped_bound, server_args
 from sqlalchemy import create_engine, func, select, text
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from stillhouse.settings import Settings
 from storage.migrate import upgrade
 from storage.models import Item, ItemState, SpecRow

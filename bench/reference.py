@@ -121,7 +121,7 @@ def capped_bound(args: argparse.Namespace, concurrency: int) -> float:
 
 
 def main() -> int:
-    from stillhouse.localteacher import local_teacher
+    from stillhouse.servers.teacher.process import local_teacher
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=64)

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from reference import add_server_options, aiohttp_reference, capped_bound, server_args
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from stillhouse.settings import Settings
 from storage.migrate import upgrade
 from storage.results import cached_responses

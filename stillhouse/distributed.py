@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
-from stillhouse.context import open_database, open_runtime
-from stillhouse.localteacher import stop_process
+from stillhouse.context import connect_database, open_runtime
+from stillhouse.servers.teacher.process import stop_process
 from stillhouse.settings import Settings
+from storage.session import make_sessionmaker
 from workers.dispatch import (
     DispatchOptions,
     DispatchPass,
@@ -134,7 +135,8 @@ def run_dispatch(settings: Settings, *, once: bool) -> DispatchPass | None:
 
 
 def sessions_of(settings: Settings) -> sessionmaker[Session]:
-    return open_database(settings)[1]
+    """Sessions for this process's lifetime (the dispatcher's loop)."""
+    return make_sessionmaker(connect_database(settings))
 
 
 def _wait_for_database(settings: Settings, stop: threading.Event) -> sessionmaker[Session] | None:
@@ -186,7 +188,7 @@ def run_worker(
     from workers import tasks
 
     celery = open_celery(settings)
-    open_database(settings)[0].dispose()  # fail fast on a bad URL or an old schema
+    connect_database(settings).dispose()  # fail fast on a bad URL or an old schema
     tasks.set_runtime_factory(lambda: open_runtime(settings, config_pause_s=60.0))
     # httpx logs every request at INFO: hundreds of lines a second that say nothing the
     # ledger does not (errors still come through at WARNING).

@@ -1,5 +1,6 @@
-"""The one place that renders untrusted text (ids, documents, teacher answers, error details
-that quote them) for a terminal.
+"""How every command prints: JSON on stdout (:func:`print_json`), progress bars and tables on
+stderr, and the one place that renders untrusted text (ids, documents, teacher answers,
+error details that quote them) for a terminal.
 
 Rich reads ``[...]`` as markup: an id like ``[/x]`` would crash the command that prints it
 (after its work is done, so its ``--json`` summary was lost too), and ``[red]`` would restyle
@@ -12,13 +13,17 @@ control, format and bidi characters are written as visible escapes (``\\x1b``, `
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
+from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-__all__ = ["cell", "plain", "table_console"]
+__all__ = ["cell", "pct", "plain", "print_json", "progress_bar", "table_console"]
 
 # C0 controls but tab and newline, DEL, C1 controls, the bidi embeddings, overrides and
 # isolates, the directional marks, zero-width characters and the BOM, and lone surrogates.
@@ -58,3 +63,26 @@ def table_console() -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=160)
     return console
+
+
+def print_json(data: Any) -> None:
+    """A command's ``--json`` answer, on stdout (values JSON cannot hold become strings)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def progress_bar(console: Console) -> Progress:
+    """A progress bar on ``console``, shown only on a terminal."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+
+
+def pct(value: float | None) -> str:
+    """A share as a percentage with one decimal (``93.4 %``), or ``n/a``."""
+    return "n/a" if value is None else f"{100 * value:.1f} %"

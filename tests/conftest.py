@@ -114,7 +114,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def teacher_url() -> Iterator[str]:
     """The real local teacher (all-MiniLM-L6-v2 zero-shot) on a loopback port."""
-    from stillhouse.localteacher import local_teacher
+    from stillhouse.servers.teacher.process import local_teacher
 
     with local_teacher() as url:
         yield url

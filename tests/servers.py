@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from stillhouse.serving import ReadLimits, uvicorn_config
+from stillhouse.servers.serving import ReadLimits, uvicorn_config
 
 
 @contextmanager
@@ -19,7 +19,7 @@ def serve_in_thread(
     app: Any, *, http: str = "auto", lifespan: str = "auto", limits: ReadLimits | None = None
 ) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 and a free port, as stillhouse serves it (the read guards
-    of ``stillhouse.serving`` included); yields the root URL."""
+    of ``stillhouse.servers.serving`` included); yields the root URL."""
     config = uvicorn_config(
         app,
         limits,

@@ -23,7 +23,7 @@ from clitools import run_cli
 from faultkit import FINAL, Proc, free_port, ledger, wait_for
 from sqlalchemy import select
 
-from stillhouse.localteacher import wait_ready
+from stillhouse.servers.teacher.process import wait_ready
 from storage.models import CallStatus, Item, Label, TeacherCall
 from storage.session import make_engine, make_sessionmaker
 

@@ -30,7 +30,7 @@ from faultkit import (
     wait_for,
 )
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from storage.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent

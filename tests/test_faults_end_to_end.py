@@ -16,7 +16,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from storage.models import CallStatus, Item, Label, TeacherCall, TeacherResponse
 from storage.session import make_engine, make_sessionmaker
 

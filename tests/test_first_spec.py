@@ -17,7 +17,7 @@ from clitools import run_cli
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from storage.models import Item, ItemState
 from storage.session import make_engine, make_sessionmaker
 
@@ -215,7 +215,7 @@ def test_a_slice_field_no_row_has_is_a_loud_warning(tmp_path: Path) -> None:
 
 
 def test_tables_are_not_cut_to_80_columns_when_piped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stillhouse.render import table_console
+    from stillhouse.output import table_console
 
     monkeypatch.delenv("COLUMNS", raising=False)
     assert table_console().width == 160  # pytest's stdout is not a terminal

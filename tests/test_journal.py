@@ -16,7 +16,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from storage.migrate import upgrade
 from storage.models import CallStatus, Item, SpecRow, TeacherCall
 from storage.results import InFlight

@@ -14,7 +14,7 @@ import yaml
 from clitools import embedded_env, run_cli
 from sqlalchemy import delete, select, update
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from storage.models import CallStatus, Item, ItemState, Label, TeacherCall, TeacherResponse
 from storage.session import make_engine, make_sessionmaker
 from workers.prompt import render_messages

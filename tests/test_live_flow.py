@@ -11,7 +11,7 @@ import yaml
 from faultkit import Proc, all_final, assert_clean, free_port, wait_for
 
 from stillhouse.client import StillhouseClient
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "live-flow-token-0123456789"

@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server.app import create_app
-from stillhouse.teacher_server.backends import make_backend
-from stillhouse.teacher_server.faults import FaultKind, FaultPlan, FaultProfile, Shares
+from stillhouse.servers.teacher.app import create_app
+from stillhouse.servers.teacher.backends import make_backend
+from stillhouse.servers.teacher.faults import FaultKind, FaultPlan, FaultProfile, Shares
 from storage.models import (
     Budget,
     BudgetReservation,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from hostile_corpus import INJECTIONS
 
-from stillhouse.teacher_server.protocol import parse_chat_request
-from stillhouse.teacher_server.ranking import parse_ranking
+from stillhouse.servers.teacher.protocol import parse_chat_request
+from stillhouse.servers.teacher.ranking import parse_ranking
 from workers.ingest import make_item
 from workers.prompt import neutralize, render_messages
 from workers.spec import load_spec

@@ -30,7 +30,7 @@ FIELDS = ("people", "places", "organizations", "products")
 @pytest.fixture(scope="module")
 def spacy_url() -> Iterator[str]:
     """The real local teacher, spaCy backend, shared by the module (model load takes seconds)."""
-    from stillhouse.localteacher import local_teacher
+    from stillhouse.servers.teacher.process import local_teacher
 
     with local_teacher("spacy") as url:
         yield url

@@ -30,7 +30,7 @@ MODERATION_LIMIT = 80
 @pytest.fixture(scope="module")
 def embedding_teacher() -> Iterator[str]:
     """The embedding backend (all-MiniLM-L6-v2): zero-shot labels and rankings."""
-    from stillhouse.localteacher import local_teacher
+    from stillhouse.servers.teacher.process import local_teacher
 
     with local_teacher("embedding") as url:
         yield url
@@ -43,8 +43,8 @@ def moderation_teacher() -> Iterator[str]:
     import locale
     import os
 
-    from stillhouse.localteacher import local_teacher
-    from stillhouse.teacher_server.moderation import LOCALE_FIX
+    from stillhouse.servers.teacher.moderation import LOCALE_FIX
+    from stillhouse.servers.teacher.process import local_teacher
 
     previous = locale.setlocale(locale.LC_CTYPE)
     try:

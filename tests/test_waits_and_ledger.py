@@ -13,7 +13,7 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from stillhouse.localteacher import local_teacher
+from stillhouse.servers.teacher.process import local_teacher
 from storage.migrate import upgrade
 from storage.models import CallStatus, Item, ItemState, SpecRow, TeacherCall
 from storage.session import make_engine, make_sessionmaker

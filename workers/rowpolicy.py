@@ -20,7 +20,7 @@ send instead; the other rows are kept:
 - **Keys that are not text** (a Python caller's dict): refused.
 
 Text is otherwise kept as given, control and bidirectional characters included: it is data,
-and every place that prints it escapes it (:mod:`stillhouse.render`). NUL characters are the
+and every place that prints it escapes it (:mod:`stillhouse.output`). NUL characters are the
 one exception, removed by the reader (Postgres cannot store them).
 """
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 from celery.signals import (
@@ -24,12 +26,14 @@ __all__ = ["label_batch", "set_runtime_factory"]
 log = logging.getLogger(__name__)
 
 CONFIG_ERROR_WAIT_S = 30.0  # how long items wait before a worker tries them again
-_state: dict[str, Any] = {"factory": None, "runtime": None}
+_state: dict[str, Any] = {"factory": None, "runtime": None, "stack": None}
 _lock = threading.Lock()  # the threads pool builds the runtime once, shared by its threads
 
 
-def set_runtime_factory(factory: Any) -> None:
-    """Register how a worker process builds its :class:`LabelRuntime` (from its settings)."""
+def set_runtime_factory(factory: Callable[[], AbstractContextManager[LabelRuntime]]) -> None:
+    """Register how a worker process opens its :class:`LabelRuntime` (from its settings): a
+    context manager, entered once per process and left at its shutdown (the runtime's
+    loop, clients and engine closed)."""
     _state["factory"] = factory
 
 
@@ -39,7 +43,9 @@ def _runtime() -> LabelRuntime:
             factory = _state["factory"]
             if factory is None:
                 raise RuntimeError("no runtime factory: start workers with `stillhouse worker`")
-            _state["runtime"] = factory()
+            stack = ExitStack()
+            _state["runtime"] = stack.enter_context(factory())
+            _state["stack"] = stack
         runtime: LabelRuntime = _state["runtime"]
     return runtime
 
@@ -47,7 +53,7 @@ def _runtime() -> LabelRuntime:
 @worker_process_init.connect
 def _build_after_fork(**_: Any) -> None:
     # Engines, event loops and HTTP clients never cross a fork.
-    _state["runtime"] = None
+    _state["runtime"], _state["stack"] = None, None
 
 
 @worker_ready.connect
@@ -73,9 +79,9 @@ def _noop() -> None:
 @worker_shutdown.connect  # the threads or solo pool's one process exits
 def _close(**_: Any) -> None:
     with _lock:
-        if _state["runtime"] is not None:
-            _state["runtime"].close()
-            _state["runtime"] = None
+        if _state["stack"] is not None:
+            _state["stack"].close()
+        _state["runtime"], _state["stack"] = None, None
 
 
 @app.task(name=LABEL_TASK, bind=True)

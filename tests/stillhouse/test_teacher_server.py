@@ -16,9 +16,9 @@ import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
-from stillhouse.localteacher import wait_ready
-from stillhouse.teacher_server import EmbeddingBackend, create_app
-from stillhouse.teacher_server.protocol import (
+from stillhouse.servers.teacher import EmbeddingBackend, create_app
+from stillhouse.servers.teacher.process import wait_ready
+from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     Completion,
     RequestError,
@@ -295,7 +295,7 @@ def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     if not HAS_MODEL:
         pytest.skip("the 'teacher' extra is not installed")
     port = _free_port()
-    code = f"from stillhouse.teacher_server import serve; serve('127.0.0.1', {port})"
+    code = f"from stillhouse.servers.teacher import serve; serve('127.0.0.1', {port})"
     process = subprocess.Popen(
         [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=_offline_env()
     )

@@ -29,7 +29,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import text
+from pydantic import SecretStr
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -40,8 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from schemas.errors import ConfigError
-from stillhouse.api_metrics import CONTENT_TYPE_LATEST, ApiMetrics, Instrumented
-from stillhouse.settings import Settings
+from stillhouse.servers.ingest.metrics import CONTENT_TYPE_LATEST, ApiMetrics, Instrumented
 from storage.intake import backlog_by_spec
 from workers.ingest import store_spec
 from workers.intake import IntakeResult, Outcome, RowOutcome, ingest_live
@@ -58,19 +58,12 @@ SHAPE = '{"spec": NAME, "items": [ROW, ...]} or {"spec": NAME, "item": ROW}'
 
 @dataclass(frozen=True, slots=True)
 class ApiLimits:
+    """What one request may carry and when the API pushes back (``STILLHOUSE_API_*``)."""
+
     max_body_bytes: int
     max_batch: int
     max_backlog: int
     retry_after_s: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ApiLimits:
-        return cls(
-            settings.api_max_body_bytes,
-            settings.api_max_batch,
-            settings.api_max_backlog,
-            settings.api_retry_after_s,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,22 +370,25 @@ class _IngestApi:
 
 
 def create_app(
-    settings: Settings,
     specs: Sequence[Spec],
+    sessions: sessionmaker[Session],
     *,
-    sessions: sessionmaker[Session] | None = None,
+    tokens: Sequence[SecretStr],
+    limits: ApiLimits,
     insecure_no_auth: bool = False,
     backlog_ttl_s: float = 1.0,
     today: Callable[[], date] = _utc_today,
+    engine: Engine | None = None,
 ) -> Starlette:
-    """Build the ingest app for ``specs``; their rows are stored before the first request.
+    """Build the ingest app for ``specs`` on ``sessions``; their rows are stored before the
+    first request. It takes values, not settings (``server.build_app`` composes them).
 
-    Without ``sessions`` the app opens the database from ``settings`` and closes it at
-    shutdown. Tokens come from ``settings.api_tokens``; none is refused unless
-    ``insecure_no_auth`` (loopback development) says otherwise.
+    ``tokens`` are the bearer tokens accepted; none is refused unless ``insecure_no_auth``
+    (loopback development) says otherwise. An ``engine`` given is the app's to dispose at
+    shutdown.
     """
-    tokens = [t.get_secret_value().encode() for t in settings.api_tokens if t.get_secret_value()]
-    if not tokens and not insecure_no_auth:
+    accepted = [t.get_secret_value().encode() for t in tokens if t.get_secret_value()]
+    if not accepted and not insecure_no_auth:
         raise ConfigError(
             "no API tokens: set STILLHOUSE_API_TOKENS=token1,token2 (or, for development on "
             "127.0.0.1 only, pass --insecure-no-auth)"
@@ -400,11 +396,6 @@ def create_app(
     names = [spec.name for spec in specs]
     if not specs or len(set(names)) != len(names):
         raise ConfigError(f"give one or more distinct specs to serve, got {names}")
-    engine = None
-    if sessions is None:
-        from stillhouse.context import open_database
-
-        engine, sessions = open_database(settings)
     with sessions.begin() as session:
         served = {
             spec.name: _Served(spec, store_spec(session, spec).id, SamplingRules.from_spec(spec))
@@ -413,8 +404,8 @@ def create_app(
     api = _IngestApi(
         sessions,
         served,
-        ApiLimits.from_settings(settings),
-        None if insecure_no_auth and not tokens else tokens,
+        limits,
+        None if insecure_no_auth and not accepted else accepted,
         backlog_ttl_s,
         today,
     )

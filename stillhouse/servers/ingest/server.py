@@ -19,24 +19,48 @@ import uvicorn
 from starlette.applications import Starlette
 
 from schemas.errors import ConfigError
-from stillhouse.api import create_app
-from stillhouse.api_metrics import MULTIPROC_ENV
-from stillhouse.serving import ReadLimits, guarded_protocol, serve_announced, uvicorn_config
+from stillhouse.context import connect_database
+from stillhouse.servers.ingest.app import ApiLimits, create_app
+from stillhouse.servers.ingest.metrics import MULTIPROC_ENV
+from stillhouse.servers.serving import ReadLimits, guarded_protocol, serve_announced, uvicorn_config
 from stillhouse.settings import Settings
+from storage.session import make_sessionmaker
 from workers.spec import load_spec
 
-__all__ = ["app_from_environment", "build_app", "serve"]
+__all__ = ["api_limits", "app_from_environment", "build_app", "serve"]
 
 OPTIONS_ENV = "STILLHOUSE_SERVE_OPTIONS"
+
+
+def api_limits(settings: Settings) -> ApiLimits:
+    """The API's limits from the settings."""
+    return ApiLimits(
+        settings.api_max_body_bytes,
+        settings.api_max_batch,
+        settings.api_max_backlog,
+        settings.api_retry_after_s,
+    )
 
 
 def build_app(
     settings: Settings, spec_names: Sequence[str], *, insecure_no_auth: bool
 ) -> Starlette:
-    """Load the specs and build the app (connects to the database and stores the specs)."""
-    return create_app(
-        settings, [load_spec(name) for name in spec_names], insecure_no_auth=insecure_no_auth
-    )
+    """The app from settings: loads the specs, connects to the database (the app disposes
+    the engine at shutdown) and stores the specs."""
+    specs = [load_spec(name) for name in spec_names]
+    engine = connect_database(settings)
+    try:
+        return create_app(
+            specs,
+            make_sessionmaker(engine),
+            tokens=settings.api_tokens,
+            limits=api_limits(settings),
+            insecure_no_auth=insecure_no_auth,
+            engine=engine,
+        )
+    except BaseException:
+        engine.dispose()
+        raise
 
 
 def app_from_environment() -> Starlette:

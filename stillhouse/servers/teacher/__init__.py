@@ -10,15 +10,15 @@ its backend's ``load()``.
 
 from __future__ import annotations
 
-from stillhouse.teacher_server.app import create_app
-from stillhouse.teacher_server.backends import BACKENDS, Backend, EmbeddingBackend, make_backend
-from stillhouse.teacher_server.extraction import SpacyBackend
-from stillhouse.teacher_server.faults import FaultKind, FaultProfile, build_profile, load_profile
-from stillhouse.teacher_server.fixed import FixedBackend
-from stillhouse.teacher_server.llama import LlamaBackend
-from stillhouse.teacher_server.moderation import ModerationBackend
-from stillhouse.teacher_server.protocol import ChatRequest, Completion
-from stillhouse.teacher_server.server import serve
+from stillhouse.servers.teacher.app import create_app
+from stillhouse.servers.teacher.backends import BACKENDS, Backend, EmbeddingBackend, make_backend
+from stillhouse.servers.teacher.extraction import SpacyBackend
+from stillhouse.servers.teacher.faults import FaultKind, FaultProfile, build_profile, load_profile
+from stillhouse.servers.teacher.fixed import FixedBackend
+from stillhouse.servers.teacher.llama import LlamaBackend
+from stillhouse.servers.teacher.moderation import ModerationBackend
+from stillhouse.servers.teacher.protocol import ChatRequest, Completion
+from stillhouse.servers.teacher.server import serve
 
 __all__ = [
     "BACKENDS",

@@ -1,4 +1,4 @@
-"""``python -m stillhouse.teacher_server``: the same command as ``stillhouse teacher serve``.
+"""``python -m stillhouse.servers.teacher``: the same command as ``stillhouse teacher serve``.
 
 One command line for the local teacher: this entry point hands its arguments to the CLI's
 ``teacher serve`` (so every option, the rate limits included, is the same in both).

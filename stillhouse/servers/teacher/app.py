@@ -37,8 +37,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from stillhouse.teacher_server.backends import Backend
-from stillhouse.teacher_server.faults import (
+from stillhouse.servers.teacher.backends import Backend
+from stillhouse.servers.teacher.faults import (
     BEFORE_BACKEND,
     FAULT_HEADER,
     FaultDecision,
@@ -46,14 +46,14 @@ from stillhouse.teacher_server.faults import (
     FaultPlan,
     FaultProfile,
 )
-from stillhouse.teacher_server.injection import (
+from stillhouse.servers.teacher.injection import (
     TRANSPORT_KEY,
     after_backend,
     before_backend,
     transport_of,
 )
-from stillhouse.teacher_server.limits import Admission, LimitsConfig, RateLimits
-from stillhouse.teacher_server.protocol import (
+from stillhouse.servers.teacher.limits import Admission, LimitsConfig, RateLimits
+from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     RequestError,
     completion_body,

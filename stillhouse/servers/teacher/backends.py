@@ -24,19 +24,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server.batching import MicroBatcher
-from stillhouse.teacher_server.extraction import SpacyBackend
-from stillhouse.teacher_server.fixed import DEFAULT_LATENCY_MS, FixedBackend
-from stillhouse.teacher_server.llama import LlamaBackend
-from stillhouse.teacher_server.moderation import ModerationBackend
-from stillhouse.teacher_server.protocol import (
+from stillhouse.servers.teacher.batching import MicroBatcher
+from stillhouse.servers.teacher.extraction import SpacyBackend
+from stillhouse.servers.teacher.fixed import DEFAULT_LATENCY_MS, FixedBackend
+from stillhouse.servers.teacher.llama import LlamaBackend
+from stillhouse.servers.teacher.moderation import ModerationBackend
+from stillhouse.servers.teacher.protocol import (
     MESSAGE_OVERHEAD_TOKENS,
     ChatRequest,
     Completion,
     RequestError,
     render_answer,
 )
-from stillhouse.teacher_server.ranking import (
+from stillhouse.servers.teacher.ranking import (
     RankingTask,
     parse_ranking,
     render_ranking,

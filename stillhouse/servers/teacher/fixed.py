@@ -13,14 +13,14 @@ import asyncio
 import json
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server.protocol import (
+from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     Completion,
     estimate_tokens,
     prompt_tokens,
     render_answer,
 )
-from stillhouse.teacher_server.schema_values import example_value
+from stillhouse.servers.teacher.schema_values import example_value
 
 __all__ = ["DEFAULT_LATENCY_MS", "FixedBackend"]
 

@@ -23,15 +23,15 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from stillhouse.teacher_server.faults import FaultDecision, FaultKind, FaultProfile
-from stillhouse.teacher_server.protocol import (
+from stillhouse.servers.teacher.faults import FaultDecision, FaultKind, FaultProfile
+from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     Completion,
     completion_body,
     error_body,
     estimate_tokens,
 )
-from stillhouse.teacher_server.schema_values import wrong_answer
+from stillhouse.servers.teacher.schema_values import wrong_answer
 
 __all__ = ["TRANSPORT_KEY", "after_backend", "before_backend", "transport_of"]
 

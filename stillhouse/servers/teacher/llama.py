@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server.protocol import ChatRequest, Completion
+from stillhouse.servers.teacher.protocol import ChatRequest, Completion
 
 __all__ = ["LlamaBackend"]
 

@@ -14,15 +14,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from schemas.errors import ConfigError
-from stillhouse.teacher_server.batching import BatchedModelBackend
-from stillhouse.teacher_server.protocol import (
+from stillhouse.servers.teacher.batching import BatchedModelBackend
+from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     Completion,
     RequestError,
     estimate_tokens,
     prompt_tokens,
 )
-from stillhouse.teacher_server.schema_values import fill_answer
+from stillhouse.servers.teacher.schema_values import fill_answer
 
 __all__ = ["CLASSES", "ModerationBackend", "moderation_answer"]
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stillhouse.teacher_server.protocol import ChatRequest, RequestError
+from stillhouse.servers.teacher.protocol import ChatRequest, RequestError
 
 __all__ = ["RankingTask", "parse_ranking", "render_ranking", "wants_ranking"]
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import uvicorn
 
-from stillhouse.serving import ReadLimits, serve_announced, uvicorn_config
-from stillhouse.teacher_server.app import create_app
-from stillhouse.teacher_server.backends import Backend, make_backend
-from stillhouse.teacher_server.faults import FaultProfile, build_profile
-from stillhouse.teacher_server.limits import LimitsConfig
+from stillhouse.servers.serving import ReadLimits, serve_announced, uvicorn_config
+from stillhouse.servers.teacher.app import create_app
+from stillhouse.servers.teacher.backends import Backend, make_backend
+from stillhouse.servers.teacher.faults import FaultProfile, build_profile
+from stillhouse.servers.teacher.limits import LimitsConfig
 
 __all__ = ["serve"]
 

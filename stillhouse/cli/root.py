@@ -1,0 +1,73 @@
+"""The `stillhouse` application, its command groups and what every command shares.
+
+Settings are built once per process, here at the edge (:func:`settings`), and handed down as
+values; data goes to stdout (``stillhouse.output``), messages to stderr (:data:`err`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from schemas.errors import StillhouseError
+from stillhouse.output import plain
+from stillhouse.settings import Settings
+
+__all__ = [
+    "JsonOpt",
+    "SpecOpt",
+    "app",
+    "db_app",
+    "err",
+    "main",
+    "review_app",
+    "settings",
+    "spec_app",
+    "teacher_app",
+]
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="stillhouse: teacher labels in, clean training data out.",
+)
+teacher_app = typer.Typer(no_args_is_help=True, help="Run a local OpenAI-compatible teacher.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+spec_app = typer.Typer(no_args_is_help=True, help="Spec files.")
+review_app = typer.Typer(no_args_is_help=True, help="Labels waiting for a person's decision.")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(db_app, name="db")
+app.add_typer(spec_app, name="spec")
+app.add_typer(review_app, name="review")
+
+err = Console(stderr=True, soft_wrap=True)
+
+SpecOpt = Annotated[str, typer.Option("--spec", "-s", help="spec file, or a bundled example name")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout")]
+
+
+@functools.cache
+def settings() -> Settings:
+    """This invocation's settings (environment and .env), read once, at the edge."""
+    return Settings()
+
+
+@app.callback()
+def _invocation() -> None:
+    """stillhouse: teacher labels in, clean training data out."""
+    # Each invocation reads the environment afresh (one process may run several: tests).
+    settings.cache_clear()
+
+
+def main() -> None:
+    """Entry point: known errors become one clear message and exit code 2."""
+    try:
+        app()
+    except StillhouseError as exc:
+        err.print(f"error: {plain(exc)}", style="bold red", markup=False, highlight=False)
+        sys.exit(2)

@@ -1,0 +1,30 @@
+"""What the CLI's commands do, one module per domain noun, composed from the layers below.
+
+Each ``run_*`` takes values (the process's settings, options), opens what it needs, owns its
+transactions, and returns the command's result as data (what ``--json`` prints); progress
+and human summaries go to the console it is given. Rendering helpers are in
+``stillhouse.output``. Logic that is not composition belongs in ``workers/`` or ``storage/``.
+"""
+
+from stillhouse.commands.backfill import BackfillOptions, run_backfill
+from stillhouse.commands.demo import run_demo
+from stillhouse.commands.estimate import run_estimate
+from stillhouse.commands.report import run_report
+from stillhouse.commands.requeue import run_requeue
+from stillhouse.commands.review import run_review_list, run_review_resolve
+from stillhouse.commands.status import run_status
+from stillhouse.commands.train import run_train, train_student
+
+__all__ = [
+    "BackfillOptions",
+    "run_backfill",
+    "run_demo",
+    "run_estimate",
+    "run_report",
+    "run_requeue",
+    "run_review_list",
+    "run_review_resolve",
+    "run_status",
+    "run_train",
+    "train_student",
+]

@@ -1,0 +1,375 @@
+"""`stillhouse backfill`: load a source (file, bundled corpus, SQL query) and label it,
+embedded or through the fleet."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from schemas.errors import BudgetExhausted, ConfigError, SpecError
+from stillhouse.commands.common import stored_spec_id
+from stillhouse.context import open_database, open_runtime
+from stillhouse.output import pct, plain, progress_bar
+from stillhouse.settings import Settings
+from storage.items import last_error, pending_item_ids
+from storage.stats import label_stats, status
+from workers.ingest import (
+    DEFAULT_MAX_DOC_BYTES,
+    FIELD_CHECK_ROWS,
+    IngestSummary,
+    RejectsFile,
+    SourceRow,
+    check_fields,
+    load_source,
+    position_name,
+    read_source,
+    read_sql,
+    unmatched_known_good,
+)
+from workers.pipeline import BatchSummary, label_until_done
+from workers.spec import Spec, load_spec
+
+__all__ = ["BackfillOptions", "run_backfill"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillOptions:
+    """How `backfill` reads and loads, beyond the source and the spec."""
+
+    from_sql: str | None = None  # a query to read instead of a file
+    sql_url: str | None = None  # where the query runs (default: the store itself)
+    rejects: Path | None = None  # default: .stillhouse/rejects/<spec>-<time>.jsonl
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+    keep_duplicate_content: bool = False
+    load_only: bool = False
+
+
+def run_backfill(
+    settings: Settings,
+    source: str | None,
+    spec_ref: str,
+    *,
+    limit: int | None,
+    wait: bool,
+    console: Console,
+    options: BackfillOptions | None = None,
+) -> dict[str, Any]:
+    """Load, then label (embedded) or dispatch (distributed); returns a summary."""
+    options = options or BackfillOptions()
+    spec = load_spec(spec_ref)
+    rows, position = _open_source(settings, source, limit, options)
+    # A field the spec reads and no row has (a typo) is refused before anything is written.
+    head = list(itertools.islice(rows, FIELD_CHECK_ROWS))
+    field_warnings = check_fields(spec, head, source or "the query")
+    rows = itertools.chain(head, rows)
+    with open_database(settings) as sessions:
+        started = time.monotonic()
+        rejects = RejectsFile(
+            options.rejects or _rejects_path(settings, spec.name), position=position
+        )
+        with rejects:
+            ingest = _ingest(sessions, spec, rows, limit, console, options, rejects)
+        loaded = {
+            "spec": spec.name,
+            "version": spec.version,
+            "rows": ingest.rows,
+            "inserted": ingest.counts.inserted,
+            "already_loaded": ingest.counts.existing,
+            "duplicate_content": ingest.counts.duplicate_content,
+            "changed_documents": ingest.counts.changed,
+            "bad_rows": ingest.bad_count,
+            "rejects": str(rejects.path) if rejects.count else None,
+            "load_seconds": round(time.monotonic() - started, 2),
+            "warnings": field_warnings + unmatched_known_good(spec, ingest.known_good_values),
+        }
+        if options.load_only:
+            _report_load(loaded, ingest, console)
+            return loaded
+        spec_id = stored_spec_id(sessions, spec)
+        if settings.distributed:
+            labeled = _label_distributed(settings, sessions, spec, spec_id, wait, console)
+        else:
+            labeled = _label_embedded(settings, sessions, spec_id, console)
+        elapsed = time.monotonic() - started
+        with sessions() as session:
+            stats = label_stats(session, spec_id)
+            error = last_error(session, spec_id)
+        result = {
+            **loaded,
+            **labeled,
+            "seconds": round(elapsed, 2),
+            "teacher_accuracy": stats.teacher_accuracy,
+            "accepted_accuracy": stats.accepted_accuracy,
+            "labels": stats.labels,
+            "accepted": stats.accepted,
+            "accepted_checked": stats.accepted_checked,
+            "needs_review": stats.needs_review,
+            "last_error": error,
+        }
+        _report_backfill(result, ingest, console)
+        return result
+
+
+def _open_source(
+    settings: Settings, source: str | None, limit: int | None, options: BackfillOptions
+) -> tuple[Iterator[SourceRow], str]:
+    # Fails before anything is written: a missing file, a bad type, a failing query.
+    if options.from_sql is not None:
+        if source is not None:
+            raise ConfigError("give either a SOURCE or --from-sql, not both")
+        url = options.sql_url or settings.database_url
+        return read_sql(options.from_sql, url, limit=limit), "row"
+    if options.sql_url is not None:
+        raise ConfigError("--sql-url goes with --from-sql QUERY")
+    if source is None:
+        # No source: nothing to load, label what is pending (requeued items, say).
+        return iter(()), "row"
+    rows = read_source(source, limit=limit, max_doc_bytes=options.max_doc_bytes)
+    return rows, position_name(source)
+
+
+def _rejects_path(settings: Settings, spec_name: str) -> Path:
+    # Next to the store: the SQLite file's folder, else .stillhouse/ in the working directory.
+    folder = Path(".stillhouse")
+    if settings.is_sqlite:
+        database = make_url(settings.database_url).database
+        if database and database != ":memory:":
+            folder = Path(database).parent
+    return folder / "rejects" / f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+
+
+def _ingest(
+    sessions: sessionmaker[Session],
+    spec: Spec,
+    rows: Iterator[SourceRow],
+    limit: int | None,
+    console: Console,
+    options: BackfillOptions,
+    rejects: RejectsFile,
+) -> IngestSummary:
+    with progress_bar(console) as progress:
+        task = progress.add_task("loading", total=limit)
+        summary = load_source(
+            sessions,
+            spec,
+            rows,
+            on_chunk=lambda s: progress.update(task, completed=s.rows),
+            rejects=rejects,
+            max_doc_bytes=options.max_doc_bytes,
+            keep_duplicate_content=options.keep_duplicate_content,
+        )
+        progress.update(task, completed=summary.rows, total=summary.rows)
+    return summary
+
+
+def _label_embedded(
+    settings: Settings, sessions: sessionmaker[Session], spec_id: int, console: Console
+) -> dict[str, Any]:
+    import socket
+
+    from storage.leases import ready_now, reclaim_dead_owners, release_owner
+    from workers.spec import LABELING_DEFAULTS
+
+    with sessions.begin() as session:
+        # An earlier embedded run on this machine that was killed left its batch leased:
+        # the sweeper's rules, now, in-process (there is no sweeper here). Its waits were
+        # that run's view of the teacher: this run asks again at once.
+        reclaimed = reclaim_dead_owners(
+            session,
+            spec_id,
+            socket.gethostname(),
+            _pid_alive,
+            default_max_attempts=LABELING_DEFAULTS["max_attempts"],
+        )
+        ready_now(session, spec_id)
+        todo = len(pending_item_ids(session, spec_id))
+    if reclaimed:
+        console.print(f"took back {reclaimed} items an earlier run left leased when it stopped")
+    total = BatchSummary()
+    with open_runtime(settings) as runtime, progress_bar(console) as progress:
+        task = progress.add_task("labeling", total=todo)
+
+        def advance(batch: BatchSummary) -> None:
+            progress.advance(task, batch.labeled + batch.failed)
+
+        try:
+            total = label_until_done(runtime, spec_id, on_batch=advance)
+        finally:
+            # Ctrl-C, a 401, a spent budget: the batch in hand goes back now, its attempt
+            # refunded, instead of staying leased for lease_s.
+            with sessions.begin() as session:
+                release_owner(session, runtime.owner)
+    return {
+        "labeled": total.labeled,
+        "teacher_calls": total.teacher_calls,
+        "cache_hits": total.cache_hits,
+        "failed": total.failed,
+        "waiting": total.released,
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def _label_distributed(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    spec: Spec,
+    spec_id: int,
+    wait: bool,
+    console: Console,
+) -> dict[str, Any]:
+    from stillhouse.distributed import spec_dispatcher
+
+    dispatch = spec_dispatcher(settings, sessions, [spec_id])
+    batch = spec.labeling["batch_size"]
+    sent = dispatch().sent
+    console.print(f"queued {sent} items in batches of {batch} for `stillhouse worker`")
+    if not wait:
+        return {"queued": sent}
+    with progress_bar(console) if console.is_terminal else nullcontext() as progress:
+        task = progress.add_task("labeling", total=None) if progress else None
+        last_done, last_change, pause = -1, time.monotonic(), 0.05
+        while True:
+            with sessions() as session:
+                now = status(session, spec.name)
+            busy = sum(now.by_state[s] for s in ("pending", "queued", "leased"))
+            if progress is not None and task is not None:
+                progress.update(task, completed=now.items - busy, total=now.items)
+            if busy == 0:
+                break
+            if busy == now.by_state["pending"]:
+                _stop_if_budget_spent(sessions, spec_id)
+                _stop_if_workers_misconfigured(sessions, spec_id)
+            if now.items - busy != last_done:
+                last_done, last_change = now.items - busy, time.monotonic()
+            elif time.monotonic() - last_change > 30:
+                _hint_stalled(sessions, spec_id, console)
+                last_change = time.monotonic()
+            # The same pass `stillhouse dispatch` runs: sweeps, then queues what is ready.
+            sent += dispatch().sent
+            # Often at first, so a small job is not kept waiting after its last label; every
+            # half second once the job has shown it is long.
+            time.sleep(pause)
+            pause = min(0.5, pause * 1.5)
+    return {"queued": sent, "by_state": now.by_state}
+
+
+def _stop_if_budget_spent(sessions: sessionmaker[Session], spec_id: int) -> None:
+    # Workers park items whose calls the budget cannot cover; waiting longer is pointless.
+    with sessions() as session:
+        error = last_error(session, spec_id)
+    if error and error.startswith(f"{BudgetExhausted.kind}: "):
+        raise BudgetExhausted(error.removeprefix(f"{BudgetExhausted.kind}: "))
+
+
+def _stop_if_workers_misconfigured(sessions: sessionmaker[Session], spec_id: int) -> None:
+    # A worker that cannot label (a key variable not set in its environment) says so on the
+    # items it held back: the waiting backfill says it too, and stops.
+    with sessions() as session:
+        error = last_error(session, spec_id)
+    for kind in (ConfigError.kind, SpecError.kind):
+        if error and error.startswith(f"{kind}: "):
+            raise ConfigError(
+                f"the workers cannot label these items: {error.removeprefix(f'{kind}: ')}; "
+                f"fix the workers' environment (see the README's distributed stack), they "
+                f"retry the items by themselves"
+            )
+
+
+def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Console) -> None:
+    with sessions() as session:
+        error = last_error(session, spec_id)
+    console.print(
+        "no progress for 30 s: is a `stillhouse worker` running on this broker and "
+        "database?" + (f" Last item error: {plain(error)}" if error else ""),
+        markup=False,
+        highlight=False,
+    )
+
+
+def _report_load(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
+    seconds = max(result["load_seconds"], 0.01)
+    console.print(
+        f"loaded {result['rows']} rows in {seconds:.1f} s ({result['rows'] / seconds:,.0f}/s): "
+        f"{result['inserted']} new, {result['already_loaded']} already loaded, "
+        f"{result['duplicate_content']} duplicate content, {result['bad_rows']} bad"
+    )
+    for bad in ingest.bad[:20]:
+        console.print(f"  line {bad.line}: {plain(bad.reason)}", markup=False, highlight=False)
+    if ingest.bad_count > 20:
+        console.print(f"  … and {ingest.bad_count - 20} more bad rows")
+    if result["rejects"]:
+        console.print(
+            f"bad rows written to {plain(result['rejects'])}", markup=False, highlight=False
+        )
+    for warning in result["warnings"]:
+        console.print(f"warning: {plain(warning)}", style="bold yellow", markup=False)
+    if ingest.counts.changed:
+        examples = ", ".join(plain(i, one_line=True) for i in ingest.counts.changed_ids[:3])
+        console.print(
+            f"{ingest.counts.changed} documents changed under an existing id and were "
+            f"kept as first loaded (e.g. {examples})",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
+    _report_load(result, ingest, console)
+    if "labeled" in result:
+        console.print(
+            f"labeled {result['labeled']} items: {result['teacher_calls']} teacher "
+            f"calls, {result['cache_hits']} cache hits, {result['failed']} failed, "
+            f"{result['waiting']} waiting to retry"
+        )
+    if result.get("failed") or result.get("waiting"):
+        console.print(
+            f"last item error: {plain(result['last_error'])}", markup=False, highlight=False
+        )
+        console.print(
+            f"not finished: {result.get('waiting', 0)} items wait to retry (they stay pending "
+            f"and keep their attempts: run the same command again once the teacher answers), "
+            f"{result.get('failed', 0)} failed (`stillhouse requeue --spec SPEC` puts failed "
+            f"items back)",
+            markup=False,
+            highlight=False,
+        )
+    unchecked = result["accepted"] - result["accepted_checked"]
+    console.print(
+        f"teacher accuracy vs known-good: {pct(result['teacher_accuracy'])}; "
+        f"accepted labels: {result['accepted']} of {result['labels']}: "
+        f"{result['accepted_checked']} checked against a known-good record "
+        f"({pct(result['accepted_accuracy'])} agree)"
+        + (
+            f", {unchecked} without one (withheld or none: accuracy unknown, see "
+            f"`stillhouse report`)"
+            if unchecked
+            else ""
+        )
+        + (
+            f"; {result['needs_review']} waiting for review (`stillhouse review list`)"
+            if result["needs_review"]
+            else ""
+        )
+    )

@@ -1,0 +1,9 @@
+"""Every server stillhouse runs, each in its own package as an app factory that takes values:
+
+- ``ingest``: the live-sample API (``stillhouse serve``) and its Prometheus metrics;
+- ``teacher``: the local OpenAI-compatible teacher (``stillhouse teacher serve``), its
+  backends, fault injection and hosted-provider limits, and ``process`` to run it as a child;
+- ``serving``: uvicorn with read deadlines and connection caps, used by every server.
+
+A new server (the router, the dashboard) gets a package here beside them.
+"""
