@@ -73,7 +73,7 @@ def _read_file() -> str:
     return path.read_text(encoding="utf-8")
 
 
-def parse_conll(text: str) -> list[Tweet]:
+def _parse_conll(text: str) -> list[Tweet]:
     """Tweets from two-column CoNLL (token TAB BIO tag); a blank or lone-tab line ends one."""
     tweets: list[Tweet] = []
     tokens: list[str] = []
@@ -117,7 +117,7 @@ def parse_conll(text: str) -> list[Tweet]:
 @cache
 def load_tweets() -> tuple[Tweet, ...]:
     """All 2,394 WNUT-16 tweets, parsed once per process."""
-    return tuple(parse_conll(_read_file()))
+    return tuple(_parse_conll(_read_file()))
 
 
 def iter_wnut(limit: int | None = None) -> Iterator[dict[str, Any]]:

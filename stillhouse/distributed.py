@@ -121,7 +121,7 @@ def run_dispatch(settings: Settings, *, once: bool) -> DispatchPass | None:
     """`stillhouse dispatch`: sweep and dispatch once, or every interval until stopped."""
     broker, options = _broker(settings), dispatch_options(settings)
     if once:
-        once_sessions = sessions_of(settings)
+        once_sessions = _sessions_of(settings)
         return dispatch_once(once_sessions, broker.publish, options, broker_idle=broker.idle)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,7 +134,7 @@ def run_dispatch(settings: Settings, *, once: bool) -> DispatchPass | None:
     return None
 
 
-def sessions_of(settings: Settings) -> sessionmaker[Session]:
+def _sessions_of(settings: Settings) -> sessionmaker[Session]:
     """Sessions for this process's lifetime (the dispatcher's loop)."""
     return make_sessionmaker(connect_database(settings))
 
@@ -143,7 +143,7 @@ def _wait_for_database(settings: Settings, stop: threading.Event) -> sessionmake
     """A long-running dispatcher outlives a database restart, at start as in its loop."""
     while not stop.is_set():
         try:
-            return sessions_of(settings)
+            return _sessions_of(settings)
         except ConfigError as exc:
             if not str(exc).startswith("cannot connect"):
                 raise  # an old schema or a bad URL: waiting will not fix it

@@ -80,3 +80,42 @@ def test_importing_every_module_is_light_and_needs_no_environment() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT
     )
+
+
+def _top_level_names(tree: ast.Module) -> tuple[list[str] | None, set[str], set[str]]:
+    """A module's ``__all__`` (None without one), every name it binds, its public defs."""
+    exported: list[str] | None = None
+    bound: set[str] = set()
+    public: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            if not node.name.startswith("_"):
+                public.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        bound.add(name.id)
+                        if name.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                            exported = [ast.literal_eval(e) for e in node.value.elts]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return exported, bound, public
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_every_all_lists_exactly_the_public_names(package: str) -> None:
+    """``__all__`` names only what the module has, and every public function and class:
+    a name other modules are not meant to use starts with an underscore."""
+    for path in _modules(package):
+        if path.name in {"__main__.py", "env.py"} or "versions" in path.parts:
+            continue
+        exported, bound, public = _top_level_names(ast.parse(path.read_text(encoding="utf-8")))
+        rel = path.relative_to(ROOT)
+        if exported is None:
+            assert not public, f"{rel} has public names {sorted(public)} and no __all__"
+            continue
+        assert not set(exported) - bound, f"{rel} lists missing {sorted(set(exported) - bound)}"
+        assert not public - set(exported), f"{rel} does not list {sorted(public - set(exported))}"

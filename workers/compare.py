@@ -25,6 +25,7 @@ __all__ = [
     "compare",
     "compare_ranking",
     "kendall_tau",
+    "kendall_tau_graded",
     "ndcg_at_k",
     "normalize_for_grounding",
     "parse_amount",

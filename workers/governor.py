@@ -99,7 +99,7 @@ def governor_key(config: TeacherConfig) -> str:
     return "stillhouse:governor:" + hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def header_values(headers: RateHeaders) -> tuple[float, float, float, float, float, float]:
+def _header_values(headers: RateHeaders) -> tuple[float, float, float, float, float, float]:
     """Rate headers as six numbers, -1 where one was missing (the scripts' argument form)."""
 
     def num(value: float | None) -> float:
@@ -189,7 +189,7 @@ class LocalGovernor:
         rules.report(self.state, self.limits, outcome, probe, now, oks, quiet_s * 1000)
 
     async def observe(self, headers: RateHeaders) -> None:
-        rules.observe(self.state, self.limits, header_values(headers), self._clock())
+        rules.observe(self.state, self.limits, _header_values(headers), self._clock())
 
     async def lease(self, ask: LeaseAsk) -> Lease:
         return rules.lease(self.state, self.holders, self.limits, ask, self._clock(), LEASE_TTL_MS)
@@ -279,7 +279,7 @@ class RedisGovernor:
         lim = self.limits
         try:
             await self._observe(
-                keys=[self.key], args=[lim.rpm or 0, lim.tpm or 0, *header_values(headers)]
+                keys=[self.key], args=[lim.rpm or 0, lim.tpm or 0, *_header_values(headers)]
             )
         except RedisError as exc:
             log.warning("cannot share the teacher's rate headers: %s", exc)

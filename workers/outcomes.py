@@ -196,12 +196,12 @@ def _ledger(
                 outcome.body,
                 outcome.answer.prompt_tokens,
                 outcome.answer.completion_tokens,
-                worth_caching(outcome.answer),
+                _worth_caching(outcome.answer),
             )
         )
 
 
-def worth_caching(answer: Answer) -> bool:
+def _worth_caching(answer: Answer) -> bool:
     """Whether an answer may be replayed from the cache: not a refusal, not cut short, and
     every sample JSON (the checks decide the rest, every time). A refused, truncated or
     unparseable answer is kept on its label, with its reasons, but asked again next time."""

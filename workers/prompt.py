@@ -9,7 +9,7 @@ from typing import Any
 from schemas.errors import PermanentError
 from workers.spec import Spec
 
-__all__ = ["FIELD_PATTERN", "render_input", "render_messages"]
+__all__ = ["FIELD_PATTERN", "neutralize", "render_input", "render_messages"]
 
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 FIELD_PATTERN = _FIELD  # a source field in the input.text template: {name}

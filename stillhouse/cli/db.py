@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from stillhouse.cli.root import db_app, err, settings
 
+__all__ = ["db_upgrade"]
+
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:

@@ -9,6 +9,8 @@ import typer
 from stillhouse.cli.root import JsonOpt, app, settings
 from stillhouse.output import print_json
 
+__all__ = ["dispatch", "worker"]
+
 
 @app.command()
 def worker(

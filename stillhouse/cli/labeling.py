@@ -11,6 +11,8 @@ from schemas.errors import ConfigError
 from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
 from stillhouse.output import print_json
 
+__all__ = ["backfill", "estimate", "report", "requeue", "status"]
+
 
 @app.command()
 def backfill(

@@ -10,6 +10,8 @@ from schemas.errors import ConfigError
 from stillhouse.cli.root import JsonOpt, SpecOpt, err, review_app, settings
 from stillhouse.output import print_json
 
+__all__ = ["review_list", "review_resolve"]
+
 
 @review_app.command("list")
 def review_list(

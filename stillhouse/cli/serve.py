@@ -8,6 +8,8 @@ import typer
 
 from stillhouse.cli.root import app, settings
 
+__all__ = ["serve"]
+
 
 @app.command()
 def serve(

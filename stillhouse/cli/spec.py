@@ -10,6 +10,8 @@ import typer
 from stillhouse.cli.root import spec_app
 from stillhouse.output import print_json
 
+__all__ = ["spec_check", "spec_reference"]
+
 
 @spec_app.command("check")
 def spec_check(spec: Annotated[str, typer.Argument(help="spec file or bundled name")]) -> None:

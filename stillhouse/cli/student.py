@@ -10,6 +10,8 @@ import typer
 from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
 from stillhouse.output import print_json
 
+__all__ = ["demo", "train"]
+
 
 @app.command()
 def train(

@@ -10,6 +10,8 @@ import typer
 from schemas.errors import ConfigError
 from stillhouse.cli.root import teacher_app
 
+__all__ = ["teacher_serve"]
+
 
 @teacher_app.command("serve")
 def teacher_serve(

@@ -111,7 +111,7 @@ class _Backlog:
             return backlog_by_spec(session, [s.spec_id for s in self.served.values()])
 
 
-def is_outage(exc: SQLAlchemyError) -> bool:
+def _is_outage(exc: SQLAlchemyError) -> bool:
     """Whether a database error means the database cannot be reached (a 503 and a retry
     help), not that it refused what was sent."""
     return isinstance(exc, (OperationalError, InterfaceError)) or bool(
@@ -180,7 +180,7 @@ class _IngestApi:
         except ClientDisconnect:
             return _client_gone()
         except SQLAlchemyError as exc:
-            if not is_outage(exc):
+            if not _is_outage(exc):
                 log.exception("ingest failed on a database error")
             else:
                 log.warning("ingest failed: the database is unavailable: %s", exc)
@@ -300,7 +300,7 @@ class _IngestApi:
                     session, served.spec, served.spec_id, rows, day=self.today(), rules=served.rules
                 )
         except SQLAlchemyError as exc:
-            if is_outage(exc) or len(rows) == 1:
+            if _is_outage(exc) or len(rows) == 1:
                 raise
             # The database refused something in the batch that the row checks let through:
             # find the row one at a time, and keep the others (never a 503 for bad data,
@@ -324,7 +324,7 @@ class _IngestApi:
                         rules=served.rules,
                     )
             except SQLAlchemyError as exc:
-                if is_outage(exc):
+                if _is_outage(exc):
                     raise
                 cause = getattr(exc, "orig", None) or exc
                 reason = f"the database refused this row: {type(cause).__name__}"

@@ -88,7 +88,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_options(settings: Settings, host: str, *, insecure_no_auth: bool) -> None:
+def _check_options(settings: Settings, host: str, *, insecure_no_auth: bool) -> None:
     """Refuse to serve without tokens, and refuse --insecure-no-auth beyond loopback."""
     if insecure_no_auth and not _is_loopback(host):
         raise ConfigError(
@@ -108,7 +108,7 @@ def serve(
     log_level: str = "warning",
 ) -> None:
     """Serve until interrupted; prints ``stillhouse api listening on URL`` once bound."""
-    check_options(settings, host, insecure_no_auth=insecure_no_auth)
+    _check_options(settings, host, insecure_no_auth=insecure_no_auth)
     # Built here even with several workers: a bad spec, token or database fails at once,
     # with one clear message, before any worker starts.
     app = build_app(settings, spec_names, insecure_no_auth=insecure_no_auth)

@@ -105,7 +105,7 @@ REQUEST_LOG_SIZE = 200_000
 
 
 @dataclass
-class RequestLog:
+class _RequestLog:
     """One entry per chat-completion POST: what a client's ledger is matched against.
 
     ``request_hash`` is the hash stillhouse's ledger keys a request by (SHA-256 of the
@@ -172,7 +172,7 @@ class _Routes:
         self.limits = RateLimits(limits)
         self.stats = ServerStats()
         self.request_log = request_log
-        self.log = RequestLog(path=request_log)
+        self.log = _RequestLog(path=request_log)
         self.ready = False
         self.started = int(time.time())
 
@@ -290,7 +290,7 @@ class _Routes:
         if refused is not None:
             return refused
         self.stats = ServerStats()
-        self.log = RequestLog(path=self.request_log)
+        self.log = _RequestLog(path=self.request_log)
         self.limits = RateLimits(self.limits_config)
         return JSONResponse(self.stats.as_json())
 

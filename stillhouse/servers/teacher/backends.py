@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     Matrix = npt.NDArray[np.float32]
 
-__all__ = ["BACKENDS", "Backend", "EmbeddingBackend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "EmbeddingBackend", "make_backend", "softmax"]
 
 # One request in a batch: classification when the task is None, else ranking.
 Job = tuple[ChatRequest, RankingTask | None]

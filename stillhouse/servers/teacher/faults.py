@@ -194,7 +194,7 @@ class FaultPlan:
             return self._clean
         rng = random.Random(f"{self.profile.seed}:{number}")
         drawn = self._pick(rng.random())  # drawn even when forced: keeps the stream aligned
-        kind = drawn if forced is None else parse_forced(forced)
+        kind = drawn if forced is None else _parse_forced(forced)
         return FaultDecision(kind, self.profile.latency.sample_s(rng), rng)
 
     def _pick(self, draw: float) -> FaultKind | None:
@@ -204,7 +204,7 @@ class FaultPlan:
         return None
 
 
-def parse_forced(value: str) -> FaultKind | None:
+def _parse_forced(value: str) -> FaultKind | None:
     """The fault an ``X-Stillhouse-Fault`` header names (``none`` for none); ValueError else."""
     name = value.strip().lower()
     if name == "none":

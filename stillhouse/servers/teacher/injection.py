@@ -59,8 +59,8 @@ def before_backend(decision: FaultDecision, profile: FaultProfile) -> Response:
         message = _SERVER_ERRORS.get(status, "The server had an error.")
         return JSONResponse(error_body(message, None, "server_error"), status_code=status)
     if kind is FaultKind.RESET:
-        return ResetResponse()
-    return HangResponse(profile.hang_s)
+        return _ResetResponse()
+    return _HangResponse(profile.hang_s)
 
 
 def after_backend(
@@ -70,15 +70,15 @@ def after_backend(
     kind = decision.kind
     if kind is FaultKind.SLOW_DRIP:
         body = completion_body(chat, completion)
-        return DripResponse(body, profile.drip_s, profile.drip_chunk_bytes)
+        return _DripResponse(body, profile.drip_s, profile.drip_chunk_bytes)
     if kind is FaultKind.MALFORMED:
-        completion = malformed(completion, decision.rng.randrange(4))
+        completion = _malformed(completion, decision.rng.randrange(4))
     elif kind is FaultKind.TRUNCATED:
-        completion = truncated(completion)
+        completion = _truncated(completion)
     elif kind is FaultKind.REFUSAL:
-        completion = refusal(completion, profile.refusal_text)
+        completion = _refusal(completion, profile.refusal_text)
     elif kind is FaultKind.WRONG:
-        completion = wrong(completion, chat, decision)
+        completion = _wrong(completion, chat, decision)
     return JSONResponse(completion_body(chat, completion))
 
 
@@ -93,7 +93,7 @@ def _rate_limited(retry_after_s: int) -> JSONResponse:
     return JSONResponse(body, status_code=429, headers=headers)
 
 
-def malformed(completion: Completion, variant: int) -> Completion:
+def _malformed(completion: Completion, variant: int) -> Completion:
     """Content that is not JSON: cut short, prose, single-quoted, or in a Markdown fence."""
     content = completion.content or "{}"
     broken = [
@@ -105,7 +105,7 @@ def malformed(completion: Completion, variant: int) -> Completion:
     return replace(completion, content=broken, completion_tokens=estimate_tokens(broken))
 
 
-def truncated(completion: Completion) -> Completion:
+def _truncated(completion: Completion) -> Completion:
     """The content cut in the middle, as when ``max_tokens`` runs out."""
     content = completion.content or ""
     return replace(
@@ -116,12 +116,12 @@ def truncated(completion: Completion) -> Completion:
     )
 
 
-def refusal(completion: Completion, text: str) -> Completion:
+def _refusal(completion: Completion, text: str) -> Completion:
     """No content; the refusal text instead (OpenAI's ``message.refusal``)."""
     return replace(completion, content=None, refusal=text, completion_tokens=estimate_tokens(text))
 
 
-def wrong(completion: Completion, chat: ChatRequest, decision: FaultDecision) -> Completion:
+def _wrong(completion: Completion, chat: ChatRequest, decision: FaultDecision) -> Completion:
     """A schema-valid answer other than the model's (another label, a reversed ranking…)."""
     try:
         answer = json.loads(completion.content or "")
@@ -136,7 +136,7 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-class ResetResponse(Response):
+class _ResetResponse(Response):
     """Close the connection with a TCP RST and send nothing."""
 
     def __init__(self) -> None:
@@ -155,7 +155,7 @@ class ResetResponse(Response):
             await asyncio.wait_for(_until_disconnect(receive), 2.0)
 
 
-class HangResponse(Response):
+class _HangResponse(Response):
     """Say nothing for ``hang_s`` seconds (or until the client leaves), then a 504."""
 
     def __init__(self, hang_s: float) -> None:
@@ -174,7 +174,7 @@ class HangResponse(Response):
             await super().__call__(scope, receive, send)
 
 
-class DripResponse(Response):
+class _DripResponse(Response):
     """A complete, valid 200 whose body arrives a few bytes at a time over ``drip_s``."""
 
     def __init__(self, content: dict[str, object], drip_s: float, chunk_bytes: int) -> None:

@@ -57,7 +57,7 @@ class LlamaBackend:
             self._llm = await asyncio.to_thread(self._load_model)
 
     def _load_model(self) -> Any:
-        llama_cpp = import_llama_cpp()
+        llama_cpp = _import_llama_cpp()
         if not self.model_path.is_file():
             raise ConfigError(f"--model {self.model_path}: no such GGUF file")
         return llama_cpp.Llama(
@@ -96,12 +96,12 @@ class LlamaBackend:
         """The GBNF grammar for a schema, built once per distinct schema."""
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            llama_cpp = import_llama_cpp()
+            llama_cpp = _import_llama_cpp()
             self._grammars[key] = llama_cpp.LlamaGrammar.from_json_schema(key, verbose=False)
         return self._grammars[key]
 
 
-def import_llama_cpp() -> Any:
+def _import_llama_cpp() -> Any:
     """The ``llama_cpp`` module, or ``ConfigError`` naming the package to install."""
     try:
         import llama_cpp
