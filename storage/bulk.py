@@ -13,12 +13,18 @@ from typing import Any
 
 import orjson
 import psycopg
-from sqlalchemy import Select, create_engine, select, text
+from sqlalchemy import Select, create_engine, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
-from storage.items import IngestCounts, ItemIn, upsert_items
+from storage.items import (
+    IngestCounts,
+    ItemIn,
+    add_known_good,
+    requeue_for_version,
+    upsert_items,
+)
 from storage.models import CONTENT_KEY, CONTENT_KEY_CHARS, Item, SpecRow
 
 __all__ = [
@@ -52,17 +58,6 @@ WHERE (SELECT 1 FROM items AS d
        WHERE d.spec_name = %(name)s
          AND substr(d.content_hash, 1, 16) = substr(x.content_hash, 1, 16)
          AND d.content_hash = x.content_hash LIMIT 1) IS NOT NULL
-"""
-_REQUEUE = """
-UPDATE items SET spec_id = :spec_id, state = 'pending', attempts = 0, retry_at = NULL,
-  last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = ANY(CAST(:ids AS bigint[])) AND spec_id <> :spec_id
-"""
-# An existing item gains a known-good record it lacked; one it has is never replaced.
-_KNOWN_GOOD_FOR_EXISTING = """
-UPDATE items SET known_good = x.fields::jsonb
-FROM unnest(CAST(:ids AS bigint[]), CAST(:fields AS text[])) AS x(id, fields)
-WHERE items.id = x.id AND items.known_good IS NULL
 """
 # The ids come from the column's default: nothing needs them before the rows are stored.
 _COPY_ITEMS = (
@@ -139,8 +134,11 @@ def _copy_load(
     stored_content = {row[1] for row in found if row[0] == "content"}
     if existing:
         counts.existing = len(existing)
-        counts.relabel = _requeue(session, spec, [row[1] for row in existing])
-        counts.known_good = _known_good_for_existing(session, items, existing)
+        counts.relabel = requeue_for_version(session, spec, [row[1] for row in existing])
+        known = {item.external_id: item.known_good for item in items if item.known_good}
+        counts.known_good = add_known_good(
+            session, {row[1]: known[row[0]] for row in existing if row[0] in known}
+        )
         by_id = {item.external_id: item for item in items}
         changed = [ext for ext, _, digest in existing if by_id[ext].content_hash != digest]
         counts.changed, counts.changed_ids = len(changed), changed[:20]
@@ -174,22 +172,6 @@ def _settings(session: Session, dbapi: Any) -> None:
 def _copy(dbapi: Any, data: str) -> None:
     with dbapi.cursor() as cursor, cursor.copy(_COPY_ITEMS) as copy:
         copy.write(data.encode())
-
-
-def _requeue(session: Session, spec: SpecRow, item_ids: list[int]) -> int:
-    result = session.execute(text(_REQUEUE), {"spec_id": spec.id, "ids": item_ids})
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
-def _known_good_for_existing(
-    session: Session, items: Sequence[ItemIn], existing: Sequence[Any]
-) -> int:
-    known = {item.external_id: item.known_good for item in items if item.known_good}
-    pairs = [(row[1], orjson.dumps(known[row[0]]).decode()) for row in existing if row[0] in known]
-    if pairs:
-        ids, fields = zip(*pairs, strict=True)
-        session.execute(text(_KNOWN_GOOD_FOR_EXISTING), {"ids": list(ids), "fields": list(fields)})
-    return len(pairs)
 
 
 def copy_lines(spec_name: str, spec_id: int, items: Sequence[ItemIn]) -> list[str]:

@@ -6,18 +6,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+import orjson
+from sqlalchemy import Table, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
 from storage.dialect import db_now, db_now_plus, insert_for, picked_ids
 from storage.models import CONTENT_KEY, CONTENT_KEY_CHARS, Item, ItemAlias, ItemState, SpecRow
+from storage.session import is_postgres
 
 __all__ = [
     "ClaimedItem",
     "IngestCounts",
     "ItemIn",
     "Requeued",
+    "add_known_good",
     "claim_items",
     "ensure_spec",
     "item_fields",
@@ -25,6 +28,7 @@ __all__ = [
     "last_error",
     "new_item_row",
     "pending_item_ids",
+    "requeue_for_version",
     "requeue_items",
     "store_aliases",
     "upsert_items",
@@ -136,13 +140,12 @@ def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> Ing
     if not rows:
         return counts
     by_id = {row.external_id: row for row in rows}
-    existing = dict(
-        session.execute(
-            select(Item.external_id, Item.content_hash).where(
-                Item.spec_name == spec.name, Item.external_id.in_(by_id)
-            )
-        ).all()
-    )
+    found = session.execute(
+        select(Item.external_id, Item.id, Item.content_hash).where(
+            Item.spec_name == spec.name, Item.external_id.in_(by_id)
+        )
+    ).all()
+    existing = {ext: digest for ext, _, digest in found}
     new_rows = [row for ext, row in by_id.items() if ext not in existing]
     if new_rows:
         session.execute(
@@ -152,31 +155,70 @@ def upsert_items(session: Session, spec: SpecRow, rows: Sequence[ItemIn]) -> Ing
     counts.inserted, counts.existing = len(new_rows), len(existing)
     changed = [ext for ext, h in existing.items() if by_id[ext].content_hash != h]
     counts.changed, counts.changed_ids = len(changed), changed[:20]
-    if existing:
-        counts.relabel = _requeue_for_version(session, spec, list(existing))
-        _add_known_good(session, spec.name, {ext: by_id[ext] for ext in existing})
+    if found:
+        counts.relabel = requeue_for_version(session, spec, [item_id for _, item_id, _ in found])
+        known = {ext: row.known_good for ext, row in by_id.items() if row.known_good}
+        add_known_good(session, {item_id: known[ext] for ext, item_id, _ in found if ext in known})
     counts.known_good = sum(1 for row in by_id.values() if row.known_good)
     return counts
 
 
-def _requeue_for_version(session: Session, spec: SpecRow, external_ids: list[str]) -> int:
+def _labeled_afresh(spec_id: int) -> dict[str, Any]:
+    """An item back to pending under this spec version, as if new: no attempts used, no
+    wait, no error, no lease (a new version, or `stillhouse requeue`)."""
+    return {
+        "spec_id": spec_id,
+        "state": ItemState.PENDING,
+        "attempts": 0,
+        "retry_at": None,
+        "last_error": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+
+
+def requeue_for_version(session: Session, spec: SpecRow, item_ids: Sequence[int]) -> int:
+    """Those of these items last labeled under another version of the spec go back to
+    pending for this one, their attempts starting again (a new version relabels on
+    purpose); flush only. Returns how many."""
+    if not item_ids:
+        return 0
     result = session.execute(
         update(Item)
-        .where(
-            Item.spec_name == spec.name, Item.external_id.in_(external_ids), Item.spec_id != spec.id
-        )
-        .values(
-            spec_id=spec.id,
-            state=ItemState.PENDING,
-            attempts=0,
-            retry_at=None,
-            last_error=None,
-            lease_owner=None,
-            lease_expires_at=None,
-        )
+        .where(Item.id.in_(list(item_ids)), Item.spec_id != spec.id)
+        .values(**_labeled_afresh(spec.id))
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+# Postgres: one statement for a whole chunk (a re-run of a large backfill passes every row).
+_KNOWN_GOOD_PG = """
+UPDATE items SET known_good = x.fields::jsonb
+FROM unnest(CAST(:ids AS bigint[]), CAST(:fields AS text[])) AS x(id, fields)
+WHERE items.id = x.id AND items.known_good IS NULL
+"""
+
+
+def add_known_good(session: Session, records: dict[int, dict[str, Any]]) -> int:
+    """Existing items gain the known-good record they lacked (one they have is never
+    replaced: the first record loaded is the truth); flush only. Returns how many were
+    offered."""
+    if not records:
+        return 0
+    if is_postgres(session):
+        fields = [orjson.dumps(record).decode() for record in records.values()]
+        session.execute(text(_KNOWN_GOOD_PG), {"ids": list(records), "fields": fields})
+        return len(records)
+    items = cast(Table, Item.__table__)
+    stmt = (
+        update(items)
+        .where(items.c.id == bindparam("item_id"), items.c.known_good.is_(None))
+        .values(known_good=bindparam("kg"))
+    )
+    rows = [{"item_id": item_id, "kg": record} for item_id, record in records.items()]
+    session.connection().execute(stmt, rows)  # one executemany, not a statement per row
+    return len(records)
 
 
 @dataclass(slots=True)
@@ -202,15 +244,7 @@ def requeue_items(
     (a rejection under this very version is its answer: bump the version to ask again).
     ``external_ids`` narrows either to these ids.
     """
-    back = {
-        "spec_id": spec.id,
-        "state": ItemState.PENDING,
-        "attempts": 0,
-        "retry_at": None,
-        "last_error": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
+    back = _labeled_afresh(spec.id)
     counts = Requeued()
 
     def run(*where: Any) -> int:
@@ -269,24 +303,6 @@ def store_aliases(session: Session, spec_name: str, duplicates: Sequence[tuple[s
     if rows:
         session.execute(insert_for(session, ItemAlias.__table__).on_conflict_do_nothing(), rows)
     return len(rows)
-
-
-def _add_known_good(session: Session, spec_name: str, by_id: dict[str, ItemIn]) -> None:
-    # An existing item gains a known-good record it lacked; one it has is never replaced.
-    rows = [{"ext": ext, "kg": row.known_good} for ext, row in by_id.items() if row.known_good]
-    if not rows:
-        return
-    items = cast(Table, Item.__table__)
-    stmt = (
-        update(items)
-        .where(
-            items.c.spec_name == spec_name,
-            items.c.external_id == bindparam("ext"),
-            items.c.known_good.is_(None),
-        )
-        .values(known_good=bindparam("kg"))
-    )
-    session.connection().execute(stmt, rows)  # one executemany, not a statement per row
 
 
 def _claimable(session: Session, max_attempts: int | None = None) -> Any:
