@@ -36,7 +36,7 @@ from storage.session import make_engine, make_sessionmaker
 from workers.governor import LocalGovernor, RedisGovernor, governor_key, limits_of, shared_redis
 from workers.loop import event_loop_factory
 from workers.spec import TeacherConfig, load_spec
-from workers.teacher import TeacherClient, build_request, make_http_client
+from workers.teacher import TeacherClient, build_request, make_http_client, teacher_key
 
 
 async def _run(
@@ -54,8 +54,9 @@ async def _run(
         governor: Any = RedisGovernor(redis, governor_key(config) + ":bench", limits_of(config))
     else:
         governor = LocalGovernor(limits_of(config))
-    http = make_http_client(config, transport=settings.http_transport)
-    client = TeacherClient(config, http, governor=governor)
+    key = teacher_key(config)
+    http = make_http_client(config, api_key=key, transport=settings.http_transport)
+    client = TeacherClient(config, http, api_key=key, governor=governor)
     outcomes: list[Any] = []
     starts = list(range(0, requests, batch))
 

@@ -40,7 +40,7 @@ from workers.governor import (
 )
 from workers.providers import RateHeaders
 from workers.spec import TeacherConfig
-from workers.teacher import TeacherClient, build_request, make_http_client
+from workers.teacher import TeacherClient, build_request, make_http_client, teacher_key
 
 T = TypeVar("T")
 NewGovernor = Callable[[GovernorLimits], Governor]
@@ -650,13 +650,16 @@ def test_api_key_leaves_no_trace_in_redis(redis_url: str, monkeypatch: pytest.Mo
     async def go() -> tuple[list[Any], dict[bytes, list[bytes]]]:
         client = aredis.Redis.from_url(redis_url)
         governor = RedisGovernor(client, governor_key(config), limits_of(config))
-        configured = make_http_client(config, transport="httpx")
+        key = teacher_key(config)
+        configured = make_http_client(config, api_key=key, transport="httpx")
         async with httpx.AsyncClient(
             base_url=configured.base_url,
             headers=configured.headers,
             transport=httpx.MockTransport(handler),
         ) as http:
-            teacher = TeacherClient(config, http, governor=governor, backoff_base_s=0.001)
+            teacher = TeacherClient(
+                config, http, api_key=key, governor=governor, backoff_base_s=0.001
+            )
             outcomes = [
                 await teacher.complete(
                     build_request(config, [{"role": "user", "content": f"doc {i}"}], {}, "t")

@@ -31,6 +31,7 @@ from workers.teacher import (
     build_request,
     make_http_client,
     parse_retry_after,
+    teacher_key,
 )
 
 BASE_URL = "http://teacher.test/v1"
@@ -460,7 +461,7 @@ def test_make_http_client_without_the_key_variable(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("STILLHOUSE_TEST_TEACHER_KEY", raising=False)
 
     with pytest.raises(ConfigError) as caught:
-        make_http_client(make_config(api_key_env="STILLHOUSE_TEST_TEACHER_KEY"), transport="httpx")
+        teacher_key(make_config(api_key_env="STILLHOUSE_TEST_TEACHER_KEY"))
 
     assert "STILLHOUSE_TEST_TEACHER_KEY" in str(caught.value)
     assert "not set" in str(caught.value)
@@ -470,7 +471,7 @@ def test_make_http_client_with_an_empty_key_variable(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("STILLHOUSE_TEST_TEACHER_KEY", "")
 
     with pytest.raises(ConfigError, match="STILLHOUSE_TEST_TEACHER_KEY"):
-        make_http_client(make_config(api_key_env="STILLHOUSE_TEST_TEACHER_KEY"), transport="httpx")
+        teacher_key(make_config(api_key_env="STILLHOUSE_TEST_TEACHER_KEY"))
 
 
 def test_make_http_client_sends_the_key_but_never_hashes_it(
@@ -485,7 +486,9 @@ def test_make_http_client_sends_the_key_but_never_hashes_it(
         concurrency=3,
     )
 
-    client = make_http_client(config, transport="httpx")
+    key = teacher_key(config)
+    assert key is not None and secret not in repr(key)  # a SecretStr from here on
+    client = make_http_client(config, api_key=key, transport="httpx")
     try:
         assert client.headers["Authorization"] == f"Bearer {secret}"
         assert client.headers["Content-Type"] == "application/json"
@@ -551,7 +554,7 @@ def _echo_call(
             transport=httpx.MockTransport(handler),
             headers={"Authorization": f"Bearer {secret}"},
         )
-        client = TeacherClient(config, http)
+        client = TeacherClient(config, http, api_key=teacher_key(config))
         outcome = await client.complete(
             build_request(config, [{"role": "user", "content": "x"}], {"type": "object"}, "s")
         )

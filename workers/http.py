@@ -13,29 +13,42 @@ import os
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from schemas.errors import ConfigError
 from workers.providers import provider_for
 from workers.spec import TeacherConfig
 
-__all__ = ["make_http_client"]
+__all__ = ["make_http_client", "teacher_key"]
 
 
-def make_http_client(config: TeacherConfig, *, transport: str = "aiohttp") -> httpx.AsyncClient:
-    """One client per process and teacher, sized to the spec's concurrency."""
+def teacher_key(config: TeacherConfig) -> SecretStr | None:
+    """The teacher's API key, read once from the variable ``teacher.api_key_env`` names (None
+    when the spec names none); ``ConfigError`` when that variable is unset or empty. The key
+    travels as a ``SecretStr`` from here: into the client's headers and the redactor only."""
+    if not config.api_key_env:
+        return None
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"the spec's teacher.api_key_env names {config.api_key_env}, "
+            f"but that environment variable is not set: export it first"
+        )
+    return SecretStr(key)
+
+
+def make_http_client(
+    config: TeacherConfig, *, api_key: SecretStr | None = None, transport: str = "aiohttp"
+) -> httpx.AsyncClient:
+    """One client per process and teacher, sized to the spec's concurrency, sending
+    ``api_key`` (from :func:`teacher_key`) the provider's way."""
     limits = httpx.Limits(
         max_connections=config.concurrency, max_keepalive_connections=config.concurrency
     )
     timeout = httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s))
     headers = {"Content-Type": "application/json"}
-    if config.api_key_env:
-        key = os.environ.get(config.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"the spec's teacher.api_key_env names {config.api_key_env}, "
-                f"but that environment variable is not set: export it first"
-            )
-        headers.update(provider_for(config.provider).auth_headers(key))
+    if api_key is not None:
+        headers.update(provider_for(config.provider).auth_headers(api_key.get_secret_value()))
     base_url = config.base_url.rstrip("/")
     if transport == "aiohttp":
         return _StatelessClient(

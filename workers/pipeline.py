@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError, LeaseExpired
@@ -51,6 +52,7 @@ from workers.teacher import (
     TeacherRequest,
     build_request,
     make_http_client,
+    teacher_key,
 )
 from workers.writeahead import WriteAhead
 
@@ -183,14 +185,17 @@ class LabelRuntime:
     def _client(self, config: TeacherConfig) -> TeacherClient:
         """A client of its own per teacher, behind the governor and the slots of its endpoint
         and model (shared by every spec of this process that calls the same one)."""
-        http = self._runner.run(_make_client(config, self.http_transport))
+        api_key = teacher_key(config)  # read once, here, and passed down as a SecretStr
+        http = self._runner.run(_make_client(config, api_key, self.http_transport))
         key = governor_key(config)
         governor = self._governor(key, config)
         if key not in self._pools:
             self._pools[key] = self._runner.run(
                 _make_pool(governor, f"{self.owner}:{key[-16:]}", config.latency_tolerance)
             )
-        return TeacherClient(config, http, governor=governor, slots=self._pools[key])
+        return TeacherClient(
+            config, http, api_key=api_key, governor=governor, slots=self._pools[key]
+        )
 
     def _governor(self, key: str, config: TeacherConfig) -> Governor:
         if key not in self._governors:
@@ -463,9 +468,9 @@ def _repair_turn(answer: Answer, problems: list[str]) -> list[dict[str, str]]:
     ]
 
 
-async def _make_client(config: TeacherConfig, transport: str) -> Any:
+async def _make_client(config: TeacherConfig, api_key: SecretStr | None, transport: str) -> Any:
     # Built inside the runner's loop: aiohttp sessions bind to the loop that creates them.
-    return make_http_client(config, transport=transport)
+    return make_http_client(config, api_key=api_key, transport=transport)
 
 
 async def _make_pool(governor: Governor, token: str, tolerance: float | None) -> SlotPool:

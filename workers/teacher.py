@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import orjson
+from pydantic import SecretStr
 
 from schemas.errors import (
     BadResponse,
@@ -34,7 +35,7 @@ from schemas.errors import (
 )
 from workers.concurrency import SlotPool
 from workers.governor import Governor, LocalGovernor, limits_of, wait_for_slot
-from workers.http import make_http_client
+from workers.http import make_http_client, teacher_key
 from workers.loop import StallWatch
 from workers.providers import Answer, Provider, RateHeaders, parse_retry_after, provider_for
 from workers.redact import Redactor
@@ -51,6 +52,7 @@ __all__ = [
     "make_http_client",
     "map_http_error",
     "parse_retry_after",
+    "teacher_key",
     "usage_of",
 ]
 
@@ -169,6 +171,7 @@ class TeacherClient:
         config: TeacherConfig,
         http: httpx.AsyncClient,
         *,
+        api_key: SecretStr | None = None,
         governor: Governor | None = None,
         slots: SlotPool | None = None,
         max_inline_wait_s: float | None = None,
@@ -180,7 +183,7 @@ class TeacherClient:
         self.provider: Provider = provider_for(config.provider)
         # A server may echo the key anywhere in what it sends back: no part of it may reach
         # the cache, a label, a log or the database (workers.redact).
-        self._redactor = Redactor([os.environ.get(config.api_key_env or "") or None])
+        self._redactor = Redactor([api_key.get_secret_value() if api_key else None])
         self.governor = governor or LocalGovernor(limits_of(config))
         self._slots = slots
         self._own_slots = slots is None
