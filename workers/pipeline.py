@@ -1,5 +1,19 @@
 """The labeling pipeline core: lease a batch, reserve budget, ask the teacher (or the cache),
-check, and record everything in one transaction.
+check, and record the results.
+
+A batch's transactions, and why each is its own:
+
+1. **the claim** (``claim_items``), committed before any call: the lease must be visible to
+   the sweeper and the other workers while the calls are out;
+2. **each budget reservation** (one per round: the first calls, each repair round),
+   committed before its calls: other workers must see the money as taken;
+3. **the write-ahead ledger rows** (``workers.writeahead``), one autocommitted group per
+   burst of attempts, right before they are sent: a worker killed mid-call leaves a row for
+   every request the teacher may have received;
+4. **the heartbeats** (``extend_leases``), every third of ``lease_s`` while calls are out;
+5. **the results** (``record_batch`` and ``settle``): cached answers, ledger rows (replacing
+   the written-ahead ones), labels, item states and the settled budget, in one transaction
+   fenced by the claim (``storage.results``): all of a batch's outcome or none of it.
 
 Used as is by the embedded mode and by the Celery task adapter. Per-process resources (the
 event loop, one HTTP client and governor per teacher, compiled validators) live in
@@ -211,7 +225,8 @@ class LabelRuntime:
     def label_batch(
         self, spec_id: int, *, item_ids: Sequence[int] | None = None, limit: int | None = None
     ) -> BatchSummary:
-        """Lease up to ``limit`` items (or exactly ``item_ids``), label them, commit once.
+        """Lease up to ``limit`` items (or exactly ``item_ids``), label them and record the
+        outcome (the transactions are listed in the module's docstring).
 
         Safe to call from several threads at once (Celery's threads pool): their teacher calls
         share the one event loop and connection pool, so one batch's calls keep the teacher
