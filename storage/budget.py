@@ -103,8 +103,7 @@ def settle(session: Session, spec_name: str, reservation_id: int | None, spent_u
 
 def current_budget(session: Session, spec_id: int) -> float | None:
     """The spec's budget_usd as stored now (a re-run with a raised budget updates it)."""
-    body = session.scalar(select(SpecRow.body).where(SpecRow.id == spec_id))
-    value = (body or {}).get("budget_usd")
+    value = session.scalar(select(SpecRow.budget_usd).where(SpecRow.id == spec_id))
     return None if value is None else float(value)
 
 

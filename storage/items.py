@@ -20,6 +20,7 @@ __all__ = [
     "IngestCounts",
     "ItemIn",
     "Requeued",
+    "SpecSettings",
     "add_known_good",
     "claim_items",
     "ensure_spec",
@@ -80,18 +81,44 @@ class ClaimedItem:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class SpecSettings:
+    """A spec version's operational settings, as the parsed spec says (``workers.spec``):
+    the columns the store's own queries use (claims, the sweeper, dispatch, the budget)."""
+
+    batch_size: int = 50
+    max_attempts: int = 5
+    lease_s: int = 600
+    budget_usd: float | None = None
+
+
 def ensure_spec(
-    session: Session, name: str, version: int, kind: str, body: dict[str, Any], content_hash: str
+    session: Session,
+    name: str,
+    version: int,
+    kind: str,
+    body: dict[str, Any],
+    content_hash: str,
+    settings: SpecSettings = SpecSettings(),
 ) -> SpecRow:
     """Return the stored row for this spec version, creating it on first use.
 
     What a label means is immutable once a version is used: a changed ``content_hash`` under
     the same version is refused, because relabeling happens only when the version is bumped.
-    Operational settings (budgets, limits) may change: the stored body follows the file.
+    Operational settings (budgets, limits) may change: the stored body and ``settings``
+    follow the file.
     """
+    columns = {
+        "batch_size": settings.batch_size,
+        "max_attempts": settings.max_attempts,
+        "lease_s": settings.lease_s,
+        "budget_usd": settings.budget_usd,
+    }
     row = session.scalar(select(SpecRow).where(SpecRow.name == name, SpecRow.version == version))
     if row is None:
-        row = SpecRow(name=name, version=version, kind=kind, body=body, content_hash=content_hash)
+        row = SpecRow(
+            name=name, version=version, kind=kind, body=body, content_hash=content_hash, **columns
+        )
         session.add(row)
         session.flush()
         return row
@@ -101,8 +128,11 @@ def ensure_spec(
             f"(stored hash {row.content_hash[:12]}, file hash {content_hash[:12]}); "
             f"bump 'version' in the spec file to relabel with the new definition"
         )
-    if row.body != body:
+    changed = row.body != body or any(getattr(row, k) != v for k, v in columns.items())
+    if changed:
         row.body = body
+        for key, value in columns.items():
+            setattr(row, key, value)
         session.flush()
     return row
 

@@ -9,7 +9,7 @@ back to pending. Every time comes from the database clock, never a worker's.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +21,11 @@ from storage.models import Item, ItemState, SpecRow
 
 __all__ = [
     "SweepCounts",
+    "batch_sizes",
     "claim_ready",
     "expire_leases",
     "extend_leases",
     "hold_back",
-    "labeling_setting",
     "queued_counts",
     "ready_now",
     "reclaim_dead_owners",
@@ -44,21 +44,14 @@ class SweepCounts:
     requeued: int = 0  # queued items whose broker message was lost
 
 
-def labeling_setting(
-    session: Session, name: str, default: int, spec_ids: Iterable[int] | None = None
-) -> dict[int, int]:
-    """One ``labeling`` setting (``max_attempts``, ``batch_size``) of each spec version, or of
-    the given ones; ``default`` where the spec leaves it unset."""
-    stmt = select(SpecRow.id, SpecRow.body)
-    if spec_ids is not None:
-        stmt = stmt.where(SpecRow.id.in_(set(spec_ids)))
+def batch_sizes(session: Session) -> dict[int, int]:
+    """Each spec version's ``labeling.batch_size``."""
     return {
-        spec_id: int((body or {}).get("labeling", {}).get(name, default))
-        for spec_id, body in session.execute(stmt)
+        spec_id: size for spec_id, size in session.execute(select(SpecRow.id, SpecRow.batch_size))
     }
 
 
-def expire_leases(session: Session, *, default_max_attempts: int, limit: int = 5000) -> SweepCounts:
+def expire_leases(session: Session, *, limit: int = 5000) -> SweepCounts:
     """Return expired leases to pending; fail the items that used their last attempt.
 
     A claim counts an attempt, so an item whose worker dies every time (a document that
@@ -66,21 +59,19 @@ def expire_leases(session: Session, *, default_max_attempts: int, limit: int = 5
     """
     now = db_now(session)
     rows = session.execute(
-        select(Item.id, Item.spec_id, Item.attempts, Item.lease_owner)
+        select(Item.id, Item.attempts, SpecRow.max_attempts)
+        .join(SpecRow, SpecRow.id == Item.spec_id)
         .where(Item.state == ItemState.LEASED, Item.lease_expires_at < now)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=Item, skip_locked=True)
     ).all()
     counts = SweepCounts()
     if not rows:
         return counts
-    spec_ids = {row.spec_id for row in rows}
-    limits = labeling_setting(session, "max_attempts", default_max_attempts, spec_ids)
     failed: list[int] = []
     back: list[int] = []
     for row in rows:
-        allowed = limits.get(row.spec_id, default_max_attempts)
-        (failed if row.attempts >= allowed else back).append(row.id)
+        (failed if row.attempts >= row.max_attempts else back).append(row.id)
     counts.failed = _set_state(
         session,
         failed,
@@ -180,8 +171,6 @@ def reclaim_dead_owners(
     spec_id: int,
     host: str,
     alive: Callable[[int], bool],
-    *,
-    default_max_attempts: int,
 ) -> int:
     """The leases of processes on ``host`` that are gone (a ``kill -9`` of an embedded run):
     expired now, then swept by the sweeper's rules (back to pending, or failed on the last
@@ -204,7 +193,7 @@ def reclaim_dead_owners(
         .values(lease_expires_at=db_now_plus(session, -1))
         .execution_options(synchronize_session=False)
     )
-    swept = expire_leases(session, default_max_attempts=default_max_attempts)
+    swept = expire_leases(session)
     return swept.expired + swept.failed
 
 

@@ -129,6 +129,12 @@ class SpecRow(Base):
     body: Mapped[dict[str, Any]]
     content_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    # The operational settings the store's queries need, written from the parsed spec (they
+    # may change under a version, as the body does): storage never reads the spec's JSON.
+    batch_size: Mapped[int] = mapped_column(Integer, server_default="50")
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default="5")
+    lease_s: Mapped[int] = mapped_column(Integer, server_default="600")
+    budget_usd: Mapped[float | None] = mapped_column(Float)
 
 
 class Item(Base):

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
-from storage.items import ItemIn, claim_items, ensure_spec, upsert_items
+from storage.items import ItemIn, SpecSettings, claim_items, ensure_spec, upsert_items
 from storage.leases import claim_ready, expire_leases, requeue_lost
 from storage.models import Item, ItemState, SpecRow
 from workers.dispatch import DispatchOptions, dispatch_once
@@ -27,7 +27,8 @@ def _load(sessions: sessionmaker[Session], n: int, *, max_attempts: int = 3) -> 
         for i in range(n)
     ]
     with sessions.begin() as session:
-        spec = ensure_spec(session, "t", 1, "classification", body, "h1")
+        settings = SpecSettings(batch_size=4, max_attempts=max_attempts)
+        spec = ensure_spec(session, "t", 1, "classification", body, "h1", settings)
         upsert_items(session, spec, items)
     return spec
 
@@ -55,7 +56,7 @@ def test_expired_leases_go_back_to_pending_until_the_last_attempt(
         assert len(claimed) == 2 and {c.attempts for c in claimed} == {attempt}
         _expire_all_leases(sessions)
         with sessions.begin() as session:
-            counts = expire_leases(session, default_max_attempts=5)
+            counts = expire_leases(session)
         if attempt == 1:
             assert (counts.expired, counts.failed) == (2, 0)
             assert _states(sessions) == {"pending": 2}
@@ -83,7 +84,7 @@ def test_live_leases_are_left_alone(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         claim_items(session, spec.id, "alive", 600, limit=3)
     with sessions.begin() as session:
-        counts = expire_leases(session, default_max_attempts=5)
+        counts = expire_leases(session)
         assert (counts.expired, counts.failed) == (0, 0)
         assert requeue_lost(session, older_than_s=0.0) == 0
     assert _states(sessions) == {"leased": 3}

@@ -60,3 +60,28 @@ def test_known_good_moves_onto_items_and_back(database_url: str) -> None:
         (1, {"label": "sport"}),
         (3, {"label": "tech"}),
     ]
+
+
+def test_stored_specs_get_their_settings_as_columns(database_url: str) -> None:
+    """0011 reads each stored spec body once, so the store never has to again."""
+    config = alembic_config(database_url)
+    command.downgrade(config, "0010")
+    engine = create_engine(database_url)
+    body = {"labeling": {"batch_size": 9, "max_attempts": 7}, "budget_usd": 1.5}
+    with engine.begin() as conn:
+        for spec_id, stored in ((1, body), (2, {})):
+            conn.execute(
+                text(
+                    "INSERT INTO specs (id, name, version, kind, body, content_hash) "
+                    "VALUES (:id, 't', :id, 'classification', :body, 'h')"
+                ),
+                {"id": spec_id, "body": json.dumps(stored)},
+            )
+    upgrade(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT batch_size, max_attempts, lease_s, budget_usd FROM specs ORDER BY id")
+        ).all()
+    command.downgrade(config, "0010")
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(9, 7, 600, 1.5), (50, 5, 600, None)]

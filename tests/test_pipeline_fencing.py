@@ -33,7 +33,7 @@ from storage.leases import expire_leases
 from storage.models import CallStatus, Item, ItemState, Label, SpecRow, TeacherCall
 from workers.ingest import SourceRow, load_source
 from workers.pipeline import LabelRuntime
-from workers.spec import LABELING_DEFAULTS, load_spec, parse_spec
+from workers.spec import load_spec, parse_spec
 
 ITEMS = 4
 
@@ -140,9 +140,7 @@ def test_a_batch_that_comes_back_after_a_takeover_writes_over_nothing(
             # Its lease runs out (it was stopped, say); the sweeper takes the items back.
             with sessions.begin() as session:
                 session.execute(update(Item).values(lease_expires_at=db_now_plus(session, -1)))
-                swept = expire_leases(
-                    session, default_max_attempts=LABELING_DEFAULTS["max_attempts"]
-                )
+                swept = expire_leases(session)
             assert swept.expired == ITEMS
             second = threading.Thread(
                 target=lambda: new_done.update(summary=new.label_batch(spec_id)), daemon=True
@@ -197,9 +195,7 @@ def test_a_live_batch_keeps_its_lease_past_lease_s(sessions: sessionmaker[Sessio
             wait_until(lambda: received(url) == ITEMS, "the last call", timeout=30)
             time.sleep(max(0.0, 10.2 - (time.monotonic() - started)))
             with sessions.begin() as session:
-                swept = expire_leases(
-                    session, default_max_attempts=LABELING_DEFAULTS["max_attempts"]
-                )
+                swept = expire_leases(session)
             batch.join(timeout=30)
     assert swept.expired == 0
     assert (done["summary"].labeled, done["summary"].lost_leases) == (ITEMS, 0)

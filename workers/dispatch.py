@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.leases import (
     SweepCounts,
+    batch_sizes,
     claim_ready,
     expire_leases,
-    labeling_setting,
     queued_counts,
     requeue_lost,
     return_to_pending,
@@ -69,24 +69,21 @@ def dispatch_once(
     """One sweep and one dispatch; returns what it did."""
     result = DispatchPass()
     with sessions.begin() as session:
-        result.sweep = expire_leases(
-            session, default_max_attempts=LABELING_DEFAULTS["max_attempts"]
-        )
+        result.sweep = expire_leases(session)
         lost_after = options.requeue_after_s
         if broker_idle is not None and _safe(broker_idle):
             lost_after = min(lost_after, options.requeue_idle_after_s)
         result.sweep.requeued = requeue_lost(session, older_than_s=lost_after)
     with sessions.begin() as session:
         waiting = queued_counts(session)
-        batch_sizes = labeling_setting(session, "batch_size", LABELING_DEFAULTS["batch_size"])
+        sizes = batch_sizes(session)
         room = {
-            spec_id: options.max_queued - waiting.get(spec_id, 0)
-            for spec_id in (spec_ids or batch_sizes)
+            spec_id: options.max_queued - waiting.get(spec_id, 0) for spec_id in (spec_ids or sizes)
         }
         claimed = claim_ready(session, limits=room, spec_ids=spec_ids)
     # Publish after commit; a failed publish puts the rest back at once (no wait for a sweep).
     for spec_id, ids in claimed.items():
-        size = batch_sizes.get(spec_id, LABELING_DEFAULTS["batch_size"])
+        size = sizes.get(spec_id, LABELING_DEFAULTS["batch_size"])
         for start in range(0, len(ids), size):
             batch = ids[start : start + size]
             try:

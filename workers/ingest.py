@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError, PermanentError
 from storage.bulk import copy_lines, load_items
-from storage.items import IngestCounts, ItemIn, ensure_spec, store_aliases
+from storage.items import IngestCounts, ItemIn, SpecSettings, ensure_spec, store_aliases
 from storage.models import SpecRow
 from workers.prompt import FIELD_PATTERN, render_input
 from workers.rowpolicy import check_row
@@ -388,7 +388,18 @@ def unmatched_known_good(spec: Spec, counts: dict[str, dict[str, int]]) -> list[
 
 
 def store_spec(session: Session, spec: Spec) -> SpecRow:
-    return ensure_spec(session, spec.name, spec.version, spec.kind, spec.body, spec.content_hash)
+    """Store this spec version (or find it), with the operational settings the store's
+    queries read as columns."""
+    labeling = spec.labeling
+    settings = SpecSettings(
+        batch_size=labeling["batch_size"],
+        max_attempts=labeling["max_attempts"],
+        lease_s=labeling["lease_s"],
+        budget_usd=spec.budget_usd,
+    )
+    return ensure_spec(
+        session, spec.name, spec.version, spec.kind, spec.body, spec.content_hash, settings
+    )
 
 
 def load_source(

@@ -177,7 +177,6 @@ def _label_embedded(
     import socket
 
     from storage.leases import ready_now, reclaim_dead_owners, release_owner
-    from workers.spec import LABELING_DEFAULTS
 
     with sessions.begin() as session:
         # An earlier embedded run on this machine that was killed left its batch leased:
@@ -188,7 +187,6 @@ def _label_embedded(
             spec_id,
             socket.gethostname(),
             _pid_alive,
-            default_max_attempts=LABELING_DEFAULTS["max_attempts"],
         )
         ready_now(session, spec_id)
         todo = len(pending_item_ids(session, spec_id))
