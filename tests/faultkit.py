@@ -7,7 +7,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,17 +19,11 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select, text
 
+from stillhouse.servers.teacher.process import free_port
 from storage.models import CallStatus, Item, Label, TeacherCall
 from storage.session import make_engine, make_sessionmaker
 
 FINAL = {"accepted", "rejected", "review", "failed"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

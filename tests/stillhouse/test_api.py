@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from sqlalchemy import create_engine, func, select, text, update
 
 from schemas.errors import ConfigError
 from stillhouse.servers.ingest.server import build_app
+from stillhouse.servers.teacher.process import free_port
 from stillhouse.settings import Settings
 from storage.intake import daily_count
 from storage.models import Item, ItemState
@@ -348,20 +348,13 @@ def test_metrics_count_requests_items_backlog_and_latency(postgres_url: str) -> 
 # --- the fault test: one document, many concurrent submissions, real processes ------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def served_by_processes(postgres_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """`stillhouse serve --workers 2` in a child process, with a daily cap of 1 on `capped`."""
     capped = tmp_path / "capped.yaml"
     body = (ROOT / "examples/specs/triage.yaml").read_text().replace("name: triage", "name: capped")
     capped.write_text(body + "\nsampling: {daily_cap: 1}\n")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "STILLHOUSE_DATABASE_URL": postgres_url, "STILLHOUSE_API_TOKENS": TOKEN}
     command = [sys.executable, "-m", "stillhouse", "serve", "--spec", "triage", "--spec"]
     server = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from stillhouse.servers.teacher import EmbeddingBackend, create_app
-from stillhouse.servers.teacher.process import wait_ready
+from stillhouse.servers.teacher.process import free_port, wait_ready
 from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     Completion,
@@ -283,18 +282,11 @@ def test_concurrent_requests_share_model_batches(backend: EmbeddingBackend) -> N
 # --- the real server on loopback -----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     if not HAS_MODEL:
         pytest.skip("the 'teacher' extra is not installed")
-    port = _free_port()
+    port = free_port()
     code = f"from stillhouse.servers.teacher import serve; serve('127.0.0.1', {port})"
     process = subprocess.Popen(
         [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=_offline_env()
