@@ -109,9 +109,10 @@ def test_backfill_labels_real_documents_then_rerun_is_free(
     assert labels == LIMIT
     # The ledger matches what the teacher server itself counted.
     assert paid == _teacher_completions(teacher_url) - before == LIMIT
-    # A zero-shot MiniLM teacher is right on most BBC articles, not all.
+    # The zero-shot MiniLM teacher is right on 34 of the 36 checked articles (the other 4
+    # are withheld); a float difference on another CPU may move one borderline article.
     assert first["teacher_accuracy"] is not None
-    assert 0.6 <= float(first["teacher_accuracy"]) < 1.0
+    assert abs(float(first["teacher_accuracy"]) - 34 / 36) <= 1 / 36 + 1e-6
 
     state = _cli(mode_env, "status", "--json")
     assert state["items"] == LIMIT

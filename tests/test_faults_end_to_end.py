@@ -178,8 +178,10 @@ def test_malformed_answers_are_re_asked_once_then_rejected_unless_only_fenced(
         assert reasons == ([] if fenced else ["parse_error"]), content
         outcomes[fenced] += 1
     assert outcomes[False] > 0
-    # Every unusable first answer was re-asked once (each re-ask is a paid, ledgered call).
-    assert ITEMS < result["ok"] <= 2 * ITEMS
+    # Every unusable first answer was re-asked once (each re-ask is a paid, ledgered call):
+    # at least the items still unusable at the end were, and no item twice. (A re-ask can
+    # come back fenced, and then it is labeled.)
+    assert ITEMS + outcomes[False] <= result["ok"] <= 2 * ITEMS
 
 
 @pytest.mark.slow
