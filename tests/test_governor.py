@@ -736,3 +736,73 @@ def test_an_unreachable_redis_governor_delays_calls_and_never_loses_an_answer() 
         await client.aclose()
 
     asyncio.run(go())
+
+
+@pytest.mark.redis
+def test_the_lua_scripts_decide_as_the_python_rules_do_on_the_same_clock(redis_url: str) -> None:
+    """The same calls at the same clock steps, to the in-process governor and to the Redis
+    one (its scripts given the clock instead of Redis's TIME): the same decisions, through
+    rate buckets, the breaker opening, its probe, learned limits, leases and a cut."""
+    limits = GovernorLimits(
+        rpm=120, tpm=6000, failures=3, cooldown_s=2.0, concurrency=16, min_concurrency=2
+    )
+    steps: list[tuple[float, str, Any]] = [
+        (0, "acquire", 100),
+        (0, "acquire", 100),
+        (10, "acquire", 100),
+        (600, "acquire", 100),
+        (5, "report", "failure"),
+        (5, "report", "failure"),
+        (5, "report", "failure"),
+        (5, "acquire", 10),
+        (2100, "acquire", 10),
+        (1, "acquire", 10),
+        (50, "report", "probe-ok"),
+        (0, "observe", RateHeaders(60, 0, 5.0, 100_000, 50_000, 1.0)),
+        (0, "acquire", 10),
+        (1500, "acquire", 10),
+        (0, "lease", ("a", 8, 0, 0, False, 0)),
+        (0, "lease", ("b", 8, 0, 0, False, 0)),
+        (20, "overload", ("a", 0, 4)),
+        (10, "lease", ("a", 8, 4, 0, True, 0)),
+        (5100, "lease", ("b", 16, 2, 20, True, 5)),
+    ]
+
+    async def run(governor: Governor, clock: Clock) -> list[Any]:
+        seen: list[Any] = []
+        for advance, kind, arg in steps:
+            clock.ms += advance
+            if kind == "acquire":
+                slot = await governor.acquire(arg)
+                seen.append((round(slot.wait_s, 6), slot.probe, slot.why))
+            elif kind == "report":
+                probe = arg == "probe-ok"
+                await governor.report("ok" if probe else arg, probe=probe, quiet_s=1.0)
+            elif kind == "observe":
+                await governor.observe(arg)
+            elif kind == "lease":
+                got = await governor.lease(arg)
+                seen.append((got.granted, round(got.limit, 6), got.epoch, got.open_until_ms))
+            else:
+                seen.append(tuple(round(v, 6) for v in await governor.overload(arg)))
+        return seen
+
+    async def both() -> tuple[list[Any], list[Any]]:
+        client = shared_redis(redis_url)
+        key = f"stillhouse:governor:test-{uuid.uuid4().hex}"
+        local_clock, redis_clock = Clock(), Clock()
+        shared = RedisGovernor(client, key, limits, clear_ttl_s=0.0, clock=redis_clock)
+        try:
+            return (
+                await run(LocalGovernor(limits, clock=local_clock), local_clock),
+                await run(shared, redis_clock),
+            )
+        finally:
+            await client.aclose()
+
+    local, shared = asyncio.run(both())
+    assert local == shared
+    # The sequence reached what it is for: a rate wait, the open circuit, the probe, the wait
+    # behind it, and the pace learned from the headers.
+    whys = {why for *_, why in (s for s in local if len(s) == 3 and isinstance(s[2], str))}
+    assert {"rate", "open", "probe"} <= whys, local

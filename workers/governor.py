@@ -210,9 +210,16 @@ class RedisGovernor:
     """
 
     def __init__(
-        self, redis: Any, key: str, limits: GovernorLimits, *, clear_ttl_s: float = 0.1
+        self,
+        redis: Any,
+        key: str,
+        limits: GovernorLimits,
+        *,
+        clear_ttl_s: float = 0.1,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.redis = redis
+        self._clock = clock  # milliseconds; None: Redis's own clock (the fleet's one clock)
         self.key = key
         self.limits = limits
         self._paced = bool(limits.rpm or limits.tpm)
@@ -225,9 +232,13 @@ class RedisGovernor:
         self._lease = redis.register_script(LEASE_LUA)
         self._overload = redis.register_script(OVERLOAD_LUA)
 
+    def _args(self, args: list[Any]) -> list[Any]:
+        """The script's arguments, and the clock last (empty: the script reads Redis's)."""
+        return [*args, "" if self._clock is None else repr(self._clock())]
+
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await script(keys=keys, args=args)
+            return await script(keys=keys, args=self._args(args))
         except RedisError as exc:
             # Nothing is sent without the shared limit: the item waits like any transient error.
             raise Unavailable(
@@ -267,7 +278,7 @@ class RedisGovernor:
         args = [outcome, int(probe), lim.failures, lim.cooldown_s, lim.failure_ratio]
         args += [lim.window_s, oks, quiet_s * 1000]
         try:
-            await self._report(keys=[self.key], args=args)
+            await self._report(keys=[self.key], args=self._args(args))
         except RedisError as exc:
             # The answer is already paid for: losing one report to the shared state must not
             # lose the answer with it.
@@ -279,7 +290,8 @@ class RedisGovernor:
         lim = self.limits
         try:
             await self._observe(
-                keys=[self.key], args=[lim.rpm or 0, lim.tpm or 0, *_header_values(headers)]
+                keys=[self.key],
+                args=self._args([lim.rpm or 0, lim.tpm or 0, *_header_values(headers)]),
             )
         except RedisError as exc:
             log.warning("cannot share the teacher's rate headers: %s", exc)

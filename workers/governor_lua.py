@@ -2,8 +2,9 @@
 worker of the fleet shares one state atomically (one script call is one decision).
 
 KEYS[1] is the teacher's state hash, KEYS[2] (leases only) the hash of slot holders, each
-``held:wanted:expires_ms``. Times come from Redis's own clock; floats travel back as strings
-(Redis truncates Lua numbers to integers).
+``held:wanted:expires_ms``. Times come from Redis's own clock, unless the caller passes one as
+the last argument (milliseconds; tests step it as they step the Python governor's); floats
+travel back as strings (Redis truncates Lua numbers to integers).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 __all__ = ["ACQUIRE_LUA", "LEASE_LUA", "OBSERVE_LUA", "OVERLOAD_LUA", "REPORT_LUA"]
 
 _COMMON = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(ARGV[#ARGV])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
 local key = KEYS[1]
 local function get(f, d) local v = redis.call('HGET', key, f); if v then return tonumber(v) end; return d end
 redis.call('PEXPIRE', key, 3600000)
