@@ -6,6 +6,8 @@ a teacher that refuses the key).
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,13 +16,13 @@ import httpx
 import pytest
 import yaml
 from servers import serve_in_thread
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import ConfigError
+from schemas.errors import BudgetExhausted, ConfigError
 from stillhouse.servers.teacher.app import create_app
 from stillhouse.servers.teacher.backends import make_backend
-from stillhouse.servers.teacher.faults import FaultKind, FaultPlan, FaultProfile, Shares
+from stillhouse.servers.teacher.faults import FaultKind, FaultPlan, FaultProfile, Latency, Shares
 from storage.models import (
     Budget,
     BudgetReservation,
@@ -128,3 +130,44 @@ def test_a_refused_key_stops_the_run_and_refunds_the_attempt(
     # Not the item's fault: back to pending with its attempt, and the error on it.
     assert (item.state, item.attempts, item.lease_owner) == (ItemState.PENDING, 0, None)
     assert item.last_error is not None and "401" in item.last_error
+
+
+def test_a_budget_that_runs_out_before_the_repair_leaves_the_item_waiting(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The first answer is cut short (repairable); while it is out, the budget is lowered
+    (it is read fresh for every round) so the re-ask cannot be paid: the item goes back to
+    pending with its attempt, the run stops with the budget error, and the paid call is on
+    the ledger and the budget. It used to be rejected for a flaw the re-ask would fix."""
+    spec_id = one_item(sessions)
+    seed = seed_for({"truncated": 0.5}, [FaultKind.TRUNCATED, None])
+    profile = FaultProfile(seed=seed, shares=Shares(truncated=0.5), latency=Latency(ms=500))
+    outcome: dict[str, BaseException] = {}
+    with teacher(profile) as url, LabelRuntime(sessions, teacher_base_url=url) as runtime:
+
+        def batch() -> None:
+            try:
+                runtime.label_batch(spec_id)
+            except BaseException as exc:  # the assertion below says which
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=batch, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{url}/stats").json()["requests"] < 1:
+            assert time.monotonic() < deadline, "the first call never reached the teacher"
+            time.sleep(0.01)
+        with sessions.begin() as session:
+            session.execute(update(SpecRow).values(budget_usd=1e-9))
+        worker.join(timeout=30)
+        assert httpx.get(f"{url}/stats").json()["requests"] == 1  # no re-ask went out
+    assert isinstance(outcome.get("error"), BudgetExhausted)
+    with sessions() as session:
+        item = session.scalars(select(Item)).one()
+        assert session.scalars(select(Label)).all() == []
+        calls = session.scalars(select(TeacherCall)).all()
+        budget = session.get(Budget, "pipeline")
+    assert (item.state, item.attempts) == (ItemState.PENDING, 0)
+    assert item.last_error is not None and item.last_error.startswith("budget:")
+    assert [c.status for c in calls] == [CallStatus.OK]
+    assert budget is not None and budget.spent_usd == pytest.approx(calls[0].cost_usd)

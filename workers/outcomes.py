@@ -115,16 +115,25 @@ def assemble(ctx: BatchContext) -> tuple[BatchResult, BatchSummary, ConfigError 
         if body is None or isinstance(error, ConfigError):
             stop = stop or _release(ctx, item, error or PermanentError("no answer"), batch, summary)
             continue
-        final, repair_failed = request.request_hash, False
+        final, repair_failed, unsent_repair = request.request_hash, False, None
         for round_ in ctx.repairs:
             repair = round_.get(item.id)
-            if repair is None or repair.request_hash in ctx.unsent:
+            if repair is None:
+                break
+            if repair.request_hash in ctx.unsent:
+                unsent_repair = ctx.unsent[repair.request_hash]
                 break
             repaired, _ = _answer(ctx, item.id, repair, charged, batch, summary)
             if repaired is None:
                 repair_failed = True
                 break
             body, final = repaired, repair.request_hash
+        if unsent_repair is not None:
+            # The budget ran out before the re-ask could go: not the item's fault (its answer
+            # was repairable), so it waits with its attempt, as an unsent first call does,
+            # and the run stops; it is not rejected for a flaw a re-ask would have fixed.
+            stop = stop or _release(ctx, item, unsent_repair, batch, summary)
+            continue
         ballots = [(r, b, e) for r, (b, e) in zip(jury, votes, strict=True)]
         _label(ctx, item.id, final, body, batch, summary, repair_failed, ballots)
     return batch, summary, stop
