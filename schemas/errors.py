@@ -27,6 +27,7 @@ __all__ = [
     "BadResponse",
     "BudgetExhausted",
     "ConfigError",
+    "DatabaseUnreachable",
     "LeaseExpired",
     "PermanentError",
     "RateLimited",
@@ -105,6 +106,13 @@ class ConfigError(StillhouseError):
     """The user must change something (a setting, a file, a key) before this can work."""
 
     kind = "config"
+
+
+class DatabaseUnreachable(ConfigError):
+    """The store cannot be reached (a wrong URL, or the server is down): a long-running
+    process may wait for it; a command says so and stops."""
+
+    kind = "database_unreachable"
 
 
 class SpecError(ConfigError):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, DatabaseUnreachable
 from stillhouse.settings import Settings
 from storage.migrate import current_revision, head_revision, upgrade
 from storage.session import make_engine, make_sessionmaker
@@ -30,7 +30,7 @@ def connect_database(settings: Settings) -> Engine:
         current = current_revision(engine)
     except Exception as exc:  # connection problems: say which URL, without the password
         engine.dispose()
-        raise ConfigError(
+        raise DatabaseUnreachable(
             f"cannot connect to the database "
             f"{engine.url.render_as_string(hide_password=True)}: {exc}"
         ) from exc

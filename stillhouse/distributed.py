@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, DatabaseUnreachable
 from stillhouse.context import connect_database, open_runtime
 from stillhouse.servers.teacher.process import stop_process
 from stillhouse.settings import Settings
@@ -144,9 +144,7 @@ def _wait_for_database(settings: Settings, stop: threading.Event) -> sessionmake
     while not stop.is_set():
         try:
             return _sessions_of(settings)
-        except ConfigError as exc:
-            if not str(exc).startswith("cannot connect"):
-                raise  # an old schema or a bad URL: waiting will not fix it
+        except DatabaseUnreachable as exc:  # an old schema, say, is raised: waiting will not fix it
             log.warning("%s; trying again in 2 s", exc)
             stop.wait(2.0)
     return None
