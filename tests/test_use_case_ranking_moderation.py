@@ -152,7 +152,10 @@ def test_moderation_labels_tweets_with_rare_hate_speech(
     classes = Counter((label["output"] or {}).get("label") for label in labels)
     verdicts = Counter(label["verdict"] for label in labels)
     print(json.dumps({"moderation": {"classes": classes, "verdicts": verdicts}}))
-    assert classes["hate_speech"] / MODERATION_LIMIT < 0.2, classes
+    # hatesonar on these 80 tweets: 76 neither, 4 offensive, no hate speech (a float
+    # difference elsewhere may move one tweet), and 15 sent back for low confidence.
+    assert classes["hate_speech"] <= 1 and abs(classes["offensive_language"] - 4) <= 1, classes
+    assert abs(verdicts["rejected"] - 15) <= 2, verdicts
     # No known-good record: the confidence check is the only filter, and it does reject.
     rejected = [label for label in labels if label["verdict"] == "rejected"]
     assert rejected, "min_confidence 0.6 sends some of 80 tweets back"
