@@ -19,6 +19,7 @@ __all__ = [
     "ClaimedItem",
     "IngestCounts",
     "ItemIn",
+    "LastError",
     "Requeued",
     "SpecSettings",
     "add_known_good",
@@ -202,6 +203,7 @@ def _labeled_afresh(spec_id: int) -> dict[str, Any]:
         "attempts": 0,
         "retry_at": None,
         "last_error": None,
+        "last_error_kind": None,
         "lease_owner": None,
         "lease_expires_at": None,
     }
@@ -387,15 +389,24 @@ def claim_items(
     return sorted((ClaimedItem(*row) for row in rows), key=lambda c: c.id)
 
 
-def last_error(session: Session, spec_id: int) -> str | None:
+@dataclass(frozen=True, slots=True)
+class LastError:
+    """An item's last error: its kind (what code decides on) and its message (for people)."""
+
+    kind: str | None
+    message: str
+
+
+def last_error(session: Session, spec_id: int) -> LastError | None:
     """The most recent error recorded on an item of this spec version, if any."""
     stmt = (
-        select(Item.last_error)
+        select(Item.last_error_kind, Item.last_error)
         .where(Item.spec_id == spec_id, Item.last_error.is_not(None))
         .order_by(Item.updated_at.desc())
         .limit(1)
     )
-    return session.scalar(stmt)
+    row = session.execute(stmt).first()
+    return None if row is None else LastError(row[0], row[1] or "")
 
 
 def known_good_for(session: Session, item_ids: Sequence[int]) -> dict[int, dict[str, Any]]:

@@ -20,6 +20,7 @@ from storage.dialect import db_now, db_now_plus, picked_ids
 from storage.models import Item, ItemState, SpecRow
 
 __all__ = [
+    "LEASE_EXPIRED",
     "SweepCounts",
     "batch_sizes",
     "claim_ready",
@@ -33,6 +34,9 @@ __all__ = [
     "requeue_lost",
     "return_to_pending",
 ]
+
+
+LEASE_EXPIRED = "lease_expired"  # the error kind of an item whose lease ran out
 
 
 @dataclass(slots=True)
@@ -98,7 +102,13 @@ def _set_state(session: Session, ids: list[int], state: ItemState, error: str) -
             Item.state == ItemState.LEASED,
             Item.lease_expires_at < db_now(session),
         )
-        .values(state=state, lease_owner=None, lease_expires_at=None, last_error=error)
+        .values(
+            state=state,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=error,
+            last_error_kind=LEASE_EXPIRED,
+        )
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
@@ -205,7 +215,9 @@ def _alive(owner: str, alive: Callable[[int], bool]) -> bool:
         return True  # not ours to judge
 
 
-def hold_back(session: Session, item_ids: Sequence[int], error: str, wait_s: float) -> int:
+def hold_back(
+    session: Session, item_ids: Sequence[int], kind: str, error: str, wait_s: float
+) -> int:
     """Items a worker cannot label now (its configuration is wrong): back to ``pending`` with
     the error on them and a wait before they are queued again, attempts untouched; items
     another worker holds or finished are left alone."""
@@ -217,6 +229,7 @@ def hold_back(session: Session, item_ids: Sequence[int], error: str, wait_s: flo
         .values(
             state=ItemState.PENDING,
             last_error=error,
+            last_error_kind=kind,
             retry_at=db_now_plus(session, wait_s),
         )
         .execution_options(synchronize_session=False)

@@ -97,6 +97,7 @@ class Release:
     retry_after_s: float | None
     failed: bool
     refund_attempt: bool = False  # not the item's fault (a bad key, a spent budget)
+    kind: str | None = None  # the error's kind (schemas.errors), beside its message
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +324,7 @@ def _finish_labeled(session: Session, spec_id: int, item_ids: list[int]) -> None
             lease_expires_at=None,
             retry_at=None,
             last_error=None,
+            last_error_kind=None,
         )
         .execution_options(synchronize_session=False)
     )
@@ -334,6 +336,7 @@ def _release(session: Session, release: Release) -> None:
         "lease_owner": None,
         "lease_expires_at": None,
         "last_error": release.error[:2000],
+        "last_error_kind": release.kind,
     }
     if release.failed:
         values["state"] = ItemState.FAILED

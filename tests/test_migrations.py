@@ -85,3 +85,33 @@ def test_stored_specs_get_their_settings_as_columns(database_url: str) -> None:
     command.downgrade(config, "0010")
     engine.dispose()
     assert [tuple(r) for r in rows] == [(9, 7, 600, 1.5), (50, 5, 600, None)]
+
+
+def test_last_errors_get_their_kind_as_a_column(database_url: str) -> None:
+    """0012 reads the ``kind: `` prefix once; from then on code decides on the column."""
+    config = alembic_config(database_url)
+    command.downgrade(config, "0011")
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO specs (id, name, version, kind, body, content_hash) "
+                "VALUES (1, 't', 1, 'classification', '{}', 'h')"
+            )
+        )
+        for n, error in ((1, "budget: spent $1 of $1"), (2, "lease_expired: ran out"), (3, None)):
+            conn.execute(
+                text(
+                    "INSERT INTO items (id, spec_name, spec_id, external_id, content_hash, text, "
+                    "payload, slices, state, attempts, last_error) VALUES "
+                    "(:n, 't', 1, :ext, :h, 'x', '{}', '{}', 'pending', 0, :error)"
+                ),
+                {"n": n, "ext": f"e{n}", "h": f"h{n}", "error": error},
+            )
+    upgrade(database_url)
+    with engine.connect() as conn:
+        kinds = conn.execute(text("SELECT last_error_kind FROM items ORDER BY id")).scalars()
+        found = list(kinds)
+    command.downgrade(config, "0011")
+    engine.dispose()
+    assert found == ["budget", "lease_expired", None]

@@ -130,6 +130,7 @@ def test_a_refused_key_stops_the_run_and_refunds_the_attempt(
     # Not the item's fault: back to pending with its attempt, and the error on it.
     assert (item.state, item.attempts, item.lease_owner) == (ItemState.PENDING, 0, None)
     assert item.last_error is not None and "401" in item.last_error
+    assert item.last_error_kind == "config"  # what `backfill` decides on, not the text
 
 
 def test_a_budget_that_runs_out_before_the_repair_leaves_the_item_waiting(
@@ -168,6 +169,6 @@ def test_a_budget_that_runs_out_before_the_repair_leaves_the_item_waiting(
         calls = session.scalars(select(TeacherCall)).all()
         budget = session.get(Budget, "pipeline")
     assert (item.state, item.attempts) == (ItemState.PENDING, 0)
-    assert item.last_error is not None and item.last_error.startswith("budget:")
+    assert item.last_error is not None and item.last_error_kind == "budget"
     assert [c.status for c in calls] == [CallStatus.OK]
     assert budget is not None and budget.spent_usd == pytest.approx(calls[0].cost_usd)

@@ -239,7 +239,7 @@ def _release(
         # the budget or the setting is fixed; the run stops with the message.
         wait = ctx.config_pause_s or None
         batch.releases.append(
-            Release(item.id, f"{error.kind}: {error}", wait, failed=False, refund_attempt=True)
+            Release(item.id, f"{error.kind}: {error}", wait, False, True, error.kind)
         )
         return error
     wait = getattr(error, "retry_after_s", None)
@@ -247,13 +247,13 @@ def _release(
         # A wait (a 429, an open breaker, a spent rate) or a claim that sent nothing is not
         # the item's fault: it goes back with its attempt, so waits never fail an item.
         batch.releases.append(
-            Release(item.id, f"{error.kind}: {error}", wait, failed=False, refund_attempt=True)
+            Release(item.id, f"{error.kind}: {error}", wait, False, True, error.kind)
         )
         return None
     failed = isinstance(error, PermanentError) or (
         item.attempts >= ctx.spec.labeling["max_attempts"]
     )
-    batch.releases.append(Release(item.id, f"{error.kind}: {error}", wait, failed=failed))
+    batch.releases.append(Release(item.id, f"{error.kind}: {error}", wait, failed, kind=error.kind))
     summary.failed += int(failed)
     summary.released -= int(failed)
     return None

@@ -99,7 +99,7 @@ def label_batch(self: Any, spec_id: int, item_ids: list[int]) -> dict[str, int]:
         # `backfill`, not only as a traceback in this worker's log.
         message = f"{exc.kind}: {exc} (on worker {socket.gethostname()})"
         with runtime.sessions.begin() as session:
-            held = hold_back(session, item_ids, message, CONFIG_ERROR_WAIT_S)
+            held = hold_back(session, item_ids, exc.kind, message, CONFIG_ERROR_WAIT_S)
         log.error("spec %s: %d items held back: %s", spec_id, held, exc)
         return {"claimed": 0, "labeled": 0, "held_back": held}
     log.info(

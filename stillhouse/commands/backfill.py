@@ -113,7 +113,7 @@ def run_backfill(
             "accepted": stats.accepted,
             "accepted_checked": stats.accepted_checked,
             "needs_review": stats.needs_review,
-            "last_error": error,
+            "last_error": error.message if error else None,
         }
         _report_backfill(result, ingest, console)
         return result
@@ -277,8 +277,8 @@ def _stop_if_budget_spent(sessions: sessionmaker[Session], spec_id: int) -> None
     # Workers park items whose calls the budget cannot cover; waiting longer is pointless.
     with sessions() as session:
         error = last_error(session, spec_id)
-    if error and error.startswith(f"{BudgetExhausted.kind}: "):
-        raise BudgetExhausted(error.removeprefix(f"{BudgetExhausted.kind}: "))
+    if error and error.kind == BudgetExhausted.kind:
+        raise BudgetExhausted(error.message.removeprefix(f"{BudgetExhausted.kind}: "))
 
 
 def _stop_if_workers_misconfigured(sessions: sessionmaker[Session], spec_id: int) -> None:
@@ -286,13 +286,12 @@ def _stop_if_workers_misconfigured(sessions: sessionmaker[Session], spec_id: int
     # items it held back: the waiting backfill says it too, and stops.
     with sessions() as session:
         error = last_error(session, spec_id)
-    for kind in (ConfigError.kind, SpecError.kind):
-        if error and error.startswith(f"{kind}: "):
-            raise ConfigError(
-                f"the workers cannot label these items: {error.removeprefix(f'{kind}: ')}; "
-                f"fix the workers' environment (see the README's distributed stack), they "
-                f"retry the items by themselves"
-            )
+    if error and error.kind in (ConfigError.kind, SpecError.kind):
+        detail = error.message.removeprefix(f"{error.kind}: ")
+        raise ConfigError(
+            f"the workers cannot label these items: {detail}; fix the workers' environment "
+            f"(see the README's distributed stack), they retry the items by themselves"
+        )
 
 
 def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Console) -> None:
@@ -300,7 +299,7 @@ def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Consol
         error = last_error(session, spec_id)
     console.print(
         "no progress for 30 s: is a `stillhouse worker` running on this broker and "
-        "database?" + (f" Last item error: {plain(error)}" if error else ""),
+        "database?" + (f" Last item error: {plain(error.message)}" if error else ""),
         markup=False,
         highlight=False,
     )
