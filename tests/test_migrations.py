@@ -5,9 +5,32 @@ from __future__ import annotations
 import json
 
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from storage.migrate import alembic_config, upgrade
+
+
+def _insert_spec(conn: Connection, spec_id: int, name: str, body: object = None) -> None:
+    """A stored spec row as the older revisions have it (no settings columns)."""
+    conn.execute(
+        text(
+            "INSERT INTO specs (id, name, version, kind, body, content_hash) "
+            "VALUES (:id, :name, :id, 'classification', :body, 'h')"
+        ),
+        {"id": spec_id, "name": name, "body": json.dumps(body or {})},
+    )
+
+
+def _insert_item(conn: Connection, n: int, spec_name: str, last_error: str | None = None) -> None:
+    """A pending item of spec 1, with only the columns every revision has."""
+    conn.execute(
+        text(
+            "INSERT INTO items (id, spec_name, spec_id, external_id, content_hash, text, "
+            "payload, slices, state, attempts, last_error) VALUES "
+            "(:n, :spec, 1, :ext, :h, 'text', '{}', '{}', 'pending', 0, :error)"
+        ),
+        {"n": n, "spec": spec_name, "ext": f"t-{n}", "h": f"h{n}", "error": last_error},
+    )
 
 
 def test_known_good_moves_onto_items_and_back(database_url: str) -> None:
@@ -16,21 +39,9 @@ def test_known_good_moves_onto_items_and_back(database_url: str) -> None:
     command.downgrade(config, "0005")
     engine = create_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO specs (id, name, version, kind, body, content_hash) "
-                "VALUES (1, 'triage', 1, 'triage', '{}', 'h')"
-            )
-        )
+        _insert_spec(conn, 1, "triage")
         for n in (1, 2, 3):
-            conn.execute(
-                text(
-                    "INSERT INTO items (id, spec_name, spec_id, external_id, content_hash, text, "
-                    "payload, slices, state, attempts) VALUES "
-                    "(:n, 'triage', 1, :ext, :h, 'text', '{}', '{}', 'pending', 0)"
-                ),
-                {"n": n, "ext": f"t-{n}", "h": f"h{n}"},
-            )
+            _insert_item(conn, n, "triage")
         # A label must survive both steps: rebuilding `items` would cascade-delete it.
         conn.execute(
             text(
@@ -70,13 +81,7 @@ def test_stored_specs_get_their_settings_as_columns(database_url: str) -> None:
     body = {"labeling": {"batch_size": 9, "max_attempts": 7}, "budget_usd": 1.5}
     with engine.begin() as conn:
         for spec_id, stored in ((1, body), (2, {})):
-            conn.execute(
-                text(
-                    "INSERT INTO specs (id, name, version, kind, body, content_hash) "
-                    "VALUES (:id, 't', :id, 'classification', :body, 'h')"
-                ),
-                {"id": spec_id, "body": json.dumps(stored)},
-            )
+            _insert_spec(conn, spec_id, "t", stored)
     upgrade(database_url)
     with engine.connect() as conn:
         rows = conn.execute(
@@ -93,21 +98,9 @@ def test_last_errors_get_their_kind_as_a_column(database_url: str) -> None:
     command.downgrade(config, "0011")
     engine = create_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO specs (id, name, version, kind, body, content_hash) "
-                "VALUES (1, 't', 1, 'classification', '{}', 'h')"
-            )
-        )
+        _insert_spec(conn, 1, "t")
         for n, error in ((1, "budget: spent $1 of $1"), (2, "lease_expired: ran out"), (3, None)):
-            conn.execute(
-                text(
-                    "INSERT INTO items (id, spec_name, spec_id, external_id, content_hash, text, "
-                    "payload, slices, state, attempts, last_error) VALUES "
-                    "(:n, 't', 1, :ext, :h, 'x', '{}', '{}', 'pending', 0, :error)"
-                ),
-                {"n": n, "ext": f"e{n}", "h": f"h{n}", "error": error},
-            )
+            _insert_item(conn, n, "t", error)
     upgrade(database_url)
     with engine.connect() as conn:
         kinds = conn.execute(text("SELECT last_error_kind FROM items ORDER BY id")).scalars()
