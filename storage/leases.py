@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from storage.dialect import db_now, db_now_plus, picked_ids
 from storage.models import Item, ItemState, SpecRow
@@ -26,6 +27,7 @@ __all__ = [
     "claim_ready",
     "expire_leases",
     "extend_leases",
+    "held_by",
     "hold_back",
     "queued_counts",
     "ready_now",
@@ -138,6 +140,13 @@ def requeue_lost(session: Session, *, older_than_s: float, limit: int = 50_000) 
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def held_by(owner: str, item_ids: Sequence[int]) -> ColumnElement[bool]:
+    """Those of these items that ``owner`` still leases: what a claim may renew or write."""
+    return and_(
+        Item.id.in_(list(item_ids)), Item.state == ItemState.LEASED, Item.lease_owner == owner
+    )
+
+
 def extend_leases(session: Session, owner: str, item_ids: Sequence[int], lease_s: float) -> int:
     """A live worker's heartbeat for a batch it is still working on: its leases on these
     items run ``lease_s`` from now again. Items it no longer holds are left alone (the
@@ -146,11 +155,7 @@ def extend_leases(session: Session, owner: str, item_ids: Sequence[int], lease_s
         return 0
     result = session.execute(
         update(Item)
-        .where(
-            Item.id.in_(list(item_ids)),
-            Item.state == ItemState.LEASED,
-            Item.lease_owner == owner,
-        )
+        .where(held_by(owner, item_ids))
         .values(lease_expires_at=db_now_plus(session, lease_s))
         .execution_options(synchronize_session=False)
     )

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, case, delete, select, update
 from sqlalchemy.orm import Session
 
 from storage.dialect import db_now_plus, insert_for
+from storage.leases import held_by
 from storage.models import CallStatus, Item, ItemState, Label, TeacherCall, TeacherResponse, Verdict
 from storage.pgcopy import copy_rows
 from storage.session import is_postgres
@@ -255,11 +256,7 @@ def _still_held(session: Session, fence: Fence | None) -> set[int] | None:
     held: set[int] = set()
     ids = sorted(fence.attempts)
     for start in range(0, len(ids), 5000):
-        stmt = select(Item.id, Item.attempts).where(
-            Item.id.in_(ids[start : start + 5000]),
-            Item.state == ItemState.LEASED,
-            Item.lease_owner == fence.owner,
-        )
+        stmt = select(Item.id, Item.attempts).where(held_by(fence.owner, ids[start : start + 5000]))
         if is_postgres(session):  # in id order, as every batch locks: no deadlock between them
             stmt = stmt.order_by(Item.id).with_for_update()
         held.update(i for i, attempts in session.execute(stmt) if fence.attempts[i] == attempts)
