@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 OURS = {"schemas", "storage", "workers", "student_train", "stillhouse", "migrations", "examples"}
 ALLOWED = {
     "schemas": set(),

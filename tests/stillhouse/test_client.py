@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-from ingest_tools import TOKEN, row, running_api
 from sqlalchemy import update
+from support.ingest_tools import TOKEN, row, running_api
 
 from schemas.errors import StillhouseError
 from stillhouse.client import (
