@@ -1,6 +1,11 @@
-"""How every command prints: JSON on stdout (:func:`print_json`), progress bars and tables on
-stderr, and the one place that renders untrusted text (ids, documents, teacher answers,
+"""How every command prints: its ``--json`` answer on stdout (:func:`print_json`), or its
+human answer (a ``show_*`` below: tables on stdout, summaries on stderr), progress bars on
+stderr; and the one place that renders untrusted text (ids, documents, teacher answers,
 error details that quote them) for a terminal.
+
+A command in ``stillhouse.commands`` returns data and prints nothing but progress; the CLI
+hands that data to :func:`print_json` or to its ``show_*`` here, so every command prints
+the same way and a new one has one place to put its rendering.
 
 Rich reads ``[...]`` as markup: an id like ``[/x]`` would crash the command that prints it
 (after its work is done, so its ``--json`` summary was lost too), and ``[red]`` would restyle
@@ -17,13 +22,32 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from rich.text import Text
 
-__all__ = ["cell", "pct", "plain", "print_json", "progress_bar", "table_console"]
+__all__ = [
+    "cell",
+    "pct",
+    "plain",
+    "print_json",
+    "progress_bar",
+    "show_backfill",
+    "show_demo",
+    "show_estimate",
+    "show_load",
+    "show_report",
+    "show_requeue",
+    "show_review_decision",
+    "show_review_queue",
+    "show_status",
+    "show_train",
+    "table_console",
+]
 
 # C0 controls but tab and newline, DEL, C1 controls, the bidi embeddings, overrides and
 # isolates, the directional marks, zero-width characters and the BOM, and lone surrogates.
@@ -86,3 +110,248 @@ def progress_bar(console: Console) -> Progress:
 def pct(value: float | None) -> str:
     """A share as a percentage with one decimal (``93.4 %``), or ``n/a``."""
     return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+# What each command prints for a person. Each takes the data its command returned (the same
+# dict ``--json`` prints) and the stderr console.
+
+
+def show_load(result: dict[str, Any], console: Console) -> None:
+    """`backfill`'s load: rows in, new, repeated, bad (with the first bad lines)."""
+    seconds = max(result["load_seconds"], 0.01)
+    console.print(
+        f"loaded {result['rows']} rows in {seconds:.1f} s ({result['rows'] / seconds:,.0f}/s): "
+        f"{result['inserted']} new, {result['already_loaded']} already loaded, "
+        f"{result['duplicate_content']} duplicate content, {result['bad_rows']} bad"
+    )
+    for bad in result["bad_examples"]:
+        console.print(
+            f"  line {bad['line']}: {plain(bad['reason'])}", markup=False, highlight=False
+        )
+    if result["bad_rows"] > len(result["bad_examples"]):
+        console.print(f"  … and {result['bad_rows'] - len(result['bad_examples'])} more bad rows")
+    if result["rejects"]:
+        console.print(
+            f"bad rows written to {plain(result['rejects'])}", markup=False, highlight=False
+        )
+    for warning in result["warnings"]:
+        console.print(f"warning: {plain(warning)}", style="bold yellow", markup=False)
+    if result["changed_documents"]:
+        examples = ", ".join(plain(i, one_line=True) for i in result["changed_examples"])
+        console.print(
+            f"{result['changed_documents']} documents changed under an existing id and were "
+            f"kept as first loaded (e.g. {examples})",
+            markup=False,
+            highlight=False,
+        )
+
+
+def show_backfill(result: dict[str, Any], console: Console) -> None:
+    """`backfill`: the load, what labeling did, what is unfinished and why, the accuracy."""
+    show_load(result, console)
+    if "labels" not in result:  # --load-only
+        return
+    if "labeled" in result:
+        console.print(
+            f"labeled {result['labeled']} items: {result['teacher_calls']} teacher "
+            f"calls, {result['cache_hits']} cache hits, {result['failed']} failed, "
+            f"{result['waiting']} waiting to retry"
+        )
+    if result.get("failed") or result.get("waiting"):
+        console.print(
+            f"last item error: {plain(result['last_error'])}", markup=False, highlight=False
+        )
+        console.print(
+            f"not finished: {result.get('waiting', 0)} items wait to retry (they stay pending "
+            f"and keep their attempts: run the same command again once the teacher answers), "
+            f"{result.get('failed', 0)} failed (`stillhouse requeue --spec SPEC` puts failed "
+            f"items back)",
+            markup=False,
+            highlight=False,
+        )
+    unchecked = result["accepted"] - result["accepted_checked"]
+    console.print(
+        f"teacher accuracy vs known-good: {pct(result['teacher_accuracy'])}; "
+        f"accepted labels: {result['accepted']} of {result['labels']}: "
+        f"{result['accepted_checked']} checked against a known-good record "
+        f"({pct(result['accepted_accuracy'])} agree)"
+        + (
+            f", {unchecked} without one (withheld or none: accuracy unknown, see "
+            f"`stillhouse report`)"
+            if unchecked
+            else ""
+        )
+        + (
+            f"; {result['needs_review']} waiting for review (`stillhouse review list`)"
+            if result["needs_review"]
+            else ""
+        )
+    )
+
+
+def show_estimate(result: dict[str, Any], console: Console) -> None:
+    """`estimate` (and `backfill --dry-run`): calls, tokens, cost, time, against the budget."""
+    budget = result["budget_usd"]
+    console.print(
+        f"{result['rows']} rows ({result['bad_rows']} bad): about {result['calls']} "
+        f"teacher calls, {result['prompt_tokens']:,} prompt + "
+        f"{result['completion_tokens']:,} completion tokens, ${result['cost_usd']:.4f}, "
+        f"{result['seconds']:.0f} s"
+        + (
+            ""
+            if budget is None
+            else f"; budget_usd ${budget:.2f} "
+            f"({'enough' if result['within_budget'] else 'NOT enough'})"
+        ),
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"already labeled: {100 * result['already_done_share']:.0f} % of the sample; "
+        f"cached answers: {100 * result['cached_share']:.0f} %"
+    )
+    for note in result["assumptions"]:
+        console.print(f"  assumed: {note}", markup=False, highlight=False)
+
+
+def show_requeue(result: dict[str, Any], console: Console) -> None:
+    """`requeue`: how many items went back to pending, and how they get labeled."""
+    rejected = result.get("rejected", 0)
+    console.print(
+        f"{result['failed'] + rejected} items of {result['spec']} back to pending for "
+        f"v{result['version']} ({result['failed']} failed, {rejected} rejected under an "
+        f"earlier version): `stillhouse backfill --spec SPEC` (no source) labels them; "
+        f"distributed, the dispatcher queues them for the workers",
+        markup=False,
+        highlight=False,
+    )
+
+
+def show_status(result: dict[str, Any], console: Console) -> None:
+    """`status`: a table of counts by state and verdict, calls, spend and rate."""
+    spec = result.get("spec")
+    table = Table(title=f"stillhouse status{f' — {spec}' if spec else ''}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    counts = {
+        **result["by_state"],
+        **{f"verdict {k}": v for k, v in result["by_verdict"].items()},
+    }
+    for name, count in counts.items():
+        table.add_row(cell(name), str(count))
+    table.add_row("items", str(result["items"]))
+    for name, count in result["calls"].items():
+        table.add_row(f"calls {name}", str(count))
+    table.add_row("spend (USD)", f"{result['spend_usd']:.4f}")
+    rate = result["labeled_per_s"]
+    table.add_row("labeled / s", "n/a" if rate is None else str(rate))
+    table_console().print(table)
+    if result["last_error"]:
+        console.print(
+            f"last error on an unfinished item: {plain(result['last_error'])}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def show_report(result: dict[str, Any], console: Console) -> None:
+    """`report`: what the checks kept, overall and by slice, and the withheld share."""
+    table = Table(title=f"{result['spec']} v{result['version']}: what the checks kept")
+    for column in (
+        "group",
+        "labels",
+        "accepted",
+        "rejected",
+        "teacher vs known-good",
+        "accepted vs known-good",
+        "top reasons",
+    ):
+        table.add_column(column)
+    for name, tally in [("overall", result["overall"]), *result["slices"].items()]:
+        reasons = ", ".join(
+            f"{k} {v}" for k, v in sorted(tally["by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        )
+        table.add_row(
+            cell(name),
+            str(tally["labels"]),
+            str(tally["by_verdict"].get("accepted", 0)),
+            str(tally["by_verdict"].get("rejected", 0)),
+            pct(tally["teacher_agreement"]),
+            pct(tally["accepted_accuracy"]),
+            cell(reasons),
+        )
+    table_console().print(table)
+    held = result["withheld"]
+    console.print(
+        f"withheld known-good ({held['labels']} items): the other checks accepted "
+        f"{pct(held['accepted_share'])}, and {pct(held['accepted_accuracy'])} of "
+        f"those were right (raw teacher: {pct(held['raw_accuracy'])})"
+    )
+
+
+def show_review_queue(title: str, entries: Sequence[dict[str, Any]], console: Console) -> None:
+    """`review list`: the waiting labels, one row each, every cell escaped."""
+    table = Table(title=f"{title}: waiting for review ({len(entries)})")
+    for column in ("item", "teacher", "known-good", "confidence", "text"):
+        table.add_column(column)
+    for e in entries:
+        confidence = e["confidence"]
+        table.add_row(
+            cell(e["external_id"]),
+            cell(json.dumps(e["output"], ensure_ascii=False)),
+            cell(json.dumps(e["known_good"], ensure_ascii=False)),
+            "n/a" if confidence is None else f"{confidence:.2f}",
+            cell(e["text"].replace("\n", " "), limit=80),
+        )
+    table_console().print(table)
+
+
+def show_review_decision(result: dict[str, Any], console: Console) -> None:
+    """`review resolve`: how many labels were (or would be) decided, and which."""
+    decided = result["decided"]
+    shown = ", ".join(plain(i, one_line=True) for i in decided[:10])
+    more = f" and {len(decided) - 10} more" if len(decided) > 10 else ""
+    console.print(
+        f"{'would decide' if result['dry_run'] else 'decided'} {len(decided)} labels: "
+        f"{result['verdict']}" + (f" ({shown}{more})" if decided else ""),
+        markup=False,
+        highlight=False,
+    )
+
+
+def show_train(report: dict[str, Any], console: Console) -> None:
+    """`train`: the held-out share, the student against the teacher on it, where it went."""
+    console.print(
+        f"held out {report['n_val']} items by a stable hash of their id (val_share "
+        f"{report['val_share']:g}: an item keeps its side as the data grows; on a small set "
+        f"the share held out varies around it)",
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"student on {report['n_val']} held-out items: "
+        f"{pct(report['student_accuracy'])} vs known-good "
+        f"(teacher on the same items: {pct(report['teacher_accuracy'])}); "
+        f"trained in {report['train_seconds']:.1f} s; written to {report['out_dir']}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def show_demo(labeled: dict[str, Any], report: dict[str, Any]) -> None:
+    """`demo`: the three lines a newcomer reads, on stdout."""
+    run = {k: labeled.get(k, 0) for k in ("labeled", "teacher_calls", "cache_hits")}
+    print(
+        f"{labeled['labels']} BBC articles labeled; this run: {run['labeled']} new labels, "
+        f"{run['teacher_calls']} teacher calls, {run['cache_hits']} cache hits, "
+        f"{labeled['seconds']:.1f} s"
+    )
+    print(
+        f"teacher accuracy vs known-good: {pct(labeled['teacher_accuracy'])} "
+        f"(all {labeled['labels']} labels); accepted labels: {labeled['accepted']}"
+    )
+    print(
+        f"student accuracy vs known-good: {pct(report['student_accuracy'])} on "
+        f"{report['n_val']} held-out articles (teacher on the same: "
+        f"{pct(report['teacher_accuracy'])})"
+    )

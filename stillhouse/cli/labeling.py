@@ -9,7 +9,14 @@ import typer
 
 from schemas.errors import ConfigError
 from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
-from stillhouse.output import print_json
+from stillhouse.output import (
+    print_json,
+    show_backfill,
+    show_estimate,
+    show_report,
+    show_requeue,
+    show_status,
+)
 
 __all__ = ["backfill", "estimate", "report", "requeue", "status"]
 
@@ -93,11 +100,11 @@ def backfill(
     if dry_run:
         if source is None:
             raise ConfigError("--dry-run estimates a SOURCE file or built-in source")
-        estimated = run_estimate(
-            settings(), source, spec, limit=limit, sample=200, as_json=as_json, console=err
-        )
+        estimated = run_estimate(settings(), source, spec, limit=limit, sample=200)
         if as_json:
             print_json(estimated)
+        else:
+            show_estimate(estimated, err)
         return
     options = BackfillOptions(
         from_sql=from_sql,
@@ -110,6 +117,7 @@ def backfill(
     result = run_backfill(
         settings(), source, spec, limit=limit, wait=wait, console=err, options=options
     )
+    show_backfill(result, err)  # on stderr, with --json too: what the load and labeling did
     if as_json:
         print_json(result)
     if result.get("waiting") or result.get("failed"):
@@ -134,11 +142,11 @@ def estimate(
     """
     from stillhouse.commands import run_estimate
 
-    result = run_estimate(
-        settings(), source, spec, limit=limit, sample=sample, as_json=as_json, console=err
-    )
+    result = run_estimate(settings(), source, spec, limit=limit, sample=sample)
     if as_json:
         print_json(result)
+    else:
+        show_estimate(result, err)
 
 
 @app.command()
@@ -178,8 +186,8 @@ def requeue(
         rejected=rejected,
         error_contains=error,
         external_ids=item,
-        console=err,
     )
+    show_requeue(result, err)
     if as_json:
         print_json(result)
 
@@ -195,9 +203,11 @@ def status(
     """
     from stillhouse.commands import run_status
 
-    result = run_status(settings(), spec, as_json=as_json, console=err)
+    result = run_status(settings(), spec)
     if as_json:
         print_json(result)
+    else:
+        show_status(result, err)
 
 
 @app.command()
@@ -210,6 +220,8 @@ def report(spec: SpecOpt, as_json: JsonOpt = False) -> None:
     """
     from stillhouse.commands import run_report
 
-    result = run_report(settings(), spec, as_json=as_json, console=err)
+    result = run_report(settings(), spec)
     if as_json:
         print_json(result)
+    else:
+        show_report(result, err)

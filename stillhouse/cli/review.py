@@ -8,7 +8,7 @@ import typer
 
 from schemas.errors import ConfigError
 from stillhouse.cli.root import JsonOpt, SpecOpt, err, review_app, settings
-from stillhouse.output import print_json
+from stillhouse.output import print_json, show_review_decision, show_review_queue
 
 __all__ = ["review_list", "review_resolve"]
 
@@ -25,9 +25,11 @@ def review_list(
     """
     from stillhouse.commands import run_review_list
 
-    entries = run_review_list(settings(), spec, limit=limit, as_json=as_json)
+    queue = run_review_list(settings(), spec, limit=limit)
     if as_json:
-        print_json(entries)
+        print_json(queue.entries)
+    else:
+        show_review_queue(queue.title, queue.entries, err)
 
 
 @review_app.command("resolve")
@@ -79,7 +81,7 @@ def review_resolve(
         note=note,
         which=which,
         dry_run=dry_run,
-        console=err,
     )
+    show_review_decision(result, err)
     if as_json:
         print_json(result)

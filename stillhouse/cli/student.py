@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
-from stillhouse.output import print_json
+from stillhouse.output import print_json, show_demo, show_train
 
 __all__ = ["demo", "train"]
 
@@ -26,7 +26,8 @@ def train(
     """
     from stillhouse.commands import run_train
 
-    report = run_train(settings(), spec, out=out, epochs=epochs, console=err)
+    report = run_train(settings(), spec, out=out, epochs=epochs)
+    show_train(report, err)
     if as_json:
         print_json(report)
 
@@ -41,4 +42,5 @@ def demo(
     """
     from stillhouse.commands import run_demo
 
-    run_demo(settings(), limit=limit, console=err)
+    labeled, report = run_demo(settings(), limit=limit, console=err)
+    show_demo(labeled, report)

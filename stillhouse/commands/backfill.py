@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from schemas.errors import BudgetExhausted, ConfigError, SpecError
 from stillhouse.commands.common import stored_spec_id
 from stillhouse.context import open_database, open_runtime
-from stillhouse.output import pct, plain, progress_bar
+from stillhouse.output import plain, progress_bar
 from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
 from storage.stats import label_stats, status
@@ -63,7 +63,8 @@ def run_backfill(
     console: Console,
     options: BackfillOptions | None = None,
 ) -> dict[str, Any]:
-    """Load, then label (embedded) or dispatch (distributed); returns a summary."""
+    """Load, then label (embedded) or dispatch (distributed); returns a summary
+    (``stillhouse.output.show_backfill`` prints it). Progress goes to ``console``."""
     options = options or BackfillOptions()
     spec = load_spec(spec_ref)
     rows, position = _open_source(settings, source, limit, options)
@@ -90,9 +91,10 @@ def run_backfill(
             "rejects": str(rejects.path) if rejects.count else None,
             "load_seconds": round(time.monotonic() - started, 2),
             "warnings": field_warnings + unmatched_known_good(spec, ingest.known_good_values),
+            "bad_examples": [{"line": b.line, "reason": b.reason} for b in ingest.bad[:20]],
+            "changed_examples": ingest.counts.changed_ids[:3],
         }
         if options.load_only:
-            _report_load(loaded, ingest, console)
             return loaded
         spec_id = stored_spec_id(sessions, spec)
         if settings.distributed:
@@ -115,7 +117,6 @@ def run_backfill(
             "needs_review": stats.needs_review,
             "last_error": error.message if error else None,
         }
-        _report_backfill(result, ingest, console)
         return result
 
 
@@ -302,71 +303,4 @@ def _hint_stalled(sessions: sessionmaker[Session], spec_id: int, console: Consol
         "database?" + (f" Last item error: {plain(error.message)}" if error else ""),
         markup=False,
         highlight=False,
-    )
-
-
-def _report_load(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
-    seconds = max(result["load_seconds"], 0.01)
-    console.print(
-        f"loaded {result['rows']} rows in {seconds:.1f} s ({result['rows'] / seconds:,.0f}/s): "
-        f"{result['inserted']} new, {result['already_loaded']} already loaded, "
-        f"{result['duplicate_content']} duplicate content, {result['bad_rows']} bad"
-    )
-    for bad in ingest.bad[:20]:
-        console.print(f"  line {bad.line}: {plain(bad.reason)}", markup=False, highlight=False)
-    if ingest.bad_count > 20:
-        console.print(f"  … and {ingest.bad_count - 20} more bad rows")
-    if result["rejects"]:
-        console.print(
-            f"bad rows written to {plain(result['rejects'])}", markup=False, highlight=False
-        )
-    for warning in result["warnings"]:
-        console.print(f"warning: {plain(warning)}", style="bold yellow", markup=False)
-    if ingest.counts.changed:
-        examples = ", ".join(plain(i, one_line=True) for i in ingest.counts.changed_ids[:3])
-        console.print(
-            f"{ingest.counts.changed} documents changed under an existing id and were "
-            f"kept as first loaded (e.g. {examples})",
-            markup=False,
-            highlight=False,
-        )
-
-
-def _report_backfill(result: dict[str, Any], ingest: IngestSummary, console: Console) -> None:
-    _report_load(result, ingest, console)
-    if "labeled" in result:
-        console.print(
-            f"labeled {result['labeled']} items: {result['teacher_calls']} teacher "
-            f"calls, {result['cache_hits']} cache hits, {result['failed']} failed, "
-            f"{result['waiting']} waiting to retry"
-        )
-    if result.get("failed") or result.get("waiting"):
-        console.print(
-            f"last item error: {plain(result['last_error'])}", markup=False, highlight=False
-        )
-        console.print(
-            f"not finished: {result.get('waiting', 0)} items wait to retry (they stay pending "
-            f"and keep their attempts: run the same command again once the teacher answers), "
-            f"{result.get('failed', 0)} failed (`stillhouse requeue --spec SPEC` puts failed "
-            f"items back)",
-            markup=False,
-            highlight=False,
-        )
-    unchecked = result["accepted"] - result["accepted_checked"]
-    console.print(
-        f"teacher accuracy vs known-good: {pct(result['teacher_accuracy'])}; "
-        f"accepted labels: {result['accepted']} of {result['labels']}: "
-        f"{result['accepted_checked']} checked against a known-good record "
-        f"({pct(result['accepted_accuracy'])} agree)"
-        + (
-            f", {unchecked} without one (withheld or none: accuracy unknown, see "
-            f"`stillhouse report`)"
-            if unchecked
-            else ""
-        )
-        + (
-            f"; {result['needs_review']} waiting for review (`stillhouse review list`)"
-            if result["needs_review"]
-            else ""
-        )
     )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
-
 from stillhouse.context import open_database
 from stillhouse.settings import Settings
 from workers.spec import load_spec
@@ -21,34 +19,24 @@ def run_requeue(
     rejected: bool,
     error_contains: str | None,
     external_ids: list[str] | None,
-    console: Console,
 ) -> dict[str, Any]:
-    """Put failed (and, for a new spec version, earlier rejected) items back to pending."""
+    """Put failed (and, for a new spec version, earlier rejected) items back to pending
+    (``stillhouse.output.show_requeue`` prints what it did)."""
     from storage.items import requeue_items
     from workers.ingest import store_spec
 
     spec = load_spec(spec_ref)
-    with open_database(settings) as sessions:
-        with sessions.begin() as session:
-            spec_row = store_spec(session, spec)  # a new version is stored here, ready to label
-            done = requeue_items(
-                session,
-                spec_row,
-                failed=failed,
-                rejected=rejected,
-                error_contains=error_contains,
-                external_ids=external_ids,
-            )
-        result = {"spec": spec.name, "version": spec.version, "failed": done.failed}
-        if rejected:
-            result["rejected"] = done.rejected
-        console.print(
-            f"{done.failed + done.rejected} items of {spec.name} back to pending for "
-            f"v{spec.version} ({done.failed} failed, {done.rejected} rejected under an earlier "
-            f"version): "
-            f"`stillhouse backfill --spec SPEC` (no source) labels them; distributed, the "
-            f"dispatcher queues them for the workers",
-            markup=False,
-            highlight=False,
+    with open_database(settings) as sessions, sessions.begin() as session:
+        spec_row = store_spec(session, spec)  # a new version is stored here, ready to label
+        done = requeue_items(
+            session,
+            spec_row,
+            failed=failed,
+            rejected=rejected,
+            error_contains=error_contains,
+            external_ids=external_ids,
         )
-        return result
+    result = {"spec": spec.name, "version": spec.version, "failed": done.failed}
+    if rejected:
+        result["rejected"] = done.rejected
+    return result

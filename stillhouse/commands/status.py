@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.errors import ConfigError
 from stillhouse.context import open_database
-from stillhouse.output import cell, plain, table_console
 from stillhouse.settings import Settings
 from storage.models import SpecRow
 from storage.stats import status
@@ -20,39 +17,13 @@ from workers.spec import load_spec
 __all__ = ["run_status"]
 
 
-def run_status(
-    settings: Settings, spec_name: str | None, *, as_json: bool, console: Console
-) -> dict[str, Any]:
-    """Counts by state and verdict, spend and rate (what `status --json` prints); the table
-    unless ``as_json``."""
-    with open_database(settings) as sessions:
-        with sessions() as session:
-            spec_name = _stored_spec_name(session, spec_name)
-            now = status(session, spec_name)
-        result = now.as_dict()
-        if as_json:
-            return result
-        table = Table(title=f"stillhouse status{f' — {spec_name}' if spec_name else ''}")
-        table.add_column("what")
-        table.add_column("count", justify="right")
-        for name, count in {
-            **now.by_state,
-            **{f"verdict {k}": v for k, v in now.by_verdict.items()},
-        }.items():
-            table.add_row(cell(name), str(count))
-        table.add_row("items", str(now.items))
-        for name, count in now.calls.items():
-            table.add_row(f"calls {name}", str(count))
-        table.add_row("spend (USD)", f"{now.spend_usd:.4f}")
-        table.add_row("labeled / s", "n/a" if now.labeled_per_s is None else str(now.labeled_per_s))
-        table_console().print(table)
-        if now.last_error:
-            console.print(
-                f"last error on an unfinished item: {plain(now.last_error)}",
-                markup=False,
-                highlight=False,
-            )
-        return result
+def run_status(settings: Settings, spec_name: str | None) -> dict[str, Any]:
+    """Counts by state and verdict, spend and rate, for one spec or all (what `status
+    --json` prints; ``stillhouse.output.show_status`` prints the table)."""
+    with open_database(settings) as sessions, sessions() as session:
+        spec_name = _stored_spec_name(session, spec_name)
+        now = status(session, spec_name)
+    return {"spec": spec_name, **now.as_dict()}
 
 
 def _stored_spec_name(session: Session, given: str | None) -> str | None:

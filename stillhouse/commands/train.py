@@ -6,13 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
 from stillhouse.commands.common import stored_spec_id
 from stillhouse.context import open_database
-from stillhouse.output import pct
 from stillhouse.settings import Settings
 from storage.models import Verdict
 from storage.training import TrainingRow, labeled_rows
@@ -22,29 +20,17 @@ __all__ = ["run_train", "train_student"]
 
 
 def run_train(
-    settings: Settings, spec_ref: str, *, out: Path | None, epochs: int | None, console: Console
+    settings: Settings, spec_ref: str, *, out: Path | None, epochs: int | None
 ) -> dict[str, Any]:
-
+    """Train the spec's student and compare it with the teacher on held-out items
+    (``stillhouse.output.show_train`` prints the comparison)."""
     spec = load_spec(spec_ref)
     with open_database(settings) as sessions:
         spec_id = stored_spec_id(sessions, spec)
         out = out or settings.runs_dir / f"{spec.name}-v{spec.version}"
         report = train_student(sessions, spec, spec_id, out_dir=out, epochs=epochs)
-        share = spec.body.get("student", {}).get("val_share", 0.2)
-        console.print(
-            f"held out {report['n_val']} items by a stable hash of their id (val_share {share:g}: "
-            f"an item keeps its side as the data grows; on a small set the share held out "
-            f"varies around it)",
-            markup=False,
-            highlight=False,
-        )
-        console.print(
-            f"student on {report['n_val']} held-out items: "
-            f"{pct(report['student_accuracy'])} vs known-good "
-            f"(teacher on the same items: {pct(report['teacher_accuracy'])}); "
-            f"trained in {report['train_seconds']:.1f} s; written to {out}"
-        )
-        return report
+    share = spec.body.get("student", {}).get("val_share", 0.2)
+    return {**report, "val_share": share, "out_dir": str(out)}
 
 
 def train_student(
