@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -110,9 +110,12 @@ class StillhouseClient:
         max_wait_s: float = 60.0,
         batch_size: int | None = None,
         transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._http = httpx.Client(transport=transport, **_http_options(base_url, token, timeout_s))
         self.max_wait_s = max_wait_s
+        self._clock, self._sleep = clock, sleep
         self.batch_size = batch_size
         self._limits: dict[str, Any] | None = None
 
@@ -146,16 +149,16 @@ class StillhouseClient:
         return result
 
     def _send(self, method: str, path: str, payload: Any, result: SubmitResult) -> dict[str, Any]:
-        retry = _Retry(self.max_wait_s, result)
+        retry = _Retry(self.max_wait_s, result, self._clock)
         while True:
             try:
                 response = self._http.request(method, path, json=payload)
             except httpx.TransportError as exc:
-                time.sleep(retry.after_error(exc))
+                self._sleep(retry.after_error(exc))
             else:
                 if response.status_code not in (429, 503):
                     return _body_or_raise(response)
-                time.sleep(retry.after_busy(response))
+                self._sleep(retry.after_busy(response))
 
 
 class AsyncStillhouseClient:
@@ -170,10 +173,13 @@ class AsyncStillhouseClient:
         max_wait_s: float = 60.0,
         batch_size: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         options = _http_options(base_url, token, timeout_s)
         self._http = httpx.AsyncClient(transport=transport, **options)
         self.max_wait_s = max_wait_s
+        self._clock, self._sleep = clock, sleep
         self.batch_size = batch_size
         self._limits: dict[str, Any] | None = None
 
@@ -210,23 +216,24 @@ class AsyncStillhouseClient:
     async def _send(
         self, method: str, path: str, payload: Any, result: SubmitResult
     ) -> dict[str, Any]:
-        retry = _Retry(self.max_wait_s, result)
+        retry = _Retry(self.max_wait_s, result, self._clock)
         while True:
             try:
                 response = await self._http.request(method, path, json=payload)
             except httpx.TransportError as exc:
-                await asyncio.sleep(retry.after_error(exc))
+                await self._sleep(retry.after_error(exc))
             else:
                 if response.status_code not in (429, 503):
                     return _body_or_raise(response)
-                await asyncio.sleep(retry.after_busy(response))
+                await self._sleep(retry.after_busy(response))
 
 
 class _Retry:
     """One request's retries: how long to wait next, or ``ServerBusy`` once past the budget."""
 
-    def __init__(self, max_wait_s: float, result: SubmitResult) -> None:
-        self.deadline = time.monotonic() + max_wait_s
+    def __init__(self, max_wait_s: float, result: SubmitResult, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.deadline = clock() + max_wait_s
         self.attempt = 0
         self.result = result
         result.requests += 1
@@ -239,7 +246,7 @@ class _Retry:
         return self._next(_retry_after(response, self.attempt), why)
 
     def _next(self, wait: float, why: str) -> float:
-        if time.monotonic() + wait > self.deadline:
+        if self.clock() + wait > self.deadline:
             raise ServerBusy(f"gave up after {self.attempt + 1} attempts ({why})")
         self.attempt += 1
         self.result.retries += 1

@@ -177,8 +177,10 @@ class TeacherClient:
         max_inline_wait_s: float | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 20.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
+        self._sleep = sleep  # a retry's wait (a test records it instead of timing it)
         self.http = http
         self.provider: Provider = provider_for(config.provider)
         # A server may echo the key anywhere in what it sends back: no part of it may reach
@@ -247,7 +249,7 @@ class TeacherClient:
                 if isinstance(exc, TeacherBusy) or waited + wait > self.max_inline_wait_s:
                     exc.retry_after_s = max(wait, exc.retry_after_s or 0.0)
                     return outcome
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
                 waited += wait
             except TransientError as exc:
                 outcome.error = exc
@@ -256,7 +258,7 @@ class TeacherClient:
                     exc.retry_after_s = max(wait, exc.retry_after_s or 0.0)
                     return outcome
                 failures += 1
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
             except StillhouseError as exc:
                 outcome.error = exc
                 return outcome

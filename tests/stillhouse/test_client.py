@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import time
 
 import pytest
 from sqlalchemy import update
+from support.clock import ManualClock
 from support.ingest_tools import TOKEN, row, running_api
 
 from schemas.errors import StillhouseError
@@ -66,39 +65,35 @@ def test_submit_splits_by_body_size_and_reports_oversized_rows(postgres_url: str
 
 
 def test_retries_after_429_honoring_retry_after(postgres_url: str) -> None:
+    clock = ManualClock()
     with (
         running_api(postgres_url, api_max_backlog=2, api_retry_after_s=1, backlog_ttl_s=0.0) as api,
-        StillhouseClient(api.root, TOKEN, max_wait_s=20) as client,
+        StillhouseClient(api.root, TOKEN, max_wait_s=20, clock=clock, sleep=clock.sleep) as client,
     ):
         client.submit("triage", [row(n) for n in range(3)])  # backlog 3 > 2: full
 
-        def workers_catch_up() -> None:
-            time.sleep(1.5)
+        def workers_catch_up(sleeps: int) -> None:  # while the client waits its first Retry-After
             with api.sessions.begin() as session:
                 session.execute(update(Item).values(state=ItemState.ACCEPTED))
 
-        drain = threading.Thread(target=workers_catch_up)
-        drain.start()
-        started = time.monotonic()
+        clock.on_sleep = workers_catch_up
         result = client.submit("triage", [row(99)])
-        waited = time.monotonic() - started
-        drain.join()
 
         assert result.counts["inserted"] == 1
-        assert result.retries >= 1
-        assert waited >= 1.0  # it slept for Retry-After, not in a tight loop
+        assert result.retries == 1
+        assert clock.sleeps == [1.0]  # it slept for Retry-After, not in a tight loop
 
 
 def test_gives_up_when_the_wait_would_pass_the_budget(postgres_url: str) -> None:
+    clock = ManualClock()
     with (
         running_api(postgres_url, api_max_backlog=1, api_retry_after_s=5, backlog_ttl_s=0.0) as api,
-        StillhouseClient(api.root, TOKEN, max_wait_s=2) as client,
+        StillhouseClient(api.root, TOKEN, max_wait_s=2, clock=clock, sleep=clock.sleep) as client,
     ):
         client.submit("triage", [row(1), row(2)])
-        started = time.monotonic()
         with pytest.raises(ServerBusy, match="429"):
             client.submit("triage", [row(3)])
-        assert time.monotonic() - started < 1.0  # a 5 s Retry-After cannot fit in 2 s
+        assert clock.sleeps == []  # a 5 s Retry-After cannot fit in 2 s: no pointless sleep
 
 
 def test_4xx_raises_with_the_server_message(postgres_url: str) -> None:
@@ -120,11 +115,14 @@ def test_unreachable_server_is_retried_then_reported() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        with StillhouseClient(f"http://127.0.0.1:{port}", TOKEN, max_wait_s=1.0) as client:
-            started = time.monotonic()
-            with pytest.raises(ServerBusy, match="cannot reach the server"):
+        clock = ManualClock()
+        with StillhouseClient(
+            f"http://127.0.0.1:{port}", TOKEN, max_wait_s=1.0, clock=clock, sleep=clock.sleep
+        ) as client:
+            with pytest.raises(ServerBusy, match=r"gave up after 2 attempts \(cannot reach"):
                 client.submit("triage", [row(1)])
-            assert 0.4 < time.monotonic() - started < 3
+            # Backoff 0.5 s, then 1 s would pass the 1 s budget: reported instead of slept.
+            assert clock.sleeps == [0.5]
 
 
 # --- the asyncio client: the same behavior from an event loop -------------------------------
@@ -154,35 +152,41 @@ def test_async_client_batches_dedupes_and_keeps_input_order(postgres_url: str) -
 
 
 def test_async_client_retries_429_then_gives_up_past_its_budget(postgres_url: str) -> None:
-    async def produce(root: str) -> tuple[float, str]:
-        async with AsyncStillhouseClient(root, TOKEN, max_wait_s=2) as client:
+    clock = ManualClock()
+
+    async def produce(root: str) -> str:
+        async with AsyncStillhouseClient(
+            root, TOKEN, max_wait_s=2, clock=clock, sleep=clock.async_sleep
+        ) as client:
             await client.submit("triage", [row(1), row(2)])
-            started = time.monotonic()
             try:
                 await client.submit("triage", [row(3)])
             except ServerBusy as exc:
-                return time.monotonic() - started, str(exc)
-            return time.monotonic() - started, "no error"
+                return str(exc)
+            return "no error"
 
     with running_api(
         postgres_url, api_max_backlog=1, api_retry_after_s=5, backlog_ttl_s=0.0
     ) as api:
-        waited, message = asyncio.run(produce(api.root))
+        message = asyncio.run(produce(api.root))
     assert "429" in message and "gave up" in message
-    assert waited < 1.0  # a 5 s Retry-After cannot fit in 2 s: no pointless sleep
+    assert clock.sleeps == []  # a 5 s Retry-After cannot fit in 2 s: no pointless sleep
 
 
 def test_async_client_4xx_and_unreachable_server() -> None:
-    async def unreachable(port: int) -> float:
-        async with AsyncStillhouseClient(f"http://127.0.0.1:{port}", TOKEN, max_wait_s=1.0) as c:
-            started = time.monotonic()
+    clock = ManualClock()
+
+    async def unreachable(port: int) -> None:
+        async with AsyncStillhouseClient(
+            f"http://127.0.0.1:{port}", TOKEN, max_wait_s=1.0, clock=clock, sleep=clock.async_sleep
+        ) as c:
             with pytest.raises(ServerBusy, match="cannot reach the server"):
                 await c.submit("triage", [row(1)])
-            return time.monotonic() - started
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        assert 0.4 < asyncio.run(unreachable(sock.getsockname()[1])) < 3
+        asyncio.run(unreachable(sock.getsockname()[1]))
+    assert clock.sleeps == [0.5]
 
 
 def test_async_client_raises_the_server_message_on_4xx(postgres_url: str) -> None:
