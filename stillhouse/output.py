@@ -37,8 +37,12 @@ __all__ = [
     "print_json",
     "progress_bar",
     "show_backfill",
+    "show_dataset",
+    "show_dataset_diff",
+    "show_datasets",
     "show_demo",
     "show_estimate",
+    "show_export",
     "show_load",
     "show_report",
     "show_requeue",
@@ -320,11 +324,24 @@ def show_review_decision(result: dict[str, Any], console: Console) -> None:
 
 
 def show_train(report: dict[str, Any], console: Console) -> None:
-    """`train`: the held-out share, the student against the teacher on it, where it went."""
+    """`train`: the dataset it learned from, the student against the teacher on the held-out
+    members, and where the run went."""
+    created = report.get("created_dataset")
+    if created:
+        console.print(
+            f"froze dataset {plain(created['name'], one_line=True)} from "
+            f"{plain(created['spec'], one_line=True)} v{created['version']}: "
+            f"{created['rows']} labels, content hash {created['content_hash'][:16]} (labeling "
+            f"can go on; `stillhouse train --dataset NAME` trains on it again)",
+            markup=False,
+            highlight=False,
+        )
+    dataset = report.get("dataset") or {}
     console.print(
-        f"held out {report['n_val']} items by a stable hash of their id (val_share "
-        f"{report['val_share']:g}: an item keeps its side as the data grows; on a small set "
-        f"the share held out varies around it)",
+        f"trained on {report['n_train']} accepted labels of the train split of dataset "
+        f"{plain(dataset.get('name', '?'), one_line=True)}; held out {report['n_val']} "
+        f"(its val and test splits, by a stable hash of the id: an item keeps its side as "
+        f"the data grows)",
         markup=False,
         highlight=False,
     )
@@ -354,4 +371,74 @@ def show_demo(labeled: dict[str, Any], report: dict[str, Any]) -> None:
         f"student accuracy vs known-good: {pct(report['student_accuracy'])} on "
         f"{report['n_val']} held-out articles (teacher on the same: "
         f"{pct(report['teacher_accuracy'])})"
+    )
+
+
+def show_dataset(info: dict[str, Any], console: Console) -> None:
+    """`dataset create` / `dataset show`: its hash and versions, then rows per split and
+    class."""
+    counts = info["counts"]
+    console.print(
+        f"dataset {plain(info['name'], one_line=True)}: {info['rows']} labels of "
+        f"{plain(info['spec'], one_line=True)} v{info['version']} (teacher "
+        f"{plain(', '.join(info['teacher_models']) or 'unknown', one_line=True)}); "
+        f"content hash {info['content_hash']}",
+        markup=False,
+        highlight=False,
+    )
+    table = Table(title="rows per split and class")
+    table.add_column("split")
+    table.add_column("rows", justify="right")
+    table.add_column("classes")
+    for split, rows in counts["splits"].items():
+        classes = counts.get("classes", {}).get(split, {})
+        table.add_row(split, str(rows), cell(", ".join(f"{k} {v}" for k, v in classes.items())))
+    table_console().print(table)
+
+
+def show_datasets(found: Sequence[dict[str, Any]], console: Console) -> None:
+    """`dataset list`: one row per dataset."""
+    table = Table(title=f"datasets ({len(found)})")
+    for column in ("name", "spec", "rows", "train/val/test", "content hash", "created"):
+        table.add_column(column)
+    for d in found:
+        splits = "/".join(str(d["splits"].get(s, 0)) for s in ("train", "val", "test"))
+        table.add_row(
+            cell(d["name"]),
+            cell(f"{d['spec']} v{d['version']}"),
+            str(d["rows"]),
+            splits,
+            d["content_hash"][:16],
+            cell(d["created_at"] or ""),
+        )
+    table_console().print(table)
+
+
+def show_dataset_diff(diff: dict[str, Any], console: Console) -> None:
+    """`dataset diff`: counts of added, removed and relabeled members, with a few ids."""
+    console.print(
+        f"{plain(diff['from']['name'], one_line=True)} ({diff['from']['rows']} rows) → "
+        f"{plain(diff['to']['name'], one_line=True)} ({diff['to']['rows']} rows)",
+        markup=False,
+        highlight=False,
+    )
+    for what in ("added", "removed", "relabeled"):
+        entry = diff[what]
+        ids = ", ".join(plain(i, one_line=True) for i in entry["examples"][:5])
+        console.print(
+            f"  {what}: {entry['count']}" + (f" (e.g. {ids})" if ids else ""),
+            markup=False,
+            highlight=False,
+        )
+
+
+def show_export(manifest: dict[str, Any], console: Console) -> None:
+    """`export`: where the files went and how many rows each holds."""
+    files = ", ".join(f"{v['path']} {v['rows']}" for v in manifest["files"].values())
+    console.print(
+        f"exported {plain(manifest['dataset'], one_line=True)} ({manifest['content_hash'][:16]}) "
+        f"to {plain(manifest['out'])} in {manifest['seconds']:.1f} s: {files}, manifest.json, "
+        f"README.md",
+        markup=False,
+        highlight=False,
     )

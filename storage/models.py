@@ -39,6 +39,8 @@ __all__ = [
     "Budget",
     "BudgetReservation",
     "CallStatus",
+    "Dataset",
+    "DatasetItem",
     "IngestCounter",
     "Item",
     "ItemAlias",
@@ -308,3 +310,46 @@ class IngestCounter(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=_now(), onupdate=_now()
     )
+
+
+class Dataset(Base):
+    """A frozen training set: which labels it holds (``dataset_items``), how it was chosen,
+    and a content hash. Never changed after it is created; labeling goes on beside it."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    spec_name: Mapped[str] = mapped_column(String(64))
+    spec_version: Mapped[int] = mapped_column(Integer)
+    spec_hash: Mapped[str] = mapped_column(String(64))  # the spec version's content hash
+    teacher_models: Mapped[list[Any]]
+    filters: Mapped[dict[str, Any]]
+    # The split shares, the seed salting the split hash, balancing and oversampling.
+    recipe: Mapped[dict[str, Any]]
+    counts: Mapped[dict[str, Any]]
+    rows: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class DatasetItem(Base):
+    """One member of a dataset: a label (so the label version is exact), its split and its
+    training weight (balancing and oversampling are weights, never copies)."""
+
+    __tablename__ = "dataset_items"
+    __table_args__ = (Index("ix_dataset_items_dataset_split", "dataset_id", "split"),)
+
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
+    )
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), primary_key=True)
+    item_id: Mapped[int] = mapped_column(BigId)
+    external_id: Mapped[str] = mapped_column(String(256))
+    split: Mapped[str] = mapped_column(String(8))
+    weight: Mapped[float] = mapped_column(Float)
+    class_value: Mapped[str | None] = mapped_column(String(256))
+    # The label's verdict when the dataset was made (a later review decision changes the
+    # label, not the dataset).
+    verdict: Mapped[str] = mapped_column(String(16))

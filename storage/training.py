@@ -1,4 +1,4 @@
-"""Read labels for training and reports (frozen snapshots come with the dataset issue)."""
+"""Read labels for training (from a frozen dataset) and for reports."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.models import Item, Label, Verdict
+from storage.models import DatasetItem, Item, Label, Verdict
 
-__all__ = ["ReportRow", "TrainingRow", "labeled_rows", "report_rows"]
+__all__ = ["DatasetRow", "ReportRow", "TrainingRow", "dataset_rows", "labeled_rows", "report_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +62,41 @@ def report_rows(session: Session, spec_id: int) -> list[ReportRow]:
         .order_by(Item.id)
     )
     return [ReportRow(*row) for row in session.execute(stmt)]
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRow:
+    """One member of a frozen dataset, as the trainer reads it."""
+
+    item_id: int
+    external_id: str
+    text: str
+    class_value: str | None
+    verdict: Verdict
+    split: str
+    weight: float
+    known_good: dict[str, Any] | None
+
+
+def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
+    """Every member of a dataset, in label order: what it was frozen with (class, verdict,
+    split, weight) and the item's text and known-good record."""
+    stmt = (
+        select(
+            DatasetItem.item_id,
+            DatasetItem.external_id,
+            Item.text,
+            DatasetItem.class_value,
+            DatasetItem.verdict,
+            DatasetItem.split,
+            DatasetItem.weight,
+            Item.known_good,
+        )
+        .join(Item, Item.id == DatasetItem.item_id)
+        .where(DatasetItem.dataset_id == dataset_id)
+        .order_by(DatasetItem.label_id)
+    )
+    return [
+        DatasetRow(i, e, t, c, Verdict(v), s, w, k)
+        for i, e, t, c, v, s, w, k in session.execute(stmt)
+    ]

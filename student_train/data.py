@@ -29,6 +29,8 @@ class Example:
     label: str
     known_good: str | None = None
     accepted: bool = True
+    weight: float = 1.0  # a dataset's training weight (class balance, oversampling)
+    split: str | None = None  # a dataset's split (train, val, test); None: split by hash
 
 
 def split_of(external_id: str, val_share: float, salt: str = "") -> Split:
@@ -46,11 +48,15 @@ def split_of(external_id: str, val_share: float, salt: str = "") -> Split:
 def split_examples(
     examples: Iterable[Example], val_share: float, salt: str = ""
 ) -> tuple[list[Example], list[Example]]:
-    """Partition examples into ``(train, val)`` with :func:`split_of`, keeping their order."""
+    """Partition examples into ``(train, val)``, keeping their order: by the split each one
+    carries (a dataset's; its val and test both held out), else with :func:`split_of`."""
     train: list[Example] = []
     val: list[Example] = []
     for example in examples:
-        side = split_of(example.external_id, val_share, salt)
+        if example.split is not None:
+            side = "train" if example.split == "train" else "val"
+        else:
+            side = split_of(example.external_id, val_share, salt)
         (val if side == "val" else train).append(example)
     return train, val
 

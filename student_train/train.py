@@ -115,6 +115,7 @@ class TrainReport:
     train_seconds: float
     predict_items_per_s: float
     config: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] | None = None  # the frozen dataset it learned from (name, hash)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values (``metrics.json``)."""
@@ -126,9 +127,12 @@ def train_classifier(
     labels: Sequence[str],
     config: StudentConfig,
     out_dir: Path | None = None,
+    dataset: dict[str, Any] | None = None,
 ) -> TrainReport:
-    """Train a student on the examples' teacher labels; save it to ``out_dir`` if given."""
+    """Train a student on the examples' teacher labels; save it to ``out_dir`` if given.
+    ``dataset`` (its name and content hash) is recorded in the report."""
     student, report = fit_student(examples, labels, config)
+    report.dataset = dataset
     if out_dir is not None:
         save_student(student, config, report, out_dir)
     return report
@@ -151,7 +155,8 @@ def fit_student(
         model = BagOfNgrams(config.buckets, config.dim, len(labels), config.dropout)
         index = {label: k for k, label in enumerate(labels)}
         targets = torch.tensor([index[example.label] for example in train], dtype=torch.long)
-        loss = _optimize(model, docs, targets, config)
+        weights = torch.tensor([example.weight for example in train], dtype=torch.float32)
+        loss = _optimize(model, docs, targets, weights, config)
         trained = time.perf_counter()
         student = Student(model, labels, featurizer)
         predicted, rate = _timed_predict(student, val or train[:1_000])
@@ -219,9 +224,14 @@ def _usable_cores() -> int:
 
 
 def _optimize(
-    model: BagOfNgrams, docs: list[Bag], targets: torch.Tensor, config: StudentConfig
+    model: BagOfNgrams,
+    docs: list[Bag],
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    config: StudentConfig,
 ) -> float:
-    """Adagrad with a learning rate that falls linearly to zero; the last epoch's mean loss."""
+    """Adagrad with a learning rate that falls linearly to zero, each example's loss scaled
+    by its weight (a batch's mean is weighted); the last epoch's mean loss."""
     optimizer = RowAdagrad(
         [
             {"params": model.embedding.parameters()},
@@ -241,7 +251,9 @@ def _optimize(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * (1.0 - step / total)
             inputs = to_tensors([docs[i] for i in batch.tolist()])
-            loss = functional.cross_entropy(model(*inputs), targets[batch])
+            each = functional.cross_entropy(model(*inputs), targets[batch], reduction="none")
+            scale = weights[batch]
+            loss = (each * scale).sum() / scale.sum()
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()

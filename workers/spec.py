@@ -116,6 +116,12 @@ class Spec:
         return str(self.body["input"].get("id_field", "id"))
 
     @property
+    def class_field(self) -> str | None:
+        """The output field that is a label's class (datasets count and balance by it): a
+        classification spec's ``label``; other kinds have none."""
+        return "label" if self.kind == "classification" else None
+
+    @property
     def slice_fields(self) -> list[str]:
         return list(self.body.get("slices", []))
 

@@ -4,6 +4,7 @@ parses its options, calls ``stillhouse.commands`` and prints through ``stillhous
 - ``root``: the app, its sub-groups, shared options, settings, the entry point
 - ``labeling``: backfill, estimate, requeue, status, report
 - ``student``: train, demo
+- ``dataset``: the ``dataset`` group (create, list, show, diff) and export
 - ``fleet``: worker, dispatch
 - ``serve``: the ingest API
 - ``teacher``, ``db``, ``spec``, ``review``: the sub-groups of the same names
@@ -19,6 +20,6 @@ __all__ = ["app", "main"]
 
 # Importing a group's module registers its commands, in this order in `stillhouse --help`:
 # the flow first (load and label, the student, the servers), then the tools.
-GROUPS = ("labeling", "student", "serve", "fleet", "teacher", "db", "spec", "review")
+GROUPS = ("labeling", "dataset", "student", "serve", "fleet", "teacher", "db", "spec", "review")
 for _group in GROUPS:
     importlib.import_module(f"{__name__}.{_group}")

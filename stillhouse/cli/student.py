@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
+from stillhouse.cli.root import JsonOpt, app, err, settings
 from stillhouse.output import print_json, show_demo, show_train
 
 __all__ = ["demo", "train"]
@@ -15,18 +15,30 @@ __all__ = ["demo", "train"]
 
 @app.command()
 def train(
-    spec: SpecOpt,
+    spec: Annotated[
+        str | None,
+        typer.Option("--spec", "-s", help="spec file or bundled name: freeze a dataset of it now"),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="a dataset from `stillhouse dataset create`")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/SPEC-vN)")] = None,
     epochs: Annotated[int | None, typer.Option(help="override the spec's student.epochs")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the student on accepted labels and compare it with the teacher on held-out items.
+    """Train the student on a frozen dataset and compare it with the teacher on held-out items.
+
+    It learns from the accepted labels of the dataset's train split (with their weights) and
+    is measured on its val and test splits. Given a spec and no dataset, it first freezes
+    one of every label of the spec's current version and says which; labeling can go on.
 
     Example: stillhouse train --spec triage
+
+    Example: stillhouse train --dataset triage-2026-12
     """
     from stillhouse.commands import run_train
 
-    report = run_train(settings(), spec, out=out, epochs=epochs)
+    report = run_train(settings(), spec, dataset=dataset, out=out, epochs=epochs)
     show_train(report, err)
     if as_json:
         print_json(report)

@@ -7,6 +7,13 @@ and human summaries go to the console it is given. Rendering helpers are in
 """
 
 from stillhouse.commands.backfill import BackfillOptions, run_backfill
+from stillhouse.commands.dataset import (
+    run_dataset_create,
+    run_dataset_diff,
+    run_dataset_list,
+    run_dataset_show,
+    run_export,
+)
 from stillhouse.commands.demo import run_demo
 from stillhouse.commands.estimate import run_estimate
 from stillhouse.commands.report import run_report
@@ -18,8 +25,13 @@ from stillhouse.commands.train import run_train, train_student
 __all__ = [
     "BackfillOptions",
     "run_backfill",
+    "run_dataset_create",
+    "run_dataset_diff",
+    "run_dataset_list",
+    "run_dataset_show",
     "run_demo",
     "run_estimate",
+    "run_export",
     "run_report",
     "run_requeue",
     "run_review_list",
