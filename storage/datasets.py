@@ -13,11 +13,13 @@ filter that selects nothing included, leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "dataset_info",
     "list_datasets",
     "member_rows",
+    "open_member_csv",
     "split_of",
     "stable_unit",
 ]
@@ -59,12 +62,16 @@ def stable_unit(external_id: str, salt: str = "") -> float:
 def split_of(external_id: str, shares: Sequence[float], seed: int = 0) -> str:
     """The split (train, val, test) of one id under the shares and the seed."""
     unit = stable_unit(external_id, str(seed) if seed else "")
-    edge = 0.0
+    return next((name for name, edge in _edges(shares) if unit < edge), SPLITS[-1])
+
+
+def _edges(shares: Sequence[float]) -> list[tuple[str, float]]:
+    """Each split with the upper end of its interval of [0, 1)."""
+    edges, edge = [], 0.0
     for name, share in zip(SPLITS, shares, strict=True):
         edge += share
-        if unit < edge:
-            return name
-    return SPLITS[-1]
+        edges.append((name, edge))
+    return edges
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +140,7 @@ def create_dataset(
         spec_hash=spec.content_hash,
         teacher_models=_teacher_models(session, where),
         filters=filters.as_dict(),
-        recipe=recipe.as_dict(),
+        recipe={**recipe.as_dict(), "slices": list(slice_names)},
         counts={},
         rows=0,
         content_hash="",
@@ -145,30 +152,31 @@ def create_dataset(
             [spec.content_hash, dataset.filters, dataset.recipe], sort_keys=True, default=str
         ).encode()
     )
-    counts = _Counts()
-    columns = [Label.id, Item.id, Item.external_id, Item.slices, Label.verdict]
-    stmt = select(*columns, klass if klass is not None else null())
+    counts = _Counts(slice_names)
+    sliced = [Item.slices[n].as_string() for n in slice_names]
+    stmt = select(
+        Label.id,
+        Item.id,
+        Item.external_id,
+        Label.verdict,
+        klass if klass is not None else null(),
+        *sliced,
+    )
     stmt = stmt.join(Item, Item.id == Label.item_id).where(*where).order_by(Label.id)
-    buffer: list[dict[str, Any]] = []
-    for label_id, item_id, external_id, slices, verdict, value in _stream(session, stmt):
-        split = split_of(external_id, recipe.shares, recipe.seed)
+    edges = _edges(recipe.shares)
+    salt = str(recipe.seed) if recipe.seed else ""
+    factors = _Factors(recipe, weights, slice_names)
+    buffer: list[tuple[Any, ...]] = []
+    for label_id, item_id, external_id, verdict, value, *values in _stream(session, stmt):
+        unit = stable_unit(external_id, salt)
+        split = next((name for name, edge in edges if unit < edge), SPLITS[-1])
         value = None if value is None else str(value)
-        weight = _weight(recipe, weights, value, slices or {})
+        values = [None if v is None else str(v) for v in values]
+        weight = factors.weight(value, values)
         verdict = Verdict(verdict).value
         digest.update(f"{external_id}\t{label_id}\t{verdict}\t{split}\t{weight:.9g}\n".encode())
-        counts.add(split, value, slices or {}, slice_names)
-        buffer.append(
-            {
-                "dataset_id": dataset.id,
-                "label_id": label_id,
-                "item_id": item_id,
-                "external_id": external_id,
-                "split": split,
-                "weight": weight,
-                "class_value": value,
-                "verdict": verdict,
-            }
-        )
+        counts.add(split, value, values)
+        buffer.append((dataset.id, label_id, item_id, external_id, split, weight, value, verdict))
         if len(buffer) >= _CHUNK:
             _write(session, buffer)
             buffer = []
@@ -312,25 +320,148 @@ def member_rows(session: Session, dataset_id: int, split: str) -> Iterator[tuple
         yield tuple(row)
 
 
+@contextmanager
+def open_member_csv(
+    session: Session, dataset_id: int, split: str, slice_names: Sequence[str]
+) -> Iterator[io.RawIOBase]:
+    """Postgres: one split's members as a CSV stream straight from ``COPY`` (no Python per
+    row); NULL is an unquoted empty field, an empty string a quoted one. Columns: external_id, text,
+    class, output (JSON text), verdict, weight, confidence, agreement, known_good (JSON text),
+    known_good_match (t/f), label_id, labeled_at (microseconds since the epoch, UTC), then
+    one per slice name."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}")
+    slices = "".join(f", i.slices->>{_literal(n)}" for n in slice_names)
+    query = (
+        "SELECT m.external_id, i.text, m.class_value, l.output::text, m.verdict, m.weight, "
+        "l.confidence, l.agreement, NULLIF(i.known_good::text, 'null'), l.known_good_match, "
+        "m.label_id, (extract(epoch FROM l.created_at) * 1000000)::bigint"
+        f"{slices} FROM dataset_items m JOIN labels l ON l.id = m.label_id "
+        f"JOIN items i ON i.id = m.item_id WHERE m.dataset_id = {int(dataset_id)} "
+        f"AND m.split = '{split}' ORDER BY m.label_id"
+    )
+    dbapi = session.connection().connection.driver_connection
+    assert dbapi is not None
+    with (
+        dbapi.cursor() as cursor,
+        cursor.copy(f"COPY ({query}) TO STDOUT (FORMAT csv)") as copy,
+    ):
+        reader = _CopyReader(copy)
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+
+class _CopyReader(io.RawIOBase):
+    """A ``COPY … TO STDOUT`` as a binary file that readers (pyarrow's CSV) pull from.
+
+    A thread pulls the server's rows (one message each) and hands them over joined in blocks
+    of about 1 MiB, at most 16 blocks ahead: the server keeps writing while the reader parses,
+    in bounded memory. Closed before the whole result was read (an error downstream), it
+    cancels the query so the connection is usable again.
+    """
+
+    _BLOCK = 1 << 20
+
+    def __init__(self, copy: Any) -> None:
+        import queue
+        import threading
+
+        self._copy = copy
+        self._blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
+        self._stop = threading.Event()
+        self._left = b""
+        self._done = False
+        self._thread = threading.Thread(target=self._pull, daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        parts: list[bytes] = []
+        size = 0
+        try:
+            for row in self._copy:
+                if self._stop.is_set():
+                    break
+                parts.append(bytes(row))
+                size += len(parts[-1])
+                if size >= self._BLOCK:
+                    self._put(b"".join(parts))
+                    parts, size = [], 0
+            if parts:
+                self._put(b"".join(parts))
+            self._put(None)
+        except BaseException as exc:  # handed to the reading thread
+            self._put(exc)
+
+    def _put(self, block: bytes | BaseException | None) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._blocks.put(block, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        parts, have = [self._left], len(self._left)
+        while not self._done and (size < 0 or have < size):
+            block = self._blocks.get()
+            if isinstance(block, BaseException):
+                self._done = True
+                raise block
+            if block is None:
+                self._done = True
+                break
+            parts.append(block)
+            have += len(block)
+        data = b"".join(parts)
+        if size < 0 or len(data) <= size:
+            self._left = b""
+            return data
+        self._left = data[size:]
+        return data[:size]
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self._done:
+            self._stop.set()
+            self._copy.connection.cancel_safe()  # the rest of the result is not wanted
+        self._thread.join()
+        super().close()
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 class _Counts:
     """Members per split, per split and class, per split and slice value."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
         self.total = 0
         self.splits: Counter[str] = Counter()
         self.classes: dict[str, Counter[str]] = defaultdict(Counter)
         self.slices: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
 
-    def add(
-        self, split: str, value: str | None, slices: dict[str, Any], names: Sequence[str]
-    ) -> None:
+    def add(self, split: str, value: str | None, values: Sequence[str | None]) -> None:
+        """One member: its split, class and slice values (in the order of ``names``)."""
         self.total += 1
         self.splits[split] += 1
         if value is not None:
             self.classes[split][value] += 1
-        for name in names:
-            if name in slices:
-                self.slices[(split, name)][str(slices[name])] += 1
+        for name, got in zip(self.names, values, strict=True):
+            if got is not None:
+                self.slices[(split, name)][got] += 1
 
     def as_dict(self) -> dict[str, Any]:
         slices: dict[str, dict[str, dict[str, int]]] = {}
@@ -435,15 +566,28 @@ def _class_weights(
     return {v: total / (len(per_class) * n) for v, n in per_class.items()}
 
 
-def _weight(
-    recipe: DatasetRecipe, weights: dict[str, float], value: str | None, slices: dict[str, Any]
-) -> float:
-    weight = weights.get(value, 1.0) if value is not None else 1.0
-    for (on, wanted), factor in recipe.oversample.items():
-        got = value if on == "class" else slices.get(on)
-        if got is not None and str(got) == wanted:
-            weight *= factor
-    return round(weight, 9)
+class _Factors:
+    """A member's weight: its class's balancing weight times every oversampling factor that
+    matches its class or one of its slice values."""
+
+    def __init__(
+        self, recipe: DatasetRecipe, weights: dict[str, float], slice_names: Sequence[str]
+    ) -> None:
+        self.weights = weights
+        self.by_class = {v: f for (on, v), f in recipe.oversample.items() if on == "class"}
+        index = {name: k for k, name in enumerate(slice_names)}
+        self.by_slice = [
+            (index[on], v, f) for (on, v), f in recipe.oversample.items() if on != "class"
+        ]
+
+    def weight(self, value: str | None, values: Sequence[str | None]) -> float:
+        weight = self.weights.get(value, 1.0) if value is not None else 1.0
+        if value is not None and value in self.by_class:
+            weight *= self.by_class[value]
+        for k, wanted, factor in self.by_slice:
+            if values[k] == wanted:
+                weight *= factor
+        return round(weight, 9)
 
 
 def _teacher_models(session: Session, where: list[ColumnElement[bool]]) -> list[str]:
@@ -464,15 +608,30 @@ def _stream(session: Session, stmt: Any) -> Iterator[Any]:
     yield from result
 
 
-def _write(session: Session, rows: list[dict[str, Any]]) -> None:
+_MEMBER_FIELDS = (
+    "dataset_id", "label_id", "item_id", "external_id", "split", "weight", "class_value",
+    "verdict",
+)  # fmt: skip
+
+
+def _write(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """Members into ``dataset_items``: COPY on Postgres, one executemany elsewhere."""
     if not rows:
         return
     if session.get_bind().dialect.name == "postgresql":
-        from storage.pgcopy import copy_rows
-
-        copy_rows(session, DatasetItem.__table__, rows)  # type: ignore[arg-type]
+        dbapi = session.connection().connection.driver_connection
+        assert dbapi is not None
+        names = ", ".join(_MEMBER_FIELDS)
+        with (
+            dbapi.cursor() as cursor,
+            cursor.copy(f"COPY dataset_items ({names}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
     else:
-        session.execute(insert(DatasetItem), rows)
+        session.execute(
+            insert(DatasetItem), [dict(zip(_MEMBER_FIELDS, r, strict=True)) for r in rows]
+        )
 
 
 def _nothing_selected(session: Session, spec: SpecRow, filters: DatasetFilters) -> str:

@@ -339,7 +339,9 @@ class DatasetItem(Base):
     training weight (balancing and oversampling are weights, never copies)."""
 
     __tablename__ = "dataset_items"
-    __table_args__ = (Index("ix_dataset_items_dataset_split", "dataset_id", "split"),)
+    # A split in label order without a sort: what an export reads.
+    # A split in label order without a sort: what an export reads.
+    __table_args__ = (Index("ix_dataset_items_dataset_split", "dataset_id", "split", "label_id"),)
 
     dataset_id: Mapped[int] = mapped_column(
         ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True

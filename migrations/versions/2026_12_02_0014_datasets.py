@@ -77,7 +77,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("dataset_id", "label_id", name=op.f("pk_dataset_items")),
     )
     op.create_index(
-        "ix_dataset_items_dataset_split", "dataset_items", ["dataset_id", "split"], unique=False
+        "ix_dataset_items_dataset_split",
+        "dataset_items",
+        ["dataset_id", "split", "label_id"],
+        unique=False,
     )
     op.execute(f"CREATE VIEW dataset_rows AS {DATASET_ROWS}")
     if op.get_bind().dialect.name == "postgresql":  # readers keep their access (see 0013)

@@ -94,6 +94,8 @@ def _freeze(sessions: sessionmaker[Session], spec: Spec) -> dict[str, Any]:
 
     spec_id = stored_spec_id(sessions, spec)
     name = f"{spec.name}-v{spec.version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # student.val_share is held out, half for validation and half for the test split.
+    held = float(spec.body.get("student", {}).get("val_share", 0.2))
     with sessions.begin() as session:
         return create_dataset(
             session,
@@ -102,7 +104,7 @@ def _freeze(sessions: sessionmaker[Session], spec: Spec) -> dict[str, Any]:
             slice_names=spec.slice_fields,
             class_field=spec.class_field,
             filters=TRAINING_FILTERS,
-            recipe=DatasetRecipe(),
+            recipe=DatasetRecipe(shares=(1.0 - held, held / 2, held / 2)),
         )
 
 

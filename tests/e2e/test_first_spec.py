@@ -343,5 +343,8 @@ def test_train_says_how_the_held_out_share_is_chosen(tmp_path: Path, teacher_url
     assert run_cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "60").returncode == 0
     trained = run_cli(env, "train", "--spec", "triage", "--epochs", "2", "--json")
     assert trained.returncode == 0, trained.stderr
-    n_val = json.loads(trained.stdout)["n_val"]
-    assert f"held out {n_val} items by a stable hash of their id (val_share 0.2" in trained.stderr
+    report = json.loads(trained.stdout)
+    assert (
+        f"held out {report['n_val']} (its val and test splits, by a stable hash" in trained.stderr
+    )
+    assert report["created_dataset"]["name"] in trained.stderr  # which dataset it froze
