@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
@@ -137,14 +138,24 @@ def _wait_for_leases(tmp_path: Path, timeout_s: float = 60) -> None:
     raise AssertionError("the backfill never leased a batch")
 
 
+def _wait_for_requests(teacher: str, count: int, timeout_s: float = 60) -> None:
+    """Until the teacher has received ``count`` requests (their answers are still to come)."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{teacher}/stats").json()["requests"] < count:
+        assert time.monotonic() < deadline, "the batch's calls never reached the teacher"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_an_embedded_run_that_stops_leaves_no_item_leased(
     tmp_path: Path, teacher_url: str, stop: signal.Signals
 ) -> None:
-    with local_teacher("fixed", extra_args=["--latency-ms", "3000"]) as slow:
+    # Answers take 20 s: the stop lands while every call of the batch is out, however slow
+    # the machine is (the stopped run does not wait for them).
+    with local_teacher("fixed", extra_args=["--latency-ms", "20000"]) as slow:
         running = _start_backfill(_env(tmp_path, slow))
         _wait_for_leases(tmp_path)
-        time.sleep(0.5)  # the batch's calls are out
+        _wait_for_requests(slow, LIMIT)
         running.send_signal(stop)
         running.wait(timeout=30)
     after = _states(tmp_path)
