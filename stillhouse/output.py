@@ -37,6 +37,7 @@ __all__ = [
     "print_json",
     "progress_bar",
     "show_backfill",
+    "show_calibration",
     "show_dataset",
     "show_dataset_diff",
     "show_datasets",
@@ -442,3 +443,47 @@ def show_export(manifest: dict[str, Any], console: Console) -> None:
         markup=False,
         highlight=False,
     )
+
+
+def show_calibration(result: dict[str, Any], console: Console) -> None:
+    """`calibrate`: the curve, the threshold for the target, the estimate beside the
+    measurement on the withheld share."""
+    table = Table(
+        title=f"{result['spec']} v{result['version']}: coverage against accuracy "
+        f"({result['calibration_items']} labels with a record the checks saw)"
+    )
+    for column in ("confidence ≥", "coverage", "accuracy", "95 % interval"):
+        table.add_column(column, justify="right")
+    for p in result["curve"]:
+        table.add_row(
+            f"{p['threshold']:.3f}",
+            pct(p["coverage"]),
+            pct(p["accuracy"]),
+            f"{pct(p['lower'])} to {pct(p['upper'])}",
+        )
+    table_console().print(table)
+    chosen, target = result["threshold"], result["target"]
+    if target is None:
+        return
+    if chosen is None:
+        console.print(
+            f"no confidence threshold reaches {pct(target)} at the 95 % lower bound on these "
+            f"{result['calibration_items']} labels (all of them: {pct(result['raw_accuracy'])}); "
+            f"more labels with records, or a lower target"
+        )
+        return
+    console.print(
+        f"target {pct(target)}: confidence ≥ {chosen['threshold']:.3f} keeps "
+        f"{pct(chosen['coverage'])} at {pct(chosen['accuracy'])} (at least {pct(chosen['lower'])}"
+        f" with 95 % confidence; all labels: {pct(result['raw_accuracy'])})"
+    )
+    held = result["withheld"]
+    if "estimated" in held:
+        est, got = held["estimated"], held["measured"]
+        console.print(
+            f"withheld share ({held['items']} records the checks never saw): estimated "
+            f"{pct(est['accuracy'])} ({pct(est['lower'])} to {pct(est['upper'])}) at "
+            f"{pct(est['coverage'])} coverage; measured {pct(got['accuracy'])} "
+            f"({pct(got['interval'][0])} to {pct(got['interval'][1])}) at "
+            f"{pct(got['coverage'])} (raw teacher {pct(held['raw_accuracy'])})"
+        )

@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session
 
 from storage.models import DatasetItem, Item, Label, Verdict
 
-__all__ = ["DatasetRow", "ReportRow", "TrainingRow", "dataset_rows", "labeled_rows", "report_rows"]
+__all__ = [
+    "CalibrationRow",
+    "DatasetRow",
+    "ReportRow",
+    "TrainingRow",
+    "calibration_rows",
+    "dataset_rows",
+    "labeled_rows",
+    "report_rows",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +109,25 @@ def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
         DatasetRow(i, e, t, c, Verdict(v), s, w, k)
         for i, e, t, c, v, s, w, k in session.execute(stmt)
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationRow:
+    """A label's signals beside its item's known-good record."""
+
+    external_id: str
+    confidence: float | None
+    agreement: float | None
+    output: dict[str, Any] | None
+    known_good: dict[str, Any] | None
+
+
+def calibration_rows(session: Session, spec_id: int) -> list[CalibrationRow]:
+    """Every label of one spec version that has an item with a known-good record."""
+    stmt = (
+        select(Item.external_id, Label.confidence, Label.agreement, Label.output, Item.known_good)
+        .join(Label, Label.item_id == Item.id)
+        .where(Label.spec_id == spec_id, Item.known_good.is_not(None))
+        .order_by(Item.id)
+    )
+    return [CalibrationRow(*row) for row in session.execute(stmt)]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from storage.datasets import stable_unit
+
 __all__ = ["Example", "Split", "split_examples", "split_of"]
 
 Split = Literal["train", "val"]
-
-_SCALE = float(2**64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +39,7 @@ def split_of(external_id: str, val_share: float, salt: str = "") -> Split:
     process, so an item stays in the same split when the dataset grows or is reloaded.
     """
     _check_share(val_share)
-    data = f"{salt}\x00{external_id}".encode()
-    digest = hashlib.blake2b(data, digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / _SCALE < val_share else "train"
+    return "val" if stable_unit(external_id, salt) < val_share else "train"
 
 
 def split_examples(

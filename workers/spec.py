@@ -14,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 
 from schemas.errors import SpecError
 from schemas.loader import compile_validator, error_path, schema_problems, spec_validator
+from storage.datasets import stable_unit
 
 __all__ = [
     "Jury",
@@ -163,8 +164,7 @@ def is_withheld(external_id: str, share: float) -> bool:
     """Whether an item's known-good record is kept from the checks (stable, by id hash)."""
     if share <= 0:
         return False
-    digest = hashlib.blake2b(f"withhold\x00{external_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < share
+    return stable_unit(external_id, "withhold") < share
 
 
 def resolve_spec_path(name_or_path: str) -> Path:

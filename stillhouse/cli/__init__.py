@@ -2,7 +2,7 @@
 parses its options, calls ``stillhouse.commands`` and prints through ``stillhouse.output``).
 
 - ``root``: the app, its sub-groups, shared options, settings, the entry point
-- ``labeling``: backfill, estimate, requeue, status, report
+- ``labeling``: backfill, estimate, requeue, status, report, calibrate
 - ``student``: train, demo
 - ``dataset``: the ``dataset`` group (create, list, show, diff) and export
 - ``fleet``: worker, dispatch

@@ -12,13 +12,14 @@ from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
 from stillhouse.output import (
     print_json,
     show_backfill,
+    show_calibration,
     show_estimate,
     show_report,
     show_requeue,
     show_status,
 )
 
-__all__ = ["backfill", "estimate", "report", "requeue", "status"]
+__all__ = ["backfill", "calibrate", "estimate", "report", "requeue", "status"]
 
 
 @app.command()
@@ -225,3 +226,32 @@ def report(spec: SpecOpt, as_json: JsonOpt = False) -> None:
         print_json(result)
     else:
         show_report(result, err)
+
+
+@app.command()
+def calibrate(
+    spec: SpecOpt,
+    target: Annotated[
+        float | None,
+        typer.Option(help="an accuracy to reach, e.g. 0.97: the threshold it needs"),
+    ] = None,
+    points: Annotated[int, typer.Option(help="points of the curve to print")] = 10,
+    png: Annotated[Path | None, typer.Option(help="also draw the curve into this PNG")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """How far the teacher's confidence can be trusted: coverage against accuracy on the
+    labels whose known-good record the checks saw.
+
+    With --target, the lowest confidence whose labels reach it at the 95 % lower bound, and,
+    on the withheld share (records the checks never saw), the accuracy that threshold is
+    estimated to give next to the one measured.
+
+    Example: stillhouse calibrate --spec triage --target 0.97 --png triage-curve.png
+    """
+    from stillhouse.commands.calibrate import run_calibrate
+
+    result = run_calibrate(settings(), spec, target=target, points=points, png=png)
+    if as_json:
+        print_json(result)
+    else:
+        show_calibration(result, err)

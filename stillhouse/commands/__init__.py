@@ -7,6 +7,7 @@ and human summaries go to the console it is given. Rendering helpers are in
 """
 
 from stillhouse.commands.backfill import BackfillOptions, run_backfill
+from stillhouse.commands.calibrate import run_calibrate
 from stillhouse.commands.dataset import (
     run_dataset_create,
     run_dataset_diff,
@@ -25,6 +26,7 @@ from stillhouse.commands.train import run_train, train_student
 __all__ = [
     "BackfillOptions",
     "run_backfill",
+    "run_calibrate",
     "run_dataset_create",
     "run_dataset_diff",
     "run_dataset_list",

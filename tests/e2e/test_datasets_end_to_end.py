@@ -19,8 +19,19 @@ def _cli(tmp_path: Path, teacher_url: str, *args: str) -> subprocess.CompletedPr
 @pytest.mark.slow
 def test_freeze_export_and_train_on_a_dataset(tmp_path: Path, teacher_url: str) -> None:
     cli = lambda *args: _cli(tmp_path, teacher_url, *args)  # noqa: E731
-    labeled = cli("backfill", "bbc", "--spec", "triage", "--limit", "120")
+    labeled = cli("backfill", "bbc", "--spec", "triage", "--limit", "120", "--json")
     assert labeled.returncode == 0, labeled.stderr
+    first_labels = json.loads(labeled.stdout)["labels"]  # a repeated text shares one label
+
+    # How far the teacher's confidence can be trusted, from the records the checks saw.
+    calibrated = cli("calibrate", "--spec", "triage", "--target", "0.9", "--json")
+    assert calibrated.returncode == 0, calibrated.stderr
+    calibration = json.loads(calibrated.stdout)
+    assert calibration["calibration_items"] + calibration["withheld"]["items"] == first_labels
+    coverage = [p["coverage"] for p in calibration["curve"]]
+    assert coverage == sorted(coverage) and coverage[-1] == 1.0
+    shown_curve = cli("calibrate", "--spec", "triage", "--target", "0.9")
+    assert shown_curve.returncode == 0 and "coverage against accuracy" in shown_curve.stdout
 
     made = cli("dataset", "create", "bbc-120", "--spec", "triage", "--json")
     assert made.returncode == 0, made.stderr
