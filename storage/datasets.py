@@ -187,6 +187,7 @@ def create_dataset(
     dataset.rows = counts.total
     dataset.content_hash = digest.hexdigest()
     session.flush()
+    session.refresh(dataset, ["created_at"])  # set by the database
     return dataset_info(dataset)
 
 

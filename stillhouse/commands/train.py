@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError
-from stillhouse.commands.common import stored_spec_id
 from stillhouse.context import open_database
 from stillhouse.settings import Settings
 from storage.datasets import DatasetFilters, DatasetRecipe
@@ -90,22 +89,13 @@ def train_student(
 
 
 def _freeze(sessions: sessionmaker[Session], spec: Spec) -> dict[str, Any]:
-    from storage.datasets import create_dataset
+    from stillhouse.commands.dataset import freeze_dataset
 
-    spec_id = stored_spec_id(sessions, spec)
     name = f"{spec.name}-v{spec.version}-{time.strftime('%Y%m%d-%H%M%S')}"
     # student.val_share is held out, half for validation and half for the test split.
     held = float(spec.body.get("student", {}).get("val_share", 0.2))
-    with sessions.begin() as session:
-        return create_dataset(
-            session,
-            name=name,
-            spec_id=spec_id,
-            slice_names=spec.slice_fields,
-            class_field=spec.class_field,
-            filters=TRAINING_FILTERS,
-            recipe=DatasetRecipe(shares=(1.0 - held, held / 2, held / 2)),
-        )
+    recipe = DatasetRecipe(shares=(1.0 - held, held / 2, held / 2))
+    return freeze_dataset(sessions, spec, name, filters=TRAINING_FILTERS, recipe=recipe)
 
 
 def _spec_of(session: Session, dataset: Dataset, spec_ref: str | None) -> Spec:
