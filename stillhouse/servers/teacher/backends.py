@@ -32,9 +32,9 @@ from stillhouse.servers.teacher.moderation import ModerationBackend
 from stillhouse.servers.teacher.protocol import (
     MESSAGE_OVERHEAD_TOKENS,
     ChatRequest,
+    Choice,
     Completion,
     RequestError,
-    render_answer,
 )
 from stillhouse.servers.teacher.ranking import (
     RankingTask,
@@ -42,6 +42,7 @@ from stillhouse.servers.teacher.ranking import (
     render_ranking,
     wants_ranking,
 )
+from stillhouse.servers.teacher.sampling import choices
 
 if TYPE_CHECKING:
     import numpy as np
@@ -152,20 +153,23 @@ class EmbeddingBackend:
         texts = [_texts(request, task) for request, task in jobs]
         vectors = iter(self._encode([text for group in texts for text in group]))
         self._cache_labels([request for request, task in jobs if task is None])
-        contents = []
+        answers: list[tuple[Choice, ...]] = []
         for (request, task), group in zip(jobs, texts, strict=True):
             matrix = [next(vectors) for _ in group]
             if task is None:
-                contents.append(self._answer(request, matrix[0]))
+                answers.append(self._answer(request, matrix[0]))
             else:
-                contents.append(_rank(task, matrix))
+                answers.append((Choice(_rank(task, matrix)),) * request.n)
         prompt_tokens = self._prompt_tokens([request for request, _ in jobs])
-        completion_tokens = self._token_counts(contents)
+        counts = iter(self._token_counts([c.content for sampled in answers for c in sampled]))
         return [
-            Completion(content, prompt, completion)
-            for content, prompt, completion in zip(
-                contents, prompt_tokens, completion_tokens, strict=True
+            Completion(
+                sampled[0].content,
+                prompt,
+                sum(next(counts) for _ in sampled),
+                choices=sampled,
             )
+            for sampled, prompt in zip(answers, prompt_tokens, strict=True)
         ]
 
     def _encode(self, texts: list[str]) -> Matrix:
@@ -195,11 +199,12 @@ class EmbeddingBackend:
         for text, vector in zip(missing, self._encode(missing), strict=True):
             self._label_cache[text] = vector
 
-    def _answer(self, request: ChatRequest, document: Matrix) -> str:
+    def _answer(self, request: ChatRequest, document: Matrix) -> tuple[Choice, ...]:
+        """The request's answers: the closest label (or ``n`` draws from the softmax at the
+        request's temperature), each stating its label's probability as its confidence."""
         similarities = [float(self._label_cache[label.text] @ document) for label in request.labels]
         probabilities = softmax(similarities, self.temperature)
-        best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        return render_answer(request, request.labels[best].name, round(probabilities[best], 4))
+        return choices(request, [label.name for label in request.labels], probabilities)
 
     def _prompt_tokens(self, requests: Sequence[ChatRequest]) -> list[int]:
         texts = [message.content for request in requests for message in request.messages]

@@ -102,7 +102,9 @@ def _malformed(completion: Completion, variant: int) -> Completion:
         content.replace('"', "'"),
         f"```json\n{content}\n```",
     ][variant % 4]
-    return replace(completion, content=broken, completion_tokens=estimate_tokens(broken))
+    return replace(
+        completion, content=broken, completion_tokens=estimate_tokens(broken), choices=()
+    )
 
 
 def _truncated(completion: Completion) -> Completion:
@@ -113,12 +115,19 @@ def _truncated(completion: Completion) -> Completion:
         content=content[: max(1, len(content) // 2)],
         completion_tokens=max(1, completion.completion_tokens // 2),
         finish_reason="length",
+        choices=(),
     )
 
 
 def _refusal(completion: Completion, text: str) -> Completion:
     """No content; the refusal text instead (OpenAI's ``message.refusal``)."""
-    return replace(completion, content=None, refusal=text, completion_tokens=estimate_tokens(text))
+    return replace(
+        completion,
+        content=None,
+        refusal=text,
+        completion_tokens=estimate_tokens(text),
+        choices=(),
+    )
 
 
 def _wrong(completion: Completion, chat: ChatRequest, decision: FaultDecision) -> Completion:
@@ -128,7 +137,7 @@ def _wrong(completion: Completion, chat: ChatRequest, decision: FaultDecision) -
     except json.JSONDecodeError:
         return completion
     content = json.dumps(wrong_answer(answer, chat.schema, decision.rng))
-    return replace(completion, content=content)
+    return replace(completion, content=content, choices=())
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "ChatRequest",
+    "Choice",
     "Completion",
     "Label",
     "Message",
@@ -80,6 +81,14 @@ class ChatRequest:
     labels: tuple[Label, ...]
     schema: Mapping[str, Any] | None
     prompt: str = ""
+    # Sampling, as OpenAI takes it: ``n`` answers, drawn at ``temperature`` (0 or None: the
+    # most likely answer every time), reproducibly by ``seed``; ``logprobs`` asks for each
+    # answer token's log probability, with the ``top_logprobs`` most likely alternatives.
+    n: int = 1
+    temperature: float | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def wants(self, field: str) -> bool:
         """Whether the answer should carry ``field`` (every field when no schema was given)."""
@@ -101,6 +110,18 @@ class Completion:
     completion_tokens: int
     finish_reason: str = "stop"
     refusal: str | None = None
+    # Every sampled answer (n > 1) or one answer with its logprobs: ``choices`` of the body.
+    # Empty: one choice, ``content``, repeated ``n`` times by ``completion_body``.
+    choices: tuple[Choice, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sampled answer, and its tokens with their log probabilities when asked for
+    (OpenAI's ``logprobs.content`` shape: ``{"token", "logprob", "bytes", "top_logprobs"}``)."""
+
+    content: str
+    logprobs: tuple[dict[str, Any], ...] | None = None
 
 
 def parse_chat_request(body: object, *, default_model: str = "minilm-zero-shot") -> ChatRequest:
@@ -125,7 +146,49 @@ def parse_chat_request(body: object, *, default_model: str = "minilm-zero-shot")
         labels=labels,
         schema=schema,
         prompt=prompt,
+        **_sampling(body),
     )
+
+
+MAX_SAMPLES = 16
+
+
+def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``n``, ``temperature``, ``seed``, ``logprobs`` and ``top_logprobs``, checked."""
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise RequestError(f"'n' must be an integer from 1 to {MAX_SAMPLES}, got {n!r}")
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 <= temperature <= 2
+    ):
+        raise RequestError(f"'temperature' must be a number from 0 to 2, got {temperature!r}")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f"'seed' must be an integer, got {seed!r}")
+    logprobs = body.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise RequestError(f"'logprobs' must be true or false, got {logprobs!r}")
+    top = body.get("top_logprobs")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20
+    ):
+        raise RequestError(f"'top_logprobs' must be an integer from 0 to 20, got {top!r}")
+    if top and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true")
+    return {
+        "n": n,
+        "temperature": None if temperature is None else float(temperature),
+        "seed": seed,
+        "logprobs": logprobs,
+        "top_logprobs": top or 0,
+    }
 
 
 def _messages(raw: object) -> tuple[Message, ...]:
@@ -233,21 +296,28 @@ def prompt_tokens(request: ChatRequest, count: Callable[[str], int] = estimate_t
 
 def completion_body(request: ChatRequest, completion: Completion) -> dict[str, object]:
     """The OpenAI ``chat.completion`` object for one answer."""
-    message: dict[str, object] = {"role": "assistant", "content": completion.content}
-    if completion.refusal is not None:
-        message["refusal"] = completion.refusal
+    answers: Sequence[Choice | None] = completion.choices or [None] * request.n
+    choices = []
+    for index, choice in enumerate(answers):
+        content = completion.content if choice is None else choice.content
+        message: dict[str, object] = {"role": "assistant", "content": content}
+        if completion.refusal is not None:
+            message["refusal"] = completion.refusal
+        entry: dict[str, object] = {
+            "index": index,
+            "message": message,
+            "finish_reason": completion.finish_reason,
+        }
+        if request.logprobs:
+            tokens = None if choice is None or choice.logprobs is None else list(choice.logprobs)
+            entry["logprobs"] = None if tokens is None else {"content": tokens, "refusal": None}
+        choices.append(entry)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": completion.finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": {
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,

@@ -321,3 +321,76 @@ def test_real_server_over_loopback(served: tuple[str, subprocess.Popen[str]]) ->
     assert answer(reply)["label"] == "sport"
     assert bad.status_code == 400
     assert (stats["requests"], stats["completions"], stats["errors"]) == (2, 1, 1)
+
+
+# --- samples and logprobs ----------------------------------------------------------------
+
+AMBIGUOUS_TEXT = (
+    "Minister backs broadband for clubs\n\nThe culture minister said football clubs and "
+    "cinemas should get faster broadband, as shares in the telecoms firm rose on the news."
+)
+
+
+def choices_of(response: Any) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    found: list[dict[str, Any]] = response.json()["choices"]
+    return found
+
+
+@needs_model
+def test_logprobs_carry_the_label_probability_the_client_reads_as_confidence(
+    backend: EmbeddingBackend,
+) -> None:
+    from workers.providers import provider_for
+
+    body = {**chat_body(AMBIGUOUS_TEXT), "logprobs": True, "top_logprobs": 3}
+    with TestClient(create_app(backend)) as client:
+        reply = client.post("/v1/chat/completions", json=body)
+    (choice,) = choices_of(reply)
+    content = choice["message"]["content"]
+    tokens = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in tokens) == content
+    stated = json.loads(content)
+    (label_token,) = [t for t in tokens if t["token"] == stated["label"]]
+    assert label_token["logprob"] < 0  # an ambiguous article: the label is not certain
+    top = label_token["top_logprobs"]
+    assert len(top) == 3 and top[0]["token"] == stated["label"]
+    assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+    # The client's sequence probability of the answer is its label's probability.
+    parsed = provider_for("openai").parse(reply.json())
+    assert parsed.logprob_confidence == pytest.approx(stated["confidence"], abs=1e-3)
+
+
+@needs_model
+def test_n_samples_are_drawn_at_the_temperature_reproducibly_by_seed(
+    backend: EmbeddingBackend,
+) -> None:
+    def labels(**sampling: Any) -> list[str]:
+        body = {**chat_body(AMBIGUOUS_TEXT), **sampling}
+        with TestClient(create_app(backend)) as client:
+            reply = client.post("/v1/chat/completions", json=body)
+        return [json.loads(c["message"]["content"])["label"] for c in choices_of(reply)]
+
+    hot = labels(n=12, temperature=2.0, seed=1)
+    assert len(hot) == 12 and len(set(hot)) > 1  # draws, not one answer repeated
+    assert labels(n=12, temperature=2.0, seed=1) == hot  # the same seed, the same draws
+    assert labels(n=12, temperature=2.0, seed=2) != hot
+    greedy = labels(n=4, temperature=0)
+    assert len(set(greedy)) == 1 and greedy[0] == labels()[0]
+
+
+def test_sampling_parameters_out_of_range_are_400_saying_which(client: TestClient) -> None:
+    for extra, says in (
+        ({"n": 0}, "'n' must be an integer from 1 to 16"),
+        ({"temperature": 3}, "'temperature' must be a number from 0 to 2"),
+        ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+        ({"seed": "x"}, "'seed' must be an integer"),
+    ):
+        body = {**chat_body(SPORT_TEXT), **extra}
+        reply = client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert reply.status_code == 400 and says in reply.json()["error"]["message"]
+    # A backend that gives one answer repeats it for each of the n choices asked for.
+    reply = client.post(
+        "/v1/chat/completions", json={**chat_body(SPORT_TEXT), "n": 3}, headers=AUTH
+    )
+    assert [c["index"] for c in choices_of(reply)] == [0, 1, 2]
