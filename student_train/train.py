@@ -29,6 +29,7 @@ __all__ = [
     "MIN_TRAIN_EXAMPLES",
     "StudentConfig",
     "TrainReport",
+    "fit_bag",
     "fit_student",
     "load_student",
     "save_student",
@@ -174,6 +175,26 @@ def fit_student(
         **scores,
     )
     return student, report
+
+
+def fit_bag(
+    texts: Sequence[str], targets: Sequence[int], n_classes: int, config: StudentConfig
+) -> tuple[BagOfNgrams, Featurizer]:
+    """A bag-of-n-grams model fitted to class indices, every example weighing the same (what
+    out-of-fold models for confident learning need: no split, no report)."""
+    torch.manual_seed(config.seed)
+    featurizer = config.featurizer()
+    with _threads(config.threads):
+        docs = featurizer.bags(texts)
+        model = BagOfNgrams(config.buckets, config.dim, n_classes, config.dropout)
+        _optimize(
+            model,
+            docs,
+            torch.tensor(list(targets), dtype=torch.long),
+            torch.ones(len(docs), dtype=torch.float32),
+            config,
+        )
+    return model, featurizer
 
 
 def _check_labels(examples: Sequence[Example], labels: Sequence[str]) -> None:
