@@ -37,6 +37,7 @@ __all__ = [
     "print_json",
     "progress_bar",
     "show_backfill",
+    "show_calibrated",
     "show_calibration",
     "show_dataset",
     "show_dataset_diff",
@@ -292,6 +293,49 @@ def show_report(result: dict[str, Any], console: Console) -> None:
         f"{pct(held['accepted_share'])}, and {pct(held['accepted_accuracy'])} of "
         f"those were right (raw teacher: {pct(held['raw_accuracy'])})"
     )
+    calibrated = result.get("calibrated")
+    if calibrated is not None:
+        show_calibrated(calibrated, console)
+
+
+def show_calibrated(calibrated: dict[str, Any], console: Console) -> None:
+    """`report` under checks.target_accuracy: the threshold in use, the estimate for labels
+    without a record, and the same estimate against the measurement on the withheld share."""
+    fit = calibrated["calibration"]
+    if fit is None:
+        console.print(
+            f"target accuracy {pct(calibrated['target'])}: no calibration yet (too few labels "
+            f"with a known-good record); items without one wait for it"
+        )
+        return
+    classes = ", ".join(
+        f"{name} {'none' if t is None else f'{t:.3f}'}" for name, t in fit["classes"].items()
+    )
+    overall = "none reaches it" if fit["threshold"] is None else f"{fit['threshold']:.3f}"
+    console.print(
+        f"target accuracy {pct(calibrated['target'])}: calibration {fit['id']} on "
+        f"{fit['items']} labels with a record{'' if fit['final'] else ' (still learning)'}: "
+        f"confidence ≥ {overall}" + (f" (per class: {classes})" if classes else "")
+    )
+    live, held = calibrated["without_record"], calibrated["withheld"]
+
+    def estimate(part: dict[str, Any]) -> str:
+        low, high = part["estimated_interval"]
+        return (
+            f"{pct(part['estimated_accuracy'])} estimated ({pct(low)} to {pct(high)}) at "
+            f"{pct(part['coverage'])} coverage"
+        )
+
+    console.print(
+        f"labels without a record the checks saw ({live['labels']}): {live['accepted']} "
+        f"accepted, {estimate(live)}"
+    )
+    if held["labels"] and held["measured_accuracy"] is not None:
+        low, high = held["measured_interval"]
+        console.print(
+            f"  check on the withheld share ({held['labels']}): {estimate(held)}; measured "
+            f"{pct(held['measured_accuracy'])} ({pct(low)} to {pct(high)})"
+        )
 
 
 def show_review_queue(title: str, entries: Sequence[dict[str, Any]], console: Console) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "Base",
     "Budget",
     "BudgetReservation",
+    "Calibration",
     "CallStatus",
     "Dataset",
     "DatasetItem",
@@ -266,6 +267,32 @@ class Label(Base):
     agreement: Mapped[float | None] = mapped_column(Float)
     known_good_match: Mapped[bool | None] = mapped_column(Boolean)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # For a label without a record the checks saw, under checks.target_accuracy: the
+    # calibrated confidence threshold it was held to, and the calibration that set it.
+    threshold: Mapped[float | None] = mapped_column(Float)
+    calibration_id: Mapped[int | None] = mapped_column(ForeignKey("calibrations.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class Calibration(Base):
+    """What a spec version's labels with a known-good record say about its teacher's
+    confidence: the thresholds that reach ``target`` accuracy (overall and per class), fitted
+    while labeling goes on. Never changed; a refit is a new row, and each label names its own."""
+
+    __tablename__ = "calibrations"
+    __table_args__ = (Index("ix_calibrations_spec_id", "spec_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    signal: Mapped[str] = mapped_column(String(32))
+    target: Mapped[float] = mapped_column(Float)
+    items: Mapped[int] = mapped_column(Integer)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    # No labeled-with-record item was still to come when it was fitted: it will not improve.
+    final: Mapped[bool] = mapped_column(Boolean)
+    # The chosen point, the per-class thresholds and the isotonic fit (workers.calibration).
+    fit: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 
@@ -339,7 +366,6 @@ class DatasetItem(Base):
     training weight (balancing and oversampling are weights, never copies)."""
 
     __tablename__ = "dataset_items"
-    # A split in label order without a sort: what an export reads.
     # A split in label order without a sort: what an export reads.
     __table_args__ = (Index("ix_dataset_items_dataset_split", "dataset_id", "split", "label_id"),)
 

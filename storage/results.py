@@ -87,6 +87,8 @@ class LabelRecord:
     request_hash: str | None
     agreement: float | None = None
     problems: list[dict[str, Any]] | None = None
+    threshold: float | None = None
+    calibration_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

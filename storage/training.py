@@ -53,6 +53,8 @@ class ReportRow:
     verdict: Verdict
     reasons: list[Any]
     known_good: dict[str, Any] | None
+    confidence: float | None = None
+    agreement: float | None = None
 
 
 def report_rows(session: Session, spec_id: int) -> list[ReportRow]:
@@ -65,6 +67,8 @@ def report_rows(session: Session, spec_id: int) -> list[ReportRow]:
             Label.verdict,
             Label.reasons,
             Item.known_good,
+            Label.confidence,
+            Label.agreement,
         )
         .join(Label, Label.item_id == Item.id)
         .where(Label.spec_id == spec_id)
@@ -122,12 +126,20 @@ class CalibrationRow:
     known_good: dict[str, Any] | None
 
 
-def calibration_rows(session: Session, spec_id: int) -> list[CalibrationRow]:
-    """Every label of one spec version that has an item with a known-good record."""
+def calibration_rows(
+    session: Session, spec_id: int, *, latest: int | None = None
+) -> list[CalibrationRow]:
+    """Every label of one spec version that has an item with a known-good record (with
+    ``latest``, only the newest that many), in item id order."""
     stmt = (
         select(Item.external_id, Label.confidence, Label.agreement, Label.output, Item.known_good)
         .join(Label, Label.item_id == Item.id)
         .where(Label.spec_id == spec_id, Item.known_good.is_not(None))
-        .order_by(Item.id)
     )
-    return [CalibrationRow(*row) for row in session.execute(stmt)]
+    if latest is not None:
+        newest = stmt.order_by(Label.id.desc()).limit(latest).subquery()
+        return [
+            CalibrationRow(*row)
+            for row in session.execute(select(newest).order_by(newest.c.external_id))
+        ]
+    return [CalibrationRow(*row) for row in session.execute(stmt.order_by(Item.id))]

@@ -25,16 +25,22 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "Calibration",
     "CurvePoint",
     "Estimate",
     "IsotonicFit",
+    "Outcome",
     "calibrate_spec",
     "curve",
     "estimate",
+    "estimate_kept",
+    "fit_calibration",
     "isotonic",
+    "outcomes",
     "plot_curve",
     "threshold_for",
     "wilson",
+    "withheld_measure",
 ]
 
 # One-sided 95 %: the threshold's accuracy is at least the target with 95 % confidence.
@@ -178,26 +184,183 @@ def estimate(
     isotonic fit over them, its interval from refitting on bootstrap resamples of the
     calibration items (the uncertainty of what the records say)."""
     scores, correct = calibration
-    kept = [s for s in live if s >= threshold]
-    coverage = len(kept) / len(live) if live else 0.0
-    if not kept or not scores:
+    seen = [Outcome(s, c, None) for s, c in zip(scores, correct, strict=True)]
+    kept = [(s, None) for s in live if s >= threshold]
+    return estimate_kept(seen, kept, len(live), resamples=resamples, seed=seed)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One label with a known-good record: the teacher's signal, whether the label agrees
+    with the record, and its class (classification specs; None otherwise)."""
+
+    score: float
+    correct: bool
+    cls: str | None = None
+
+
+# A class gets a threshold (and a fit) of its own from this many labels with a record.
+CLASS_MIN_ITEMS = 200
+
+
+def estimate_kept(
+    seen: Sequence[Outcome],
+    kept: Sequence[tuple[float, str | None]],
+    total: int,
+    *,
+    class_min_items: int | None = CLASS_MIN_ITEMS,
+    resamples: int = 200,
+    seed: int = 0,
+) -> Estimate:
+    """The expected accuracy of ``kept`` labels without a record (score, class), ``total``
+    labels in all: the mean of P(right | score) fitted on ``seen`` (per class where a class
+    has ``class_min_items``), its 95 % interval from refitting on bootstrap resamples."""
+    coverage = len(kept) / total if total else 0.0
+    if not kept or not seen:
         return Estimate(coverage, len(kept), None, None, None)
-    point = _mean_fit(isotonic(scores, correct), kept)
+    point = _mean_fit(_fits(seen, class_min_items), kept)
     rng = random.Random(seed)
-    pairs = list(zip(scores, correct, strict=True))
     draws = []
     for _ in range(resamples):
-        sample = [pairs[rng.randrange(len(pairs))] for _ in pairs]
-        fit = isotonic([s for s, _ in sample], [c for _, c in sample])
-        draws.append(_mean_fit(fit, kept))
+        sample = [seen[rng.randrange(len(seen))] for _ in seen]
+        draws.append(_mean_fit(_fits(sample, class_min_items), kept))
     draws.sort()
     lower = draws[int(0.025 * (resamples - 1))]
     upper = draws[math.ceil(0.975 * (resamples - 1))]
     return Estimate(coverage, len(kept), round(point, 6), round(lower, 6), round(upper, 6))
 
 
-def _mean_fit(fit: IsotonicFit, scores: Sequence[float]) -> float:
-    return sum(fit.predict(s) for s in scores) / len(scores)
+def _fits(
+    seen: Sequence[Outcome], class_min_items: int | None
+) -> tuple[IsotonicFit, dict[str | None, IsotonicFit]]:
+    """The overall fit, and one per class with enough outcomes."""
+    overall = isotonic([o.score for o in seen], [o.correct for o in seen])
+    own: dict[str | None, IsotonicFit] = {}
+    if class_min_items is not None:
+        for cls, members in _by_class(seen).items():
+            if cls is not None and len(members) >= class_min_items:
+                own[cls] = isotonic([o.score for o in members], [o.correct for o in members])
+    return overall, own
+
+
+def _mean_fit(
+    fits: tuple[IsotonicFit, dict[str | None, IsotonicFit]] | IsotonicFit,
+    kept: Sequence[tuple[float, str | None]],
+) -> float:
+    overall, own = fits if isinstance(fits, tuple) else (fits, {})
+    return sum(own.get(cls, overall).predict(score) for score, cls in kept) / len(kept)
+
+
+def _by_class(seen: Sequence[Outcome]) -> dict[str | None, list[Outcome]]:
+    groups: dict[str | None, list[Outcome]] = {}
+    for outcome in seen:
+        groups.setdefault(outcome.cls, []).append(outcome)
+    return groups
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """The thresholds a target accuracy needs, as labeling applies them: one overall and one
+    per class that has enough labels with a record (a class the overall threshold would
+    let through at a lower accuracy gets a stricter one, an easy class a looser one).
+
+    A threshold of None: the records do not (yet) show any threshold reaching the target.
+    ``final``: no item with a record was still to be labeled when it was fitted."""
+
+    target: float
+    items: int
+    accuracy: float | None
+    threshold: float | None
+    point: dict[str, Any] | None
+    classes: dict[str, dict[str, Any]]
+    final: bool
+    signal: str = "confidence"
+    id: int | None = None
+
+    def threshold_of(self, cls: str | None) -> float | None:
+        """The threshold a label of class ``cls`` is held to."""
+        own = self.classes.get(cls) if cls is not None else None
+        return self.threshold if own is None else own["threshold"]
+
+    def fit_json(self) -> dict[str, Any]:
+        """What the ``calibrations.fit`` column keeps."""
+        return {"point": self.point, "classes": self.classes}
+
+    def describe(self, cls: str | None) -> str:
+        """Where a class's threshold comes from, in words, for a rejection's message."""
+        own = self.classes.get(cls) if cls is not None else None
+        if own is not None:
+            return f"{own['items']} labels of class {cls!r} with a record"
+        return f"{self.items} labels with a record"
+
+
+def fit_calibration(
+    seen: Sequence[Outcome],
+    target: float,
+    *,
+    min_items: int = 30,
+    class_min_items: int | None = CLASS_MIN_ITEMS,
+    final: bool = False,
+) -> Calibration:
+    """The lowest thresholds whose accepted labels reach ``target`` at the 95 % lower bound:
+    overall, and for each class with ``class_min_items`` outcomes (None: no class thresholds)."""
+    chosen = threshold_for(
+        target, [o.score for o in seen], [o.correct for o in seen], min_items=min_items
+    )
+    classes: dict[str, dict[str, Any]] = {}
+    if class_min_items is not None:
+        for cls, members in sorted(_by_class(seen).items(), key=lambda kv: str(kv[0])):
+            if cls is None or len(members) < class_min_items:
+                continue
+            own = threshold_for(
+                target,
+                [o.score for o in members],
+                [o.correct for o in members],
+                min_items=min_items,
+            )
+            classes[cls] = {
+                "items": len(members),
+                "accuracy": round(sum(o.correct for o in members) / len(members), 6),
+                "threshold": None if own is None else own.threshold,
+                "point": None if own is None else own.as_dict(),
+            }
+    return Calibration(
+        target=target,
+        items=len(seen),
+        accuracy=round(sum(o.correct for o in seen) / len(seen), 6) if seen else None,
+        threshold=None if chosen is None else chosen.threshold,
+        point=None if chosen is None else chosen.as_dict(),
+        classes=classes,
+        final=final,
+    )
+
+
+def outcomes(spec: Any, rows: Sequence[Any]) -> tuple[list[Outcome], list[Outcome]]:
+    """The labels with a record, split into those whose record the checks saw and those on
+    the withheld share, each compared with its record field by field as the checks compare
+    (``rows``: ``storage.training.CalibrationRow``). Labels without a signal are left out."""
+    from workers.checks import field_matches
+    from workers.spec import is_withheld
+
+    share = float(spec.checks["withhold_share"])
+    rules = spec.known_good
+    field = spec.class_field
+    seen: list[Outcome] = []
+    held: list[Outcome] = []
+    for row in rows:
+        score = row.confidence if row.confidence is not None else row.agreement
+        record = row.known_good or {}
+        compared = {name: rule for name, rule in rules.items() if name in record}
+        if score is None or row.output is None or not compared:
+            continue
+        correct = all(
+            field_matches(row.output.get(name), record[name], rule)
+            for name, rule in compared.items()
+        )
+        cls = row.output.get(field) if field is not None else None
+        outcome = Outcome(float(score), correct, cls if isinstance(cls, str) else None)
+        (held if is_withheld(row.external_id, share) else seen).append(outcome)
+    return seen, held
 
 
 def calibrate_spec(
@@ -208,74 +371,65 @@ def calibrate_spec(
     points: int = 10,
     png: Any = None,
 ) -> dict[str, Any]:
-    """A classification spec's labels against their records: the curve of the teacher's
-    confidence on the items whose record the checks saw, the threshold a ``target`` needs,
-    and, on the withheld share (the checks never saw those records), the estimate next to
-    the measurement, so the estimate can be judged; with ``png``, the curve drawn there.
-    ``rows`` are ``storage.training.CalibrationRow``."""
+    """A spec's labels against their records: the curve of the teacher's confidence on the
+    items whose record the checks saw, the thresholds a ``target`` needs (overall and per
+    class), and, on the withheld share (the checks never saw those records), the estimate
+    next to the measurement, so the estimate can be judged; with ``png``, the curve drawn
+    there. ``rows`` are ``storage.training.CalibrationRow``."""
     from schemas.errors import ConfigError
-    from workers.spec import is_withheld
 
-    field = spec.class_field
-    if field is None:
-        raise ConfigError(
-            f"spec {spec.name!r} is a {spec.kind} spec; calibrate handles classification "
-            f"specs for now"
-        )
-    share = float(spec.checks["withhold_share"])
-    seen: tuple[list[float], list[bool]] = ([], [])
-    held: tuple[list[float], list[bool]] = ([], [])
-    for row in rows:
-        score = row.confidence if row.confidence is not None else row.agreement
-        if score is None or not row.known_good or field not in row.known_good:
-            continue
-        right = (row.output or {}).get(field) == row.known_good[field]
-        side = held if is_withheld(row.external_id, share) else seen
-        side[0].append(float(score))
-        side[1].append(right)
-    if not seen[0]:
+    seen, held = outcomes(spec, rows)
+    if not seen:
         raise ConfigError(
             f"no labels of {spec.name} v{spec.version} have both a confidence and a "
             f"known-good record the checks saw: nothing to calibrate on yet"
         )
-    chosen = threshold_for(target, *seen) if target is not None else None
+    scores, right = [o.score for o in seen], [o.correct for o in seen]
+    fitted = fit_calibration(seen, target) if target is not None else None
     result: dict[str, Any] = {
         "spec": spec.name,
         "version": spec.version,
+        "kind": spec.kind,
         "signal": "confidence",
-        "calibration_items": len(seen[0]),
-        "raw_accuracy": round(sum(seen[1]) / len(seen[1]), 6),
-        "curve": [p.as_dict() for p in curve(*seen, points=points)],
+        "calibration_items": len(seen),
+        "raw_accuracy": round(sum(right) / len(right), 6),
+        "curve": [p.as_dict() for p in curve(scores, right, points=points)],
         "target": target,
-        "threshold": None if chosen is None else chosen.as_dict(),
-        "withheld": _withheld(chosen, seen, held),
+        "threshold": None if fitted is None else fitted.point,
+        "classes": {} if fitted is None else fitted.classes,
+        "withheld": withheld_measure(fitted, seen, held),
     }
     if png is not None:
-        plot_curve(result, [p.as_dict() for p in curve(*seen, points=200)], png)
+        plot_curve(result, [p.as_dict() for p in curve(scores, right, points=200)], png)
         result["png"] = str(png)
     return result
 
 
-def _withheld(
-    chosen: CurvePoint | None,
-    seen: tuple[list[float], list[bool]],
-    held: tuple[list[float], list[bool]],
+def withheld_measure(
+    fitted: Calibration | None, seen: Sequence[Outcome], held: Sequence[Outcome]
 ) -> dict[str, Any]:
-    scores, right = held
+    """On the withheld share: the raw teacher's accuracy and, with thresholds, the estimate
+    of the labels they keep next to what their records measure."""
     out: dict[str, Any] = {
-        "items": len(scores),
-        "raw_accuracy": round(sum(right) / len(right), 6) if right else None,
+        "items": len(held),
+        "raw_accuracy": round(sum(o.correct for o in held) / len(held), 6) if held else None,
     }
-    if chosen is None or not scores:
+    if fitted is None or not held:
         return out
-    kept = [r for s, r in zip(scores, right, strict=True) if s >= chosen.threshold]
-    out["estimated"] = estimate(chosen.threshold, seen, scores).as_dict()
+    kept = [o for o in held if _passes(fitted, o.score, o.cls)]
+    out["estimated"] = estimate_kept(seen, [(o.score, o.cls) for o in kept], len(held)).as_dict()
+    hits = sum(o.correct for o in kept)
     out["measured"] = {
-        "coverage": round(len(kept) / len(scores), 6),
-        "accuracy": round(sum(kept) / len(kept), 6) if kept else None,
-        "interval": list(wilson(sum(kept), len(kept))) if kept else None,
+        "coverage": round(len(kept) / len(held), 6),
+        "accuracy": round(hits / len(kept), 6) if kept else None,
+        "interval": list(wilson(hits, len(kept))) if kept else None,
     }
     return out
+
+
+def _passes(fitted: Calibration, score: float, cls: str | None) -> bool:
+    threshold = fitted.threshold_of(cls)
+    return threshold is not None and score >= threshold
 
 
 def plot_curve(result: dict[str, Any], points: Sequence[dict[str, Any]], path: Any) -> None:

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.errors import ConfigError, PermanentError, RateLimited, StillhouseError
+from storage.calibrations import AWAITING_CALIBRATION
 from storage.items import ClaimedItem
 from storage.models import CallStatus, Verdict
 from storage.results import BatchResult, CallRecord, LabelRecord, NewResponse, Release
+from workers.calibration import Calibration
 from workers.checks import Checker, CheckResult, parse_json_answer
 from workers.providers import Answer
 from workers.spec import Spec, TeacherConfig
@@ -67,6 +69,9 @@ class BatchContext:
     # which jury teacher each request hash belongs to (any other hash is the primary's).
     jury: dict[int, list[TeacherRequest]] = field(default_factory=dict)
     jury_teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    # Under checks.target_accuracy: the thresholds for items without a record the checks
+    # see (None: not ready, such items wait).
+    calibration: Calibration | None = None
 
     def teacher_for(self, request_hash: str) -> TeacherConfig:
         """The teacher a request went to: what prices its ledger rows and parses its answer."""
@@ -287,6 +292,18 @@ def _label(
         result.reject("repair_failed", "the repair re-ask got no usable answer from the teacher")
     if jury:
         rhash, result = _jury_vote(ctx, item_id, (rhash, result), jury, document)
+    threshold: float | None = None
+    calibration_id: int | None = None
+    if (
+        ctx.spec.target_accuracy is not None
+        and item_id not in ctx.known
+        and result.verdict == Verdict.ACCEPTED
+    ):
+        held = _calibrated(ctx, result)
+        if held is None:
+            _await_calibration(ctx, item_id, batch, summary)
+            return
+        threshold, calibration_id = held
     batch.labels.append(
         LabelRecord(
             item_id,
@@ -298,10 +315,67 @@ def _label(
             rhash,
             result.agreement,
             result.problems or None,
+            threshold,
+            calibration_id,
         )
     )
     summary.labeled += 1
     summary.accepted += int(result.verdict == Verdict.ACCEPTED)
+
+
+def _calibrated(ctx: BatchContext, result: CheckResult) -> tuple[float | None, int | None] | None:
+    """Hold an accepted label without a record to the calibrated threshold of its class;
+    returns the threshold and the calibration's id, or None when the calibration is not
+    ready (too few labels with a record yet, or none reaching the target while more come)."""
+    calibration = ctx.calibration
+    field_name = ctx.spec.class_field
+    cls = (result.output or {}).get(field_name) if field_name else None
+    cls = cls if isinstance(cls, str) else None
+    if calibration is None:
+        return None
+    threshold = calibration.threshold_of(cls)
+    if threshold is None and not calibration.final:
+        return None
+    target = f"checks.target_accuracy {calibration.target:g}"
+    where = calibration.describe(cls)
+    if threshold is None:
+        result.reject(
+            "below_calibrated_threshold",
+            f"no confidence threshold reaches {target} at the 95 % lower bound on the "
+            f"{where}; lower the target or add known-good records",
+        )
+    elif result.confidence is None:
+        result.reject(
+            "below_calibrated_threshold",
+            f"the answer has no confidence to hold to the threshold {threshold:.3f} that "
+            f"reaches {target}",
+        )
+    elif result.confidence < threshold:
+        result.reject(
+            "below_calibrated_threshold",
+            f"confidence {result.confidence:.3f} is below {threshold:.3f}, the threshold that "
+            f"reaches {target} at the 95 % lower bound on the {where} "
+            f"(calibration {calibration.id})",
+        )
+    if result.reasons:
+        result.verdict = Verdict.REJECTED
+    return threshold, calibration.id
+
+
+def _await_calibration(
+    ctx: BatchContext, item_id: int, batch: BatchResult, summary: BatchSummary
+) -> None:
+    """No label yet: the item goes back, its attempt refunded, and is looked at again once
+    the calibration may be ready (its answer is cached: no second call)."""
+    min_items = int(ctx.spec.checks["calibration_min_items"])
+    message = (
+        f"{AWAITING_CALIBRATION}: checks.target_accuracy needs a calibration on at least "
+        f"{min_items} labels with a known-good record (or every such item labeled) before "
+        f"labels without one can be held to it"
+    )
+    wait = float(ctx.spec.checks["calibration_wait_s"])
+    batch.releases.append(Release(item_id, message, wait, False, True, AWAITING_CALIBRATION))
+    summary.released += 1
 
 
 def _jury_vote(

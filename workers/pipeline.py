@@ -40,10 +40,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError, LeaseExpired
 from storage.budget import budget_state, current_budget, reserve, settle
+from storage.calibrations import awaiting
 from storage.items import ClaimedItem, claim_items, known_good_for
 from storage.leases import extend_leases
 from storage.models import SpecRow
 from storage.results import Fence, InFlight, cached_responses, record_batch
+from workers.calibrator import Calibrator
 from workers.checks import Checker
 from workers.concurrency import SlotPool
 from workers.governor import (
@@ -155,6 +157,7 @@ class LabelRuntime:
         self._pools: dict[str, SlotPool] = {}
         self._redis: Any = None
         self._ahead = WriteAhead(sessions.kw["bind"])
+        self.calibrator = Calibrator(sessions)
 
     def close(self) -> None:
         for loaded in self._loaded.values():
@@ -249,7 +252,7 @@ class LabelRuntime:
             )
         if not claimed:
             return BatchSummary()
-        ctx = self._context(loaded, claimed)
+        ctx = self._context(spec_id, loaded, claimed)
         ctx.lease_ends = lease_ends
         misses = {
             call.request.request_hash: call
@@ -387,7 +390,7 @@ class LabelRuntime:
         ctx.outcomes.update(self._send(spec_id, misses, ctx))
         return True
 
-    def _context(self, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
+    def _context(self, spec_id: int, loaded: _Loaded, claimed: list[ClaimedItem]) -> BatchContext:
         spec = loaded.spec
         messages = {c.id: render_messages(spec, c.text) for c in claimed}
         ctx_ids = {c.id: c.external_id for c in claimed}
@@ -421,6 +424,9 @@ class LabelRuntime:
                 if not is_withheld(ctx_ids[item_id], share)
             }
             cached = cached_responses(session, hashes)
+        calibration = None
+        if spec.target_accuracy is not None and any(c.id not in known for c in claimed):
+            calibration = self.calibrator.current(spec_id, spec)
         return BatchContext(
             spec,
             loaded.checker,
@@ -433,6 +439,7 @@ class LabelRuntime:
             messages=messages,
             jury=jury,
             jury_teachers=jury_teachers,
+            calibration=calibration,
         )
 
     def _reserve(
@@ -556,19 +563,32 @@ def label_until_done(
             errors.append(exc)
             stop.set()
 
-    threads = [
-        threading.Thread(target=lane, name=f"stillhouse-lane-{n}", daemon=True)
-        for n in range(lanes)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    lane()  # the straggler pass, in this thread
-    if errors:
-        raise errors[0]
+    def all_lanes() -> None:
+        threads = [
+            threading.Thread(target=lane, name=f"stillhouse-lane-{n}", daemon=True)
+            for n in range(lanes)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        lane()  # the straggler pass, in this thread
+        if errors:
+            raise errors[0]
+
+    all_lanes()
+    if spec.target_accuracy is not None:
+        # Items without a record wait for the calibration that the labels with one build;
+        # each round either applies it or, once no item with a record is left, decides.
+        wait = float(spec.checks["calibration_wait_s"])
+        while True:
+            with runtime.sessions() as session:
+                if not awaiting(session, spec_id):
+                    break
+            time.sleep(wait)
+            all_lanes()
     return total
 
 

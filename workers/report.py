@@ -14,6 +14,13 @@ from typing import Any
 
 from storage.models import Verdict
 from storage.training import ReportRow
+from workers.calibration import (
+    CLASS_MIN_ITEMS,
+    Calibration,
+    Outcome,
+    estimate_kept,
+    wilson,
+)
 from workers.checks import field_matches
 from workers.compare import compare_ranking, ndcg_at_k, top1_agreement
 from workers.spec import Spec, is_withheld
@@ -205,8 +212,73 @@ def _groups(spec: Spec, row: ReportRow) -> Iterable[str]:
         yield f"class={row.output.get('label')}"
 
 
-def build_report(spec: Spec, rows: list[ReportRow]) -> dict[str, Any]:
-    """The report as one JSON-ready object: ``overall``, ``slices`` and ``withheld``."""
+def _calibrated(
+    spec: Spec, rows: list[ReportRow], calibration: Calibration | None
+) -> dict[str, Any]:
+    """Under ``checks.target_accuracy``: the estimated accuracy of the accepted labels of
+    items without a record the checks saw (from the labels with one), with its interval and
+    the coverage; on the withheld share, the same estimate beside what the records measure."""
+    share = float(spec.checks["withhold_share"])
+    seen: list[Outcome] = []
+    live: list[tuple[float, str | None, bool]] = []  # accepted labels without a seen record
+    held: list[tuple[float, str | None, bool]] = []
+    counts = Counter[str]()
+    field_name = spec.class_field
+    for row in rows:
+        withheld = is_withheld(row.external_id, share)
+        agrees = _agrees(spec, row)
+        score = row.confidence if row.confidence is not None else row.agreement
+        cls = (row.output or {}).get(field_name) if field_name else None
+        cls = cls if isinstance(cls, str) else None
+        if agrees is not None and not withheld:
+            if score is not None and row.output is not None:
+                seen.append(Outcome(float(score), agrees, cls))
+            continue
+        counts["labels"] += 1
+        counts["withheld"] += int(withheld and agrees is not None)
+        if row.verdict != Verdict.ACCEPTED or score is None:
+            continue
+        live.append((float(score), cls, bool(agrees)))
+        if withheld and agrees is not None:
+            held.append((float(score), cls, agrees))
+    per_class = CLASS_MIN_ITEMS if spec.checks["calibration_per_class"] else None
+
+    def estimated(kept: list[tuple[float, str | None, bool]], total: int) -> dict[str, Any]:
+        found = estimate_kept(seen, [(s, c) for s, c, _ in kept], total, class_min_items=per_class)
+        return {
+            "coverage": round(found.coverage, 6),
+            "accepted": found.accepted,
+            "estimated_accuracy": found.accuracy,
+            "estimated_interval": [found.lower, found.upper],
+        }
+
+    hits = sum(right for _, _, right in held)
+    return {
+        "target": spec.target_accuracy,
+        "calibration": None
+        if calibration is None
+        else {
+            "id": calibration.id,
+            "items": calibration.items,
+            "threshold": calibration.threshold,
+            "classes": {k: v["threshold"] for k, v in calibration.classes.items()},
+            "final": calibration.final,
+        },
+        "without_record": {"labels": counts["labels"], **estimated(live, counts["labels"])},
+        "withheld": {
+            "labels": counts["withheld"],
+            **estimated(held, counts["withheld"]),
+            "measured_accuracy": _ratio(hits, len(held)),
+            "measured_interval": [round(b, 4) for b in wilson(hits, len(held))] if held else None,
+        },
+    }
+
+
+def build_report(
+    spec: Spec, rows: list[ReportRow], calibration: Calibration | None = None
+) -> dict[str, Any]:
+    """The report as one JSON-ready object: ``overall``, ``slices`` and ``withheld`` (and
+    ``calibrated`` under ``checks.target_accuracy``; ``calibration`` is the latest fit)."""
     share = float(spec.checks["withhold_share"])
     overall, withheld = _Tally(), _Tally()
     slices: dict[str, _Tally] = defaultdict(_Tally)
@@ -238,4 +310,9 @@ def build_report(spec: Spec, rows: list[ReportRow]) -> dict[str, Any]:
             "raw_accuracy": held["teacher_agreement"],
             "by_reason": held["by_reason"],
         },
+        **(
+            {"calibrated": _calibrated(spec, rows, calibration)}
+            if spec.target_accuracy is not None
+            else {}
+        ),
     }

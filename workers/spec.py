@@ -139,8 +139,18 @@ class Spec:
             "max_depth": 10,
             "repair_attempts": 1,
             "withhold_share": 0.0,
+            "target_accuracy": None,
+            "calibration_min_items": 200,
+            "calibration_per_class": True,
+            "calibration_wait_s": 2.0,
             **self.body.get("checks", {}),
         }
+
+    @property
+    def target_accuracy(self) -> float | None:
+        """``checks.target_accuracy``: labels without a record are held to a learned threshold."""
+        value = self.checks["target_accuracy"]
+        return None if value is None else float(value)
 
     @property
     def labeling(self) -> dict[str, int]:

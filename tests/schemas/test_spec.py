@@ -78,6 +78,10 @@ def test_bundled_triage_spec_loads() -> None:
         "max_depth": 10,
         "repair_attempts": 1,
         "withhold_share": 0.1,
+        "target_accuracy": None,
+        "calibration_min_items": 200,
+        "calibration_per_class": True,
+        "calibration_wait_s": 2.0,
     }
     assert spec.labeling == {"batch_size": 64, "max_attempts": 5, "lease_s": 600}
 
@@ -159,7 +163,12 @@ def test_minimal_spec_gets_defaults(tmp_path: Path) -> None:
         "max_depth": 10,
         "repair_attempts": 1,
         "withhold_share": 0.0,
+        "target_accuracy": None,
+        "calibration_min_items": 200,
+        "calibration_per_class": True,
+        "calibration_wait_s": 2.0,
     }
+    assert spec.target_accuracy is None
     assert spec.labeling == {"batch_size": 50, "max_attempts": 5, "lease_s": 600}
     assert spec.teacher.base_url == "http://127.0.0.1:8765/v1"
     assert spec.teacher.response_format == "json_schema"

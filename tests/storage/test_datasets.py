@@ -159,8 +159,8 @@ def test_diff_says_what_was_added_removed_and_relabeled(
     sessions: sessionmaker[Session], store: Labeled
 ) -> None:
     make(sessions, store, "before", DatasetFilters(min_confidence=0.6))
-    body = dict(store.spec.body, version=2)
-    with sessions.begin() as session:  # v2 relabels nine items, two of them differently
+    body = dict(store.spec.body, version=store.spec.version + 1)
+    with sessions.begin() as session:  # v+1 relabels nine items, two differently
         v2 = store_spec(session, parse_spec(body)).id
         for n in range(41, 50):
             write_label(session, store, f"t{n:05d}", QUEUES[(n + (n < 43)) % 5], spec_id=v2)

@@ -626,7 +626,7 @@ def test_new_spec_version_requeues_existing_items(
     path = write_jsonl(tmp_path / "rows.jsonl", [ticket("a"), ticket("b")])
     load_source(sessions, spec, read_source(str(path)))
     body = copy.deepcopy(spec.body)
-    body["version"] = 2
+    body["version"] = spec.version + 1
     body["prompt"]["system"] = "Different instructions."
     v2 = parse_spec(body)
 
@@ -635,5 +635,5 @@ def test_new_spec_version_requeues_existing_items(
     assert summary.counts.inserted == 0
     assert summary.counts.relabel == 2
     with sessions() as session:
-        v2_id = session.scalar(select(SpecRow.id).where(SpecRow.version == 2))
+        v2_id = session.scalar(select(SpecRow.id).where(SpecRow.version == v2.version))
     assert {i.spec_id for i in _items(sessions)} == {v2_id}

@@ -443,7 +443,7 @@ def test_reload_under_a_new_spec_version_requeues_and_counts_changes(
     with sessions.begin() as session:
         session.execute(Item.__table__.update().values(state="accepted", attempts=1))
     body = copy.deepcopy(spec.body)
-    body["version"] = 2
+    body["version"] = spec.version + 1
     body["prompt"]["system"] = "Different instructions."
     v2_rows = [ticket(f"r{i}") for i in range(30)] + [ticket("new")]
     v2_rows[0] = ticket("r0", body="Rewritten.")
@@ -457,7 +457,7 @@ def test_reload_under_a_new_spec_version_requeues_and_counts_changes(
     items = stored(sessions)
     assert items["r0"].text == "Headline r0\n\nBody of r0."  # kept as first loaded
     with sessions() as session:
-        v2_id = session.scalar(select(SpecRow.id).where(SpecRow.version == 2))
+        v2_id = session.scalar(select(SpecRow.id).where(SpecRow.version == spec.version + 1))
     assert {(str(i.state), i.spec_id, i.attempts) for i in items.values()} == {
         ("pending", v2_id, 0)
     }
