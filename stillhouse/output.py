@@ -49,8 +49,13 @@ __all__ = [
     "show_report",
     "show_requeue",
     "show_review_decision",
+    "show_review_progress",
     "show_review_queue",
+    "show_review_sample",
+    "show_review_suspects",
+    "show_review_tasks",
     "show_status",
+    "show_task_decision",
     "show_train",
     "table_console",
 ]
@@ -366,6 +371,113 @@ def show_review_decision(result: dict[str, Any], console: Console) -> None:
         markup=False,
         highlight=False,
     )
+
+
+def show_review_tasks(
+    title: str, reason: str, entries: Sequence[dict[str, Any]], console: Console
+) -> None:
+    """`review list --reason suspect_record|sample`: the open tasks, highest rank first."""
+    suspect = reason == "suspect_record"
+    table = Table(title=f"{title}: open ({len(entries)})")
+    columns = (
+        ("item", "record", "suggested", "P(record wrong)", "teacher conf.", "text")
+        if suspect
+        else ("item", "teacher", "confidence", "stratum", "text")
+    )
+    for column in columns:
+        table.add_column(column)
+    for e in entries:
+        text = cell(e["text"].replace("\n", " "), limit=80)
+        confidence = "n/a" if e["confidence"] is None else f"{e['confidence']:.2f}"
+        if suspect:
+            table.add_row(
+                cell(e["external_id"]),
+                cell(json.dumps(e["record"], ensure_ascii=False)),
+                cell(json.dumps(e["proposed"], ensure_ascii=False)),
+                f"{e['rank']:.3f}",
+                confidence,
+                text,
+            )
+        else:
+            shown = {k: v for k, v in (e["output"] or {}).items() if k != "confidence"}
+            table.add_row(
+                cell(e["external_id"]),
+                cell(json.dumps(shown, ensure_ascii=False)),
+                confidence,
+                cell(e["stratum"] or ""),
+                text,
+            )
+    table_console().print(table)
+
+
+def show_review_progress(progress: dict[str, Any], console: Console) -> None:
+    """Where a sample review stands, and how many more decisions would buy what."""
+    line = f"{progress['decided']} decided, {progress['waiting']} waiting"
+    if progress["decided"]:
+        lo, hi = progress["interval"]
+        line += (
+            f"; the teacher was right on {progress['teacher_right']} "
+            f"({progress['accuracy']:.1%}, 95 % interval {lo:.1%} to {hi:.1%})"
+        )
+    more = progress["more_for_2_points"]
+    line += (
+        f"; about {more} more decisions would narrow that to ±2 points"
+        if more
+        else "; that interval is within ±2 points"
+    )
+    if progress["more_for_calibration"]:
+        line += (
+            f"; {progress['more_for_calibration']} more records before a calibration "
+            f"(it has {progress['records']}; `stillhouse calibrate` fits one)"
+        )
+    else:
+        line += f"; {progress['records']} labels have a record: `stillhouse calibrate` can fit"
+    console.print(line, markup=False, highlight=False)
+
+
+def show_review_suspects(result: dict[str, Any], console: Console) -> None:
+    """`review suspects`: how many records look wrong, and how many went to the queue."""
+    console.print(
+        f"{result['suspects']} of {result['records']} known-good records of "
+        f"{plain(result['spec'], one_line=True)} v{result['version']} look wrong (the teacher "
+        f"and an out-of-fold model agree against them); {result['queued']} newly queued: "
+        f"`stillhouse review list --reason suspect_record --spec {result['spec']}`",
+        markup=False,
+        highlight=False,
+    )
+
+
+def show_review_sample(result: dict[str, Any], console: Console) -> None:
+    """`review sample`: what was drawn, from where, and where the review stands."""
+    console.print(
+        f"queued {result['queued']} of {result['population']} labels without a record of "
+        f"{plain(result['spec'], one_line=True)} v{result['version']} for review, from "
+        f"{len(result['strata'])} strata (class x confidence band; rare classes "
+        f"over-represented): `stillhouse review list --reason sample --spec {result['spec']}`",
+        markup=False,
+        highlight=False,
+    )
+    show_review_progress(result["progress"], console)
+
+
+def show_task_decision(result: dict[str, Any], console: Console) -> None:
+    """`review resolve --reason …`: what each decision did to the record and the label."""
+    decided = result["decided"]
+    verb = "would decide" if result["dry_run"] else "decided"
+    kinds: dict[str, int] = {}
+    for d in decided:
+        kinds[d["decision"]] = kinds.get(d["decision"], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
+    shown = ", ".join(plain(d["item"], one_line=True) for d in decided[:10])
+    more = f" and {len(decided) - 10} more" if len(decided) > 10 else ""
+    console.print(
+        f"{verb} {len(decided)} {result['reason']} reviews: {summary}"
+        + (f" ({shown}{more})" if decided else ""),
+        markup=False,
+        highlight=False,
+    )
+    if "progress" in result:
+        show_review_progress(result["progress"], console)
 
 
 def show_train(report: dict[str, Any], console: Console) -> None:

@@ -47,6 +47,9 @@ __all__ = [
     "ItemAlias",
     "ItemState",
     "Label",
+    "ReviewReason",
+    "ReviewState",
+    "ReviewTask",
     "SpecRow",
     "TeacherCall",
     "TeacherResponse",
@@ -293,6 +296,59 @@ class Calibration(Base):
     final: Mapped[bool] = mapped_column(Boolean)
     # The chosen point, the per-class thresholds and the isotonic fit (workers.calibration).
     fit: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class ReviewReason(StrEnum):
+    """Why an item is put before a person other than its own label's verdict."""
+
+    SUSPECT_RECORD = "suspect_record"  # the teacher and an out-of-fold model agree against it
+    SAMPLE = "sample"  # a stratified sample of labels without a record, to make records
+
+
+class ReviewState(StrEnum):
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class ReviewTask(Base):
+    """One item put before a person (``reason``) under one spec version. Resolving it can
+    write the item's known-good record: the record before and after, who decided and when are
+    kept here, so ``items.known_good`` always has its history."""
+
+    __tablename__ = "review_tasks"
+    __table_args__ = (
+        UniqueConstraint(
+            "spec_id", "item_id", "reason", name="uq_review_tasks_spec_id_item_id_reason"
+        ),
+        Index("ix_review_tasks_queue", "spec_id", "reason", "state", "rank"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
+    reason: Mapped[ReviewReason] = mapped_column(_enum(ReviewReason, "review_reason"))
+    state: Mapped[ReviewState] = mapped_column(
+        _enum(ReviewState, "review_state"), default=ReviewState.OPEN
+    )
+    # Higher first: P(record wrong) for a suspect; a sample's draw order.
+    rank: Mapped[float] = mapped_column(Float)
+    # The answer put forward (the suspect's suggested record; the teacher's sampled answer).
+    proposed: Mapped[dict[str, Any]]
+    # Where a sampled item was drawn from ("class=…|confidence=…") and how many it stands for.
+    stratum: Mapped[str | None] = mapped_column(String(128))
+    weight: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any]]
+    decision: Mapped[str | None] = mapped_column(String(16))
+    record_before: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
+    record_after: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 

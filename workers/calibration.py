@@ -340,10 +340,11 @@ def outcomes(spec: Any, rows: Sequence[Any]) -> tuple[list[Outcome], list[Outcom
     the withheld share, each compared with its record field by field as the checks compare
     (``rows``: ``storage.training.CalibrationRow``). Labels without a signal are left out."""
     from workers.checks import field_matches
+    from workers.review import record_rules
     from workers.spec import is_withheld
 
     share = float(spec.checks["withhold_share"])
-    rules = spec.known_good
+    rules = record_rules(spec)  # a spec without records has those its review decisions wrote
     field = spec.class_field
     seen: list[Outcome] = []
     held: list[Outcome] = []

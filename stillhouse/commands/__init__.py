@@ -19,7 +19,13 @@ from stillhouse.commands.demo import run_demo
 from stillhouse.commands.estimate import run_estimate
 from stillhouse.commands.report import run_report
 from stillhouse.commands.requeue import run_requeue
-from stillhouse.commands.review import run_review_list, run_review_resolve
+from stillhouse.commands.review import (
+    run_review_list,
+    run_review_resolve,
+    run_review_sample,
+    run_review_suspects,
+    run_task_resolve,
+)
 from stillhouse.commands.status import run_status
 from stillhouse.commands.train import run_train, train_student
 
@@ -38,7 +44,10 @@ __all__ = [
     "run_requeue",
     "run_review_list",
     "run_review_resolve",
+    "run_review_sample",
+    "run_review_suspects",
     "run_status",
+    "run_task_resolve",
     "run_train",
     "train_student",
 ]
