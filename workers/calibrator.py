@@ -9,7 +9,10 @@ answers from memory, looking at the database at most every ``refresh_s`` seconds
 Until ``checks.calibration_min_items`` labels with a record exist, there is nothing to apply:
 the pipeline lets the items without a record wait (their answers are cached, so the wait costs
 no second call). Once no item with a record is left to label, the calibration is final: a
-target it cannot reach then rejects the labels it cannot vouch for.
+target it cannot reach then rejects the labels it cannot vouch for, and every label held to an
+earlier calibration is held again to the final one (:func:`rehold`). A source in some order
+(a backfill folder by folder, a day of tickets) fits its first thresholds on what came first;
+the verdicts they gave are only provisional.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.calibrations import (
@@ -28,11 +32,13 @@ from storage.calibrations import (
     save_calibration,
 )
 from storage.models import Calibration as CalibrationRow
+from storage.models import Item, ItemState, Label, Verdict
 from storage.training import calibration_rows
 from workers.calibration import CLASS_MIN_ITEMS, Calibration, fit_calibration, outcomes
+from workers.outcomes import BELOW_CALIBRATED_THRESHOLD, below_threshold
 from workers.spec import Spec
 
-__all__ = ["FIT_ON_LATEST", "Calibrator", "from_row"]
+__all__ = ["FIT_ON_LATEST", "Calibrator", "from_row", "rehold"]
 
 # A refit learns from at most this many of the newest labels with a record.
 FIT_ON_LATEST = 50_000
@@ -112,8 +118,63 @@ class Calibrator:
                 "fit": fitted.fit_json(),
             }
             calibration_id = save_calibration(session, spec_id, stored_fields)
-        return replace(fitted, id=calibration_id)
+            fitted = replace(fitted, id=calibration_id)
+            if fitted.final:
+                rehold(session, spec, spec_id, fitted)
+        return fitted
+
+    def settle(self, spec_id: int, spec: Spec) -> int:
+        """Once the calibration is final, holds every label held to an earlier one to it
+        (also those labeled from a cached calibration while the final one was being fitted);
+        returns how many verdicts changed. Embedded labeling calls it when it is done."""
+        with self._lock:
+            self._known.pop(spec_id, None)
+        calibration = self.current(spec_id, spec)
+        if calibration is None or not calibration.final:
+            return 0
+        with self.sessions.begin() as session:
+            return rehold(session, spec, spec_id, calibration)
 
 
 def _grown(fitted_on: int, count: int) -> bool:
     return count - fitted_on >= max(GROWTH_MIN, GROWTH * fitted_on)
+
+
+def rehold(session: Session, spec: Spec, spec_id: int, calibration: Calibration) -> int:
+    """Holds the labels held to another calibration than ``calibration`` to it: only the
+    threshold's part of each verdict moves (a label rejected for another reason stays
+    rejected; one a person decided is left alone). Returns how many verdicts changed."""
+    rows = session.execute(
+        select(Label, Item)
+        .join(Item, Item.id == Label.item_id)
+        .where(
+            Label.spec_id == spec_id,
+            Label.calibration_id.is_not(None),
+            Label.calibration_id != calibration.id,
+            Label.verdict.in_((Verdict.ACCEPTED, Verdict.REJECTED)),
+        )
+    ).all()
+    field = spec.class_field
+    changed = 0
+    for label, item in rows:
+        if any(str(r).startswith("reviewed:") for r in label.reasons):
+            continue
+        said = (label.output or {}).get(field) if field and isinstance(label.output, dict) else None
+        cls = said if isinstance(said, str) else None
+        message = below_threshold(calibration, cls, label.confidence)
+        reasons = [r for r in label.reasons if r != BELOW_CALIBRATED_THRESHOLD]
+        problems = [
+            p for p in label.problems or [] if p.get("reason") != BELOW_CALIBRATED_THRESHOLD
+        ]
+        if message is not None:
+            reasons.append(BELOW_CALIBRATED_THRESHOLD)
+            problems.append({"reason": BELOW_CALIBRATED_THRESHOLD, "message": message[:500]})
+        verdict = Verdict.REJECTED if reasons else Verdict.ACCEPTED
+        label.threshold, label.calibration_id = calibration.threshold_of(cls), calibration.id
+        label.reasons, label.problems = reasons, problems
+        if verdict != label.verdict:
+            changed += 1
+            label.verdict = verdict
+            item.state = ItemState.ACCEPTED if verdict == Verdict.ACCEPTED else ItemState.REJECTED
+    session.flush()
+    return changed

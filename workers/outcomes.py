@@ -18,7 +18,13 @@ from workers.providers import Answer
 from workers.spec import Spec, TeacherConfig
 from workers.teacher import TeacherOutcome, TeacherRequest
 
-__all__ = ["BatchContext", "BatchSummary", "assemble"]
+__all__ = [
+    "BELOW_CALIBRATED_THRESHOLD",
+    "BatchContext",
+    "BatchSummary",
+    "assemble",
+    "below_threshold",
+]
 
 # One jury teacher's request, the answer it got (None: none) and why not.
 JuryAnswer = tuple[TeacherRequest, dict[str, Any] | None, StillhouseError | None]
@@ -336,30 +342,40 @@ def _calibrated(ctx: BatchContext, result: CheckResult) -> tuple[float | None, i
     threshold = calibration.threshold_of(cls)
     if threshold is None and not calibration.final:
         return None
-    target = f"checks.target_accuracy {calibration.target:g}"
-    where = calibration.describe(cls)
-    if threshold is None:
-        result.reject(
-            "below_calibrated_threshold",
-            f"no confidence threshold reaches {target} at the 95 % lower bound on the "
-            f"{where}; lower the target or add known-good records",
-        )
-    elif result.confidence is None:
-        result.reject(
-            "below_calibrated_threshold",
-            f"the answer has no confidence to hold to the threshold {threshold:.3f} that "
-            f"reaches {target}",
-        )
-    elif result.confidence < threshold:
-        result.reject(
-            "below_calibrated_threshold",
-            f"confidence {result.confidence:.3f} is below {threshold:.3f}, the threshold that "
-            f"reaches {target} at the 95 % lower bound on the {where} "
-            f"(calibration {calibration.id})",
-        )
+    message = below_threshold(calibration, cls, result.confidence)
+    if message is not None:
+        result.reject(BELOW_CALIBRATED_THRESHOLD, message)
     if result.reasons:
         result.verdict = Verdict.REJECTED
     return threshold, calibration.id
+
+
+BELOW_CALIBRATED_THRESHOLD = "below_calibrated_threshold"
+
+
+def below_threshold(
+    calibration: Calibration, cls: str | None, confidence: float | None
+) -> str | None:
+    """Why a label without a record fails ``calibration`` (None: it passes)."""
+    threshold = calibration.threshold_of(cls)
+    target = f"checks.target_accuracy {calibration.target:g}"
+    if threshold is None:
+        return (
+            f"no confidence threshold reaches {target} at the 95 % lower bound on the "
+            f"{calibration.describe(cls)}; lower the target or add known-good records"
+        )
+    if confidence is None:
+        return (
+            f"the answer has no confidence to hold to the threshold {threshold:.3f} that "
+            f"reaches {target}"
+        )
+    if confidence < threshold:
+        return (
+            f"confidence {confidence:.3f} is below {threshold:.3f}, the threshold that "
+            f"reaches {target} at the 95 % lower bound on the {calibration.describe(cls)} "
+            f"(calibration {calibration.id})"
+        )
+    return None
 
 
 def _await_calibration(

@@ -589,6 +589,8 @@ def label_until_done(
                     break
             time.sleep(wait)
             all_lanes()
+        # What was labeled under the first, partial calibrations is held to the final one.
+        runtime.calibrator.settle(spec_id, spec)
     return total
 
 

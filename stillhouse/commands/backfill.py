@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +22,7 @@ from stillhouse.context import open_database, open_runtime
 from stillhouse.output import plain, progress_bar
 from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
+from storage.models import FINAL_STATES, Item
 from storage.stats import label_stats, status
 from workers.ingest import (
     DEFAULT_MAX_DOC_BYTES,
@@ -207,12 +209,18 @@ def _label_embedded(
             # refunded, instead of staying leased for lease_s.
             with sessions.begin() as session:
                 release_owner(session, runtime.owner)
+    with sessions() as session:
+        # Not the releases counted on the way (an item that waited for a calibration and was
+        # labeled after it was released once): what is still unlabeled now.
+        waiting = session.scalar(
+            select(func.count()).where(Item.spec_id == spec_id, Item.state.not_in(FINAL_STATES))
+        )
     return {
         "labeled": total.labeled,
         "teacher_calls": total.teacher_calls,
         "cache_hits": total.cache_hits,
         "failed": total.failed,
-        "waiting": total.released,
+        "waiting": int(waiting or 0),
     }
 
 

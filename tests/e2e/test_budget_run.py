@@ -7,14 +7,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT
+import yaml
+from support import triage_body
 from support.clitools import embedded_env, run_cli
 
 
 def _spec_with_budget(tmp_path: Path, budget: float) -> Path:
-    body = (ROOT / "examples/specs/triage.yaml").read_text()
+    body = triage_body()  # no target: a held-back item would wait, paid, for a calibration
+    body["budget_usd"] = budget
     spec = tmp_path / "budgeted.yaml"
-    spec.write_text(body.replace("budget_usd: 5.0", f"budget_usd: {budget}"))
+    spec.write_text(yaml.safe_dump(body))
     return spec
 
 

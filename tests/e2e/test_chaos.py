@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 from sqlalchemy import select
-from support import ROOT
+from support import triage_body
 from support.clitools import run_cli
 from support.faultkit import FINAL, Proc, free_port, ledger, wait_for
 
@@ -82,7 +82,7 @@ class Teacher:
 
 
 def _spec(tmp_path: Path) -> Path:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["teacher"].update(
         concurrency=CONCURRENCY,
         timeout_s=5,

@@ -38,7 +38,7 @@ def test_freeze_export_and_train_on_a_dataset(tmp_path: Path, teacher_url: str) 
     info = json.loads(made.stdout)
     shown = json.loads(cli("dataset", "show", "bbc-120", "--json").stdout)
     assert shown["content_hash"] == info["content_hash"] and shown["spec"] == "triage"
-    assert shown["version"] == 1 and sum(shown["counts"]["splits"].values()) == shown["rows"]
+    assert shown["version"] == 2 and sum(shown["counts"]["splits"].values()) == shown["rows"]
 
     again = cli("dataset", "create", "bbc-120", "--spec", "triage")
     assert again.returncode == 2 and "exists already" in again.stderr
@@ -72,7 +72,7 @@ def test_freeze_export_and_train_on_a_dataset(tmp_path: Path, teacher_url: str) 
     # Given a spec, train freezes a dataset of every label first and says which.
     fresh = cli("train", "--spec", "triage", "--out", str(tmp_path / "run2"))
     assert fresh.returncode == 0, fresh.stderr
-    assert "froze dataset triage-v1-" in fresh.stderr
+    assert "froze dataset triage-v2-" in fresh.stderr
     listed = json.loads(cli("dataset", "list", "--json").stdout)
     assert [d["name"] for d in listed] == ["bbc-120", listed[1]["name"]]
     assert listed[1]["rows"] == labels  # every label, whatever its verdict

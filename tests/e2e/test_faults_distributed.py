@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from support import ROOT
+from support import triage_body
 from support.clitools import run_cli
 from support.faultkit import (
     Proc,
@@ -48,7 +48,7 @@ def slow_teacher() -> Iterator[str]:
 
 
 def _spec(tmp_path: Path) -> Path:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["teacher"].update(concurrency=BATCH, timeout_s=10, max_retries=2)
     body["labeling"] = {"batch_size": BATCH, "lease_s": 10, "max_attempts": 5}
     body["checks"]["require_known_good_match"] = False

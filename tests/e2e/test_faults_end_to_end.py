@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 from sqlalchemy import select
-from support import ROOT
+from support import triage_body
 
 from stillhouse.servers.teacher.process import local_teacher
 from storage.models import CallStatus, Item, Label, TeacherCall, TeacherResponse
@@ -25,7 +25,7 @@ ITEMS = 12
 
 
 def _spec(tmp_path: Path, *, require_match: bool) -> Path:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["teacher"].update(
         timeout_s=1,
         max_retries=8,
@@ -209,7 +209,7 @@ def _backfill(env: dict[str, str], spec: Path, limit: int) -> dict:
 
 
 def _named(tmp_path: Path, name: str) -> Path:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["name"] = name
     body["checks"]["require_known_good_match"] = False
     path = tmp_path / f"{name}.yaml"

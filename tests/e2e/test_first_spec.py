@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
-from support import ROOT
+from support import ROOT, triage_file
 from support.clitools import run_cli
 
 from stillhouse.servers.teacher.process import local_teacher
@@ -240,17 +240,17 @@ def test_a_new_version_relabels_what_the_old_one_rejected(tmp_path: Path, teache
     assert first.returncode == 0, first.stderr
     rejected = json.loads(first.stdout)["labels"] - json.loads(first.stdout)["accepted"]
     assert rejected > 0  # the zero-shot teacher gets some of 40 BBC articles wrong
-    v2 = _spec_with(tmp_path, "version: 1", "version: 2")
-    again = run_cli(env, "requeue", "--spec", str(v2), "--no-failed", "--rejected", "--json")
+    v3 = _spec_with(tmp_path, "version: 2", "version: 3")
+    again = run_cli(env, "requeue", "--spec", str(v3), "--no-failed", "--rejected", "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == {
         "spec": "triage",
-        "version": 2,
+        "version": 3,
         "failed": 0,
         "rejected": rejected,
     }
     # No source: label what is pending.
-    relabeled = run_cli(env, "backfill", "--spec", str(v2), "--json")
+    relabeled = run_cli(env, "backfill", "--spec", str(v3), "--json")
     assert relabeled.returncode == 0, relabeled.stderr
     done = json.loads(relabeled.stdout)
     assert done["rows"] == 0 and done["labeled"] == rejected
@@ -305,7 +305,7 @@ def test_a_workers_configuration_error_reaches_the_items_status_and_backfill(
 
 def test_status_takes_a_spec_name_or_file_and_refuses_an_unknown_one(tmp_path: Path) -> None:
     env = _env(tmp_path, "http://127.0.0.1:9/v1")
-    spec = _spec_with(tmp_path, "version: 1", "version: 1")
+    spec = _spec_with(tmp_path, "version: 2", "version: 2")
     loaded = run_cli(env, "backfill", "bbc", "--spec", str(spec), "--limit", "5", "--load-only")
     assert loaded.returncode == 0, loaded.stderr
     by_name = run_cli(env, "status", "--spec", "triage", "--json")
@@ -338,11 +338,12 @@ def test_the_summary_tells_checked_from_unchecked_accepted_labels(
     tmp_path: Path, teacher_url: str
 ) -> None:
     env = _env(tmp_path, teacher_url)
-    run = run_cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "100", "--json")
+    spec = str(triage_file(tmp_path))  # no target: the withheld labels are accepted unchecked
+    run = run_cli(env, "backfill", "bbc", "--spec", spec, "--limit", "100", "--json")
     assert run.returncode == 0, run.stderr
     done = json.loads(run.stdout)
     unchecked = done["accepted"] - done["accepted_checked"]
-    assert unchecked > 0  # triage withholds 10 % of the records: those labels are unchecked
+    assert unchecked > 0  # it withholds 10 % of the records: those labels are unchecked
     assert f"{done['accepted_checked']} checked against a known-good record" in run.stderr
     assert f"{unchecked} without one (withheld or none: accuracy unknown" in run.stderr
     assert done["needs_review"] == 0

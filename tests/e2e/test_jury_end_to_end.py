@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import yaml
 from sqlalchemy import delete, select, update
-from support import ROOT
+from support import triage_body
 from support.clitools import embedded_env, run_cli
 
 from stillhouse.servers.teacher.process import local_teacher
@@ -27,7 +27,7 @@ FAST = ["--latency-ms", "5"]
 
 
 def _spec(tmp_path: Path, jurors: list[dict[str, Any]], *, require_match: bool) -> Spec:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["teacher"].update(timeout_s=10, max_retries=2, concurrency=4)
     body["checks"].update(require_known_good_match=require_match, withhold_share=0)
     body["jury"] = {"teachers": jurors, "min_agreement": 0.6}

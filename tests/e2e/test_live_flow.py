@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from support import ROOT
+from support import triage_body
 from support.faultkit import Proc, all_final, assert_clean, free_port, wait_for
 
 from stillhouse.client import StillhouseClient
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 
 def _spec(tmp_path: Path) -> Path:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["name"] = "live_triage"
     body["labeling"] = {"batch_size": 8, "lease_s": 30, "max_attempts": 5}
     body["checks"]["require_known_good_match"] = False

@@ -61,7 +61,8 @@ def test_bundled_triage_spec_loads() -> None:
     spec = load_spec("triage")
 
     assert spec.name == "triage"
-    assert spec.version == 1
+    assert spec.version == 2
+    assert spec.target_accuracy == 0.95 and spec.checks["withhold_share"] == 0.2
     assert spec.kind == "classification"
     assert spec.label_names == TRIAGE_LABELS
     assert len(spec.labels) == 5
@@ -77,8 +78,8 @@ def test_bundled_triage_spec_loads() -> None:
         "max_output_chars": 20000,
         "max_depth": 10,
         "repair_attempts": 1,
-        "withhold_share": 0.1,
-        "target_accuracy": None,
+        "withhold_share": 0.2,
+        "target_accuracy": 0.95,
         "calibration_min_items": 200,
         "calibration_per_class": True,
         "calibration_wait_s": 2.0,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ROOT
+from support import triage_body
 from support.clitools import run_cli
 
 _cli = run_cli
@@ -15,7 +15,7 @@ _cli = run_cli
 
 @pytest.mark.slow
 def test_review_list_and_resolve(tmp_path: Path, teacher_url: str) -> None:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["checks"]["review_confidence"] = 0.0  # every disagreement goes to a person
     spec = tmp_path / "review.yaml"
     spec.write_text(yaml.safe_dump(body))

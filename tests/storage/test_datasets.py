@@ -87,7 +87,7 @@ def test_a_dataset_takes_the_accepted_labels_split_by_a_stable_hash(
     by_queue = info["counts"]["slices"]["train"]["queue"]
     assert sum(by_queue.values()) == splits["train"] and set(by_queue) == set(QUEUES)
     assert info["teacher_models"] == ["teacher-m"] and info["spec"] == "triage"
-    assert len(info["content_hash"]) == 64 and info["version"] == 1
+    assert len(info["content_hash"]) == 64 and info["version"] == 2
 
 
 def test_the_same_data_chosen_the_same_way_has_the_same_hash_and_labeling_goes_on_beside_it(
@@ -189,7 +189,7 @@ def test_diff_says_what_was_added_removed_and_relabeled(
         (DatasetFilters(min_confidence=1.5), None, "min_confidence 1.5: a share between 0 and 1"),
         (DatasetFilters(verdicts=("great",)), None, r"verdict \['great'\]: choose from"),
         (DatasetFilters(slices={"region": ["eu"]}), None, "no slice named 'region'"),
-        (DatasetFilters(min_confidence=0.999), None, "the filters select no labels of triage v1"),
+        (DatasetFilters(min_confidence=0.999), None, "the filters select no labels of triage v2"),
         (None, DatasetRecipe(shares=(0.5, 0.2, 0.2)), "must add up to 1"),
         (None, DatasetRecipe(oversample={("region", "eu"): 2.0}), "no class or slice named"),
     ],

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,7 +18,7 @@ from stillhouse.servers.serving import ReadLimits
 from stillhouse.settings import Settings
 from storage.models import Item
 from storage.session import make_engine, make_sessionmaker
-from support import ROOT
+from support import triage_body
 from support.servers import serve_in_thread
 from workers.spec import Spec, parse_spec
 
@@ -28,7 +27,7 @@ OTHER_TOKEN = "tok-test-2"
 
 
 def triage_spec(sampling: dict[str, Any] | None = None, name: str = "triage") -> Spec:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body = copy.deepcopy(body)
     body["name"] = name
     if sampling is not None:

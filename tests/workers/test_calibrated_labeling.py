@@ -77,6 +77,13 @@ def test_items_without_a_record_are_held_to_the_learned_threshold(
     # Labels the records vouch for are not held to it; every other one names its threshold.
     assert all(label.threshold is None and label.calibration_id is None for label in seen)
     assert all(label.calibration_id in {f.id for f in fits} for _, label in held)
+    # BBC comes folder by folder: the first fits saw business only. Once the last record was
+    # labeled, every held label was held again to the final calibration.
+    assert last.final and len(fits) > 1
+    assert {label.calibration_id for _, label in held} == {last.id}
+    final = from_row(last)
+    for _, label in held:
+        assert label.threshold == final.threshold_of(label.output and label.output["label"])
     below = [label for _, label in held if "below_calibrated_threshold" in label.reasons]
     kept = [label for _, label in held if label.verdict == Verdict.ACCEPTED]
     assert below and kept

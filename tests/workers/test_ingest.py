@@ -435,7 +435,7 @@ def test_load_source_inserts_good_rows_and_reports_bad_ones(
     with sessions() as session:
         spec_rows = session.scalars(select(SpecRow)).all()
     assert [(r.name, r.version, r.content_hash) for r in spec_rows] == [
-        ("triage", 1, spec.content_hash)
+        ("triage", spec.version, spec.content_hash)
     ]
     assert {i.spec_id for i in items} == {spec_rows[0].id}
 

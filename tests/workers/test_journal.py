@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 from sqlalchemy import select
-from support import ROOT
+from support import ROOT, triage_body
 
 from stillhouse.servers.teacher.process import local_teacher
 from storage.migrate import upgrade
@@ -138,7 +138,7 @@ def test_a_line_cut_short_by_the_crash_is_skipped(tmp_path: Path) -> None:
 def test_a_killed_backfill_leaves_a_ledger_row_for_every_request_it_sent(tmp_path: Path) -> None:
     """kill -9 of an embedded backfill mid-run; the next run recovers the journal and
     finishes: the ledger then holds every request the teacher received, by its id."""
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["teacher"].update(concurrency=8, timeout_s=10, max_retries=2)
     body["labeling"] = {"batch_size": 8, "lease_s": 10, "max_attempts": 5}
     body["checks"]["require_known_good_match"] = False

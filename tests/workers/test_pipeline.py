@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from support import triage_body
 from support.servers import serve_in_thread
 
 from schemas.errors import BudgetExhausted, ConfigError
@@ -36,7 +36,7 @@ from storage.models import (
 )
 from workers.ingest import SourceRow, load_source
 from workers.pipeline import LabelRuntime
-from workers.spec import load_spec, parse_spec
+from workers.spec import parse_spec
 
 
 def seed_for(shares: dict[str, float], wanted: list[FaultKind | None]) -> int:
@@ -57,8 +57,7 @@ def teacher(profile: FaultProfile | None = None, api_key: str | None = None) -> 
 
 def one_item(sessions: sessionmaker[Session], **teacher: Any) -> int:
     """The triage spec (one ticket, a budget, one repair round); its spec id."""
-    with open(load_spec("triage").source) as f:
-        body = yaml.safe_load(f)
+    body = triage_body()
     body["name"] = "pipeline"
     body["teacher"].update(concurrency=1, timeout_s=5, max_retries=0, **teacher)
     body["checks"].update(require_known_good_match=False, repair_attempts=1)
@@ -181,8 +180,7 @@ def test_a_jury_the_budget_cannot_cover_asks_none_of_its_teachers_for_that_item(
     three. The first item gets both its votes; the second gets none (a jury short of a vote
     would reject a good label): it stays pending with its attempt, the run stops with the
     budget error, and nothing is reserved afterwards."""
-    with open(load_spec("triage").source) as f:
-        body = yaml.safe_load(f)
+    body = triage_body()
     # What a call reserves is its whole output allowance: $1 a token, 64 tokens, $64 a call.
     price = {"input_per_mtok": 0.0, "output_per_mtok": 1_000_000.0}
     body["name"] = "pipeline_jury"

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
+from support import triage_body
 from support.servers import serve_in_thread
 
 from stillhouse.servers.teacher.app import create_app
@@ -33,7 +33,7 @@ from storage.leases import expire_leases
 from storage.models import CallStatus, Item, ItemState, Label, SpecRow, TeacherCall
 from workers.ingest import SourceRow, load_source
 from workers.pipeline import LabelRuntime
-from workers.spec import load_spec, parse_spec
+from workers.spec import parse_spec
 
 ITEMS = 4
 
@@ -60,8 +60,7 @@ def wait_until(check: Any, what: str, timeout: float = 15.0) -> None:
 
 def load_items(sessions: sessionmaker[Session], concurrency: int) -> int:
     """The triage spec on ITEMS tickets, with the given teacher concurrency; its spec id."""
-    with open(load_spec("triage").source) as f:
-        body = yaml.safe_load(f)
+    body = triage_body()
     body["name"] = "fencing"
     body["teacher"].update(concurrency=concurrency, timeout_s=5, max_retries=0)
     body["labeling"] = {"batch_size": ITEMS, "lease_s": 10, "max_attempts": 5}

@@ -34,7 +34,7 @@ def _row(external_id: str, order: list[str] | None, verdict: Verdict, known: Any
 
 def _rows() -> list[ReportRow]:
     return [
-        _row("rank/q1", ["a", "b", "c", "d", "e", "f"], Verdict.ACCEPTED, GRADES),
+        _row("rank/q4", ["a", "b", "c", "d", "e", "f"], Verdict.ACCEPTED, GRADES),
         # The own article second: one discordant pair of 15.
         _row("rank/q2", ["b", "a", "c", "d", "e", "f"], Verdict.REJECTED, GRADES),
         # No parsed answer: no ordering to score.
@@ -45,8 +45,9 @@ def _rows() -> list[ReportRow]:
 
 
 def test_ranking_scores_accepted_and_raw_labels_against_graded_relevance() -> None:
-    assert is_withheld(WITHHELD_ID, 0.1)
-    assert not any(is_withheld(f"rank/q{i}", 0.1) for i in (1, 2, 3))
+    share = load_spec("ranking").checks["withhold_share"]
+    assert is_withheld(WITHHELD_ID, share)
+    assert not any(is_withheld(f"rank/q{i}", share) for i in (4, 2, 3))
 
     ranking = build_report(load_spec("ranking"), _rows())["overall"]["ranking"]
 
@@ -77,7 +78,7 @@ def test_ranking_reads_a_bare_known_good_order_with_top_k_grades() -> None:
 
 
 def test_swapping_equally_graded_candidates_costs_nothing() -> None:
-    rows = [_row("rank/q1", ["a", "c", "b", "f", "e", "d"], Verdict.ACCEPTED, GRADES)]
+    rows = [_row("rank/q4", ["a", "c", "b", "f", "e", "d"], Verdict.ACCEPTED, GRADES)]
 
     accepted = build_report(load_spec("ranking"), rows)["overall"]["ranking"]["accepted"]
 
@@ -86,7 +87,7 @@ def test_swapping_equally_graded_candidates_costs_nothing() -> None:
 
 def test_ranking_tie_order_does_not_depend_on_stored_key_order() -> None:
     shuffled = {"f": 0, "c": 1, "e": 0, "a": 2, "d": 0, "b": 1}
-    rows = [_row("rank/q1", ["a", "b", "c", "d", "e", "f"], Verdict.ACCEPTED, shuffled)]
+    rows = [_row("rank/q4", ["a", "b", "c", "d", "e", "f"], Verdict.ACCEPTED, shuffled)]
 
     accepted = build_report(load_spec("ranking"), rows)["overall"]["ranking"]["accepted"]
 

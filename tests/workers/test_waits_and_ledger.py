@@ -12,7 +12,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from support import ROOT
+from support import triage_body
 
 from stillhouse.servers.teacher.process import local_teacher
 from storage.migrate import upgrade
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def _spec(tmp_path: Path, **teacher: Any) -> Spec:
-    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body = triage_body()
     body["name"] = f"waits-{tmp_path.name[-12:]}"
     body["teacher"].update({"timeout_s": 5, "max_retries": 2, "concurrency": 4, **teacher})
     body["labeling"] = {"batch_size": 8, "lease_s": 60, "max_attempts": 2}

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select, text, update
-from support.ingest_tools import OTHER_TOKEN, ROOT, TOKEN, row, running_api, triage_spec
+from support import ROOT
+from support.ingest_tools import OTHER_TOKEN, TOKEN, row, running_api, triage_spec
 
 from schemas.errors import ConfigError
 from stillhouse.servers.ingest.server import build_app
