@@ -19,7 +19,7 @@ from support.clitools import embedded_env, run_cli
 
 from examples.ranking import iter_ranking
 from workers.compare import kendall_tau_graded
-from workers.spec import is_withheld
+from workers.spec import is_withheld, load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,8 @@ def test_ranking_filter_keeps_the_better_orderings(tmp_path: Path, embedding_tea
     body = json.loads(report.stdout)
     assert any(name.startswith("topic=") for name in body["slices"]), body["slices"]
     # The report scores the same orderings, on the items whose record the checks saw.
-    checked = [label for label in labels if label["output"] and not is_withheld(label["id"], 0.1)]
+    share = load_spec("ranking").checks["withhold_share"]
+    checked = [x for x in labels if x["output"] and not is_withheld(x["id"], share)]
     kept = [label for label in checked if label["verdict"] == "accepted"]
     ranking = body["overall"]["ranking"]
     print(json.dumps({"report_ranking": ranking}))

@@ -159,7 +159,7 @@ class EmbeddingBackend:
             if task is None:
                 answers.append(self._answer(request, matrix[0]))
             else:
-                answers.append((Choice(_rank(task, matrix)),) * request.n)
+                answers.append((Choice(_rank(task, matrix, self.temperature)),) * request.n)
         prompt_tokens = self._prompt_tokens([request for request, _ in jobs])
         counts = iter(self._token_counts([c.content for sampled in answers for c in sampled]))
         return [
@@ -233,9 +233,10 @@ def _texts(request: ChatRequest, task: RankingTask | None) -> list[str]:
     return [task.query, *(text for _, text in task.candidates)]
 
 
-def _rank(task: RankingTask, vectors: Sequence[Matrix]) -> str:
+def _rank(task: RankingTask, vectors: Sequence[Matrix], temperature: float) -> str:
     query, *candidates = vectors
-    return render_ranking(task, [float(query @ candidate) for candidate in candidates])
+    scores = [float(query @ candidate) for candidate in candidates]
+    return render_ranking(task, scores, temperature)
 
 
 def softmax(scores: Sequence[float], temperature: float) -> list[float]:

@@ -6,6 +6,7 @@ import asyncio
 import importlib.resources
 import importlib.util
 import json
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from stillhouse.servers.teacher import (
     create_app,
     make_backend,
 )
+from stillhouse.servers.teacher.ranking import order_probability
 from stillhouse.servers.teacher.schema_values import example_value, wrong_answer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -107,6 +109,31 @@ def test_ranking_answers_scores_only_when_asked(embedding_client: TestClient) ->
     assert ask(embedding_client, prompt, schema) == {"ranking": ["a", "b"]}
 
 
+@needs_bbc
+def test_ranking_states_how_sure_it_is_of_its_order(
+    embedding_client: TestClient,
+) -> None:
+    schema = {"type": "object", "properties": {"ranking": STRINGS, "confidence": {}}}
+    sure, right = [], []
+    for k in range(5):
+        for number in (1, 2, 3):
+            headline, candidates = _headline_case(k, number)
+            answer = ask(embedding_client, ranking_prompt(headline, candidates), schema)
+            assert set(answer) == {"ranking", "confidence"}
+            assert 0.0 < answer["confidence"] <= 1.0
+            sure.append(answer["confidence"])
+            right.append(answer["ranking"][0] == "own")
+    # A tie is stated as one: two identical candidates split the first place.
+    twin = ranking_prompt("bond yields", [("a", "Bond yields rose."), ("b", "Bond yields rose.")])
+    assert ask(embedding_client, twin, schema)["confidence"] == pytest.approx(0.5, abs=0.01)
+    assert sum(right) >= 13 and max(sure) > 0.1
+    # Plackett-Luce by hand: scores 3, 2, 1 at temperature 1.
+    e = [math.exp(x) for x in (3.0, 2.0, 1.0)]
+    assert order_probability([3.0, 2.0, 1.0], 1.0) == pytest.approx(
+        e[0] / sum(e) * e[1] / (e[1] + e[2])
+    )
+
+
 def test_ranking_without_query_or_candidates_is_a_400(embedding_client: TestClient) -> None:
     for prompt, says in [
         ('<candidate id="a">x</candidate>', "'<query>…</query>' block"),
@@ -142,6 +169,25 @@ def test_spacy_extracts_money_and_organizations_from_bbc(spacy_client: TestClien
     assert "Friday" in answer["dates"]
     assert len(answer["orgs"]) == len(set(answer["orgs"]))  # deduplicated
     jsonschema.validate(answer, schema)
+
+
+def test_spacy_states_the_probability_of_its_whole_answer(spacy_client: TestClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"people": STRINGS, "organizations": STRINGS, "confidence": {}},
+    }
+    clear = ask(spacy_client, "<document>Apple hired Tim Cook.</document>", schema)
+    vague = ask(
+        spacy_client,
+        "<document>watching the new star wars movie with jenny at amc tonight</document>",
+        schema,
+    )
+    assert clear["people"] == ["Tim Cook"] and clear["organizations"] == ["Apple"]
+    assert 0.9 < clear["confidence"] <= 1.0  # 0.984 of the beam on exactly this answer
+    assert 0.0 <= vague["confidence"] < clear["confidence"]
+    plain = {"type": "object", "properties": {"people": STRINGS}}
+    without = ask(spacy_client, "<document>Apple hired Tim Cook.</document>", plain)
+    assert "confidence" not in without
 
 
 def test_spacy_maps_every_field_name(spacy_client: TestClient) -> None:
