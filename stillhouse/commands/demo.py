@@ -7,8 +7,9 @@ from typing import Any
 from rich.console import Console
 
 from stillhouse.commands.backfill import run_backfill
+from stillhouse.commands.report import run_report
 from stillhouse.commands.train import run_train
-from stillhouse.output import show_backfill, show_train
+from stillhouse.output import show_backfill, show_calibrated, show_train
 from stillhouse.settings import Settings
 
 __all__ = ["run_demo"]
@@ -27,6 +28,9 @@ def run_demo(
         local = settings.model_copy(update={"teacher_base_url": base_url})
         labeled = run_backfill(local, "bbc", "triage", limit=limit, wait=True, console=console)
     show_backfill(labeled, console)
+    calibrated = run_report(local, "triage").get("calibrated")
+    if calibrated is not None:  # the spec's target: what it did to the labels without a record
+        show_calibrated(calibrated, console)
     report = run_train(local, "triage", out=None, epochs=None)
     show_train(report, console)
     return labeled, report
