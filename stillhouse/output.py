@@ -54,6 +54,7 @@ __all__ = [
     "show_review_sample",
     "show_review_suspects",
     "show_review_tasks",
+    "show_slices",
     "show_status",
     "show_task_decision",
     "show_train",
@@ -510,6 +511,43 @@ def show_train(report: dict[str, Any], console: Console) -> None:
         markup=False,
         highlight=False,
     )
+    show_slices(report, console)
+
+
+def show_slices(report: dict[str, Any], console: Console) -> None:
+    """`train`: the student by slice on the test split, its latency, and what is flagged."""
+    slices = report.get("slices") or {}
+    if slices:
+        table = Table(title=f"student by slice ({report.get('evaluated_on', 'test')} split)")
+        for column in ("slice", "items", "student", "95 % interval", "teacher", "retention"):
+            table.add_column(column)
+        flagged = {f["slice"] for f in report.get("flagged", [])}
+        for name, scores in [("overall", report["overall"]), *slices.items()]:
+            interval = scores["student_interval"]
+            table.add_row(
+                cell(name) + (" (flagged)" if name in flagged else ""),
+                str(scores["with_record"]),
+                pct(scores["student_accuracy"]),
+                "n/a" if interval is None else f"{pct(interval[0])} to {pct(interval[1])}",
+                pct(scores["teacher_accuracy"]),
+                "n/a" if scores["retention"] is None else f"{scores['retention']:.3f}",
+            )
+        console.print(table)  # beside the summary (stdout is --json's)
+    latency = report.get("latency_ms") or {}
+    if latency.get("p50") is not None:
+        console.print(
+            f"latency on this CPU: p50 {latency['p50']:.3f} ms, p99 {latency['p99']:.3f} ms one "
+            f"item at a time; {latency['batched_items_per_s']:,.0f} items/s batched; "
+            f"{report.get('size_bytes', 0) / 1e6:.1f} MB of weights",
+            markup=False,
+            highlight=False,
+        )
+    for flag in report.get("flagged", []):
+        console.print(
+            f"flagged: {plain(flag['slice'], one_line=True)}: {flag['why']}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def show_demo(labeled: dict[str, Any], report: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -89,6 +89,7 @@ class DatasetRow:
     split: str
     weight: float
     known_good: dict[str, Any] | None
+    slices: dict[str, Any] = field(default_factory=dict)
 
 
 def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
@@ -104,14 +105,15 @@ def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
             DatasetItem.split,
             DatasetItem.weight,
             Item.known_good,
+            Item.slices,
         )
         .join(Item, Item.id == DatasetItem.item_id)
         .where(DatasetItem.dataset_id == dataset_id)
         .order_by(DatasetItem.label_id)
     )
     return [
-        DatasetRow(i, e, t, c, Verdict(v), s, w, k)
-        for i, e, t, c, v, s, w, k in session.execute(stmt)
+        DatasetRow(i, e, t, c, Verdict(v), s, w, k, sl or {})
+        for i, e, t, c, v, s, w, k, sl in session.execute(stmt)
     ]
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from storage.datasets import stable_unit
@@ -30,6 +30,7 @@ class Example:
     accepted: bool = True
     weight: float = 1.0  # a dataset's training weight (class balance, oversampling)
     split: str | None = None  # a dataset's split (train, val, test); None: split by hash
+    slices: Mapping[str, str] = field(default_factory=dict)  # the spec's slice values
 
 
 def split_of(external_id: str, val_share: float, salt: str = "") -> Split:

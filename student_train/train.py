@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +23,7 @@ from torch.nn import functional
 
 from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors
 from student_train.data import Example, split_examples
+from student_train.evaluate import DEFAULT_SLICE_MARGIN, Scored, evaluate
 from student_train.features import Bag, Featurizer
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
 
 MIN_TRAIN_EXAMPLES = 10
 FORMAT = "stillhouse-student/bag-of-ngrams/1"
+LATENCY_ITEMS = 200  # held-out items labeled one at a time to measure latency
 MODEL_FILE, METRICS_FILE, LABELS_FILE, CONFIG_FILE = (
     "model.safetensors",
     "metrics.json",
@@ -117,6 +119,16 @@ class TrainReport:
     predict_items_per_s: float
     config: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] | None = None  # the frozen dataset it learned from (name, hash)
+    # By slice, on the test split (the held-out items when the dataset has none):
+    # ``student_train.evaluate.evaluate``'s ``overall``, ``slices``, ``flagged``.
+    evaluated_on: str = "test"
+    overall: dict[str, Any] = field(default_factory=dict)
+    slices: dict[str, Any] = field(default_factory=dict)
+    flagged: list[dict[str, Any]] = field(default_factory=list)
+    slice_margin: float = DEFAULT_SLICE_MARGIN
+    # CPU latency: one item at a time (p50, p99 over up to LATENCY_ITEMS) and batched.
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    size_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values (``metrics.json``)."""
@@ -129,10 +141,16 @@ def train_classifier(
     config: StudentConfig,
     out_dir: Path | None = None,
     dataset: dict[str, Any] | None = None,
+    *,
+    slice_margin: float = DEFAULT_SLICE_MARGIN,
+    min_recall: Mapping[str, float] | None = None,
 ) -> TrainReport:
     """Train a student on the examples' teacher labels; save it to ``out_dir`` if given.
-    ``dataset`` (its name and content hash) is recorded in the report."""
-    student, report = fit_student(examples, labels, config)
+    ``dataset`` (its name and content hash) is recorded in the report; ``slice_margin`` and
+    ``min_recall`` say which slices the evaluation flags."""
+    student, report = fit_student(
+        examples, labels, config, slice_margin=slice_margin, min_recall=min_recall
+    )
     report.dataset = dataset
     if out_dir is not None:
         save_student(student, config, report, out_dir)
@@ -140,9 +158,15 @@ def train_classifier(
 
 
 def fit_student(
-    examples: Sequence[Example], labels: Sequence[str], config: StudentConfig
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    config: StudentConfig,
+    *,
+    slice_margin: float = DEFAULT_SLICE_MARGIN,
+    min_recall: Mapping[str, float] | None = None,
 ) -> tuple[Student, TrainReport]:
-    """Train a student and evaluate it on the validation split; keep both in memory."""
+    """Train a student and evaluate it on the held-out splits, by slice on the test split;
+    keep both in memory."""
     _check_labels([e for e in examples if e.accepted], labels)
     train, val = split_examples(examples, config.val_share)
     train = [example for example in train if example.accepted]
@@ -161,7 +185,17 @@ def fit_student(
         trained = time.perf_counter()
         student = Student(model, labels, featurizer)
         predicted, rate = _timed_predict(student, val or train[:1_000])
+        latency = _latency(student, val or train)
     scores = _scores(student.labels, predicted[: len(val)], val)
+    tested = [(p, e) for p, e in zip(predicted, val, strict=False) if e.split == "test"]
+    evaluated_on = "test" if tested else "held-out"
+    tested = tested or list(zip(predicted, val, strict=False))
+    by_slice = evaluate(
+        [Scored(p, e.label, e.known_good, e.slices) for p, e in tested],
+        labels,
+        margin=slice_margin,
+        min_recall=min_recall,
+    )
     report = TrainReport(
         n_train=len(train),
         n_val=len(val),
@@ -172,6 +206,10 @@ def fit_student(
         train_seconds=round(trained - featurized, 4),
         predict_items_per_s=round(rate, 1),
         config=config.as_dict(),
+        evaluated_on=evaluated_on,
+        latency_ms={**latency, "batched_items_per_s": round(rate, 1)},
+        size_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        **by_slice,
         **scores,
     )
     return student, report
@@ -282,6 +320,24 @@ def _optimize(
             step += 1
     model.eval()
     return round(epoch_loss / len(docs), 6)
+
+
+def _latency(student: Student, items: Sequence[Example]) -> dict[str, float]:
+    """Milliseconds to label one item at a time (p50 and p99), as a router would ask."""
+    texts = [item.text for item in items[:LATENCY_ITEMS]]
+    if not texts:
+        return {}
+    student.predict(texts[:1])  # warm
+    times = []
+    for text in texts:
+        started = time.perf_counter()
+        student.predict([text])
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {
+        "p50": round(times[len(times) // 2], 4),
+        "p99": round(times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)], 4),
+    }
 
 
 def _timed_predict(student: Student, items: list[Example]) -> tuple[list[str], float]:

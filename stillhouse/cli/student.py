@@ -24,13 +24,21 @@ def train(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/SPEC-vN)")] = None,
     epochs: Annotated[int | None, typer.Option(help="override the spec's student.epochs")] = None,
+    fail_on_flag: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-flag", help="exit 4 when a slice or class is flagged (for pipelines)"
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the student on a frozen dataset and compare it with the teacher on held-out items.
 
     It learns from the accepted labels of the dataset's train split (with their weights) and
-    is measured on its val and test splits. Given a spec and no dataset, it first freezes
-    one of every label of the spec's current version and says which; labeling can go on.
+    is measured on its val and test splits, and by slice and class on the test split: a
+    slice more than student.slice_margin below the overall accuracy, or a class below its
+    student.min_recall, is flagged. Given a spec and no dataset, it first freezes one of
+    every label of the spec's current version and says which; labeling can go on.
 
     Example: stillhouse train --spec triage
 
@@ -42,6 +50,10 @@ def train(
     show_train(report, err)
     if as_json:
         print_json(report)
+    if fail_on_flag and report.get("flagged"):
+        names = ", ".join(flag["slice"] for flag in report["flagged"])
+        err.print(f"--fail-on-flag: {names} flagged", markup=False, highlight=False)
+        raise typer.Exit(4)
 
 
 @app.command()

@@ -76,13 +76,23 @@ def train_student(
     with sessions() as session:
         rows = dataset_rows(session, dataset.id)
     examples = [_example(row, spec.label_names) for row in rows]
-    settings = {k: v for k, v in spec.body.get("student", {}).items() if k != "kind"}
+    evaluation = ("kind", "slice_margin", "min_recall")
+    section = spec.body.get("student", {})
+    settings = {k: v for k, v in section.items() if k not in evaluation}
     if epochs is not None:
         settings["epochs"] = epochs
     named = {"name": dataset.name, "content_hash": dataset.content_hash}
     try:
         config = StudentConfig(**settings)
-        report = train_classifier(examples, spec.label_names, config, out_dir, dataset=named)
+        report = train_classifier(
+            examples,
+            spec.label_names,
+            config,
+            out_dir,
+            dataset=named,
+            slice_margin=float(section.get("slice_margin", 0.05)),
+            min_recall=section.get("min_recall") or {},
+        )
     except ValueError as exc:
         raise ConfigError(f"cannot train the student for {spec.name!r}: {exc}") from exc
     return report.as_dict()
@@ -99,8 +109,9 @@ def _freeze(sessions: sessionmaker[Session], spec: Spec) -> dict[str, Any]:
 
 
 def _spec_of(session: Session, dataset: Dataset, spec_ref: str | None) -> Spec:
-    """The spec version the dataset was made from, as it was stored (a spec given beside
-    ``--dataset`` must be that one)."""
+    """The spec version the dataset was made from: as it was stored, or the one given, which
+    must be that version (its operational sections, the student's among them, may have
+    changed since, as they may within a version)."""
     row = session.get(SpecRow, dataset.spec_id)
     assert row is not None
     spec = parse_spec(row.body, source=f"{row.name} v{row.version} (stored)")
@@ -112,6 +123,12 @@ def _spec_of(session: Session, dataset: Dataset, spec_ref: str | None) -> Spec:
                 f"{given.name} v{given.version}: drop --spec, or create a dataset of that "
                 f"version"
             )
+        if given.content_hash != row.content_hash:
+            raise ConfigError(
+                f"{given.source} is {row.name} v{row.version}, but what shapes its labels "
+                f"differs from the stored version: give it a new version number"
+            )
+        return given
     return spec
 
 
@@ -129,4 +146,5 @@ def _example(row: DatasetRow, names: list[str]) -> Any:
         accepted=usable and row.verdict == Verdict.ACCEPTED,
         weight=row.weight,
         split=row.split,
+        slices={k: str(v) for k, v in row.slices.items() if v is not None},
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import func, select
 from support import ROOT
 from typer.testing import CliRunner
@@ -166,6 +167,31 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
     assert report["teacher_accuracy"] is not None
     assert 0.5 <= float(report["student_accuracy"]) <= 1.0  # type: ignore[arg-type]
     assert os.path.exists(f"{tmp_path}/runs/triage-v2/model.safetensors")
+    # metrics.json: by slice and class on the test split, the latency, what was flagged.
+    metrics = json.loads(Path(f"{tmp_path}/runs/triage-v2/metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test" and metrics["overall"]["with_record"] > 5
+    assert {"queue=sport", "class=sport", "length=short"} <= set(metrics["slices"])
+    for scores in [metrics["overall"], *metrics["slices"].values()]:
+        low, high = scores["student_interval"]
+        assert low <= scores["student_accuracy"] <= high
+    assert metrics["latency_ms"]["p50"] <= metrics["latency_ms"]["p99"]
+    assert metrics["latency_ms"]["batched_items_per_s"] > 0 and metrics["size_bytes"] > 0
+
+    # A pipeline that cannot let a weak class pass: every queue must be recalled perfectly.
+    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    queues = [label["name"] for label in body["labels"]]
+    body["student"].update(slice_margin=0.0, min_recall=dict.fromkeys(queues, 1.0))
+    strict = Path(f"{tmp_path}/strict.yaml")
+    strict.write_text(yaml.safe_dump(body))
+    run = runner.invoke(
+        app,
+        ["train", "--spec", str(strict), "--epochs", "5", "--fail-on-flag", "--json"],
+        env={**env, "STILLHOUSE_RUNS_DIR": f"{tmp_path}/strict-runs"},
+        catch_exceptions=False,
+    )
+    flagged = json.loads(run.stdout)["flagged"]
+    assert flagged and run.exit_code == 4, run.output  # a student at 100 % on every queue: no
+    assert "--fail-on-flag:" in run.stderr and "flagged:" in run.stderr
 
 
 def _stored_text(url: str) -> str:
