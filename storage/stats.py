@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -10,7 +11,30 @@ from sqlalchemy.orm import Session
 
 from storage.models import Item, ItemState, Label, SpecRow, TeacherCall, Verdict
 
-__all__ = ["LabelStats", "Status", "label_stats", "status"]
+__all__ = [
+    "Z_ONE_SIDED_95",
+    "Z_TWO_SIDED_95",
+    "LabelStats",
+    "Status",
+    "label_stats",
+    "status",
+    "wilson",
+]
+
+# One-sided 95 %: the threshold's accuracy is at least the target with 95 % confidence.
+Z_ONE_SIDED_95 = 1.6449
+Z_TWO_SIDED_95 = 1.96
+
+
+def wilson(hits: int, n: int, z: float = Z_TWO_SIDED_95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (sound at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(slots=True)

@@ -13,11 +13,12 @@ class's recall).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from storage.stats import wilson as _wilson
 
 __all__ = ["DEFAULT_SLICE_MARGIN", "Scored", "evaluate", "macro_f1", "wilson"]
 
@@ -36,14 +37,11 @@ class Scored:
 
 
 def wilson(hits: int, n: int) -> list[float] | None:
-    """The 95 % Wilson score interval of ``hits`` of ``n``."""
+    """The 95 % Wilson score interval of ``hits`` of ``n``, rounded (None for no items)."""
     if n == 0:
         return None
-    p = hits / n
-    denominator = 1 + Z_95 * Z_95 / n
-    centre = (p + Z_95 * Z_95 / (2 * n)) / denominator
-    half = Z_95 * math.sqrt(p * (1 - p) / n + Z_95 * Z_95 / (4 * n * n)) / denominator
-    return [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]
+    low, high = _wilson(hits, n, Z_95)
+    return [round(low, 6), round(high, 6)]
 
 
 def macro_f1(pairs: Sequence[tuple[str, str]], classes: Sequence[str]) -> float | None:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from storage.stats import Z_ONE_SIDED_95, wilson
+
 __all__ = [
     "Calibration",
     "CurvePoint",
@@ -42,21 +44,6 @@ __all__ = [
     "wilson",
     "withheld_measure",
 ]
-
-# One-sided 95 %: the threshold's accuracy is at least the target with 95 % confidence.
-Z_ONE_SIDED_95 = 1.6449
-Z_TWO_SIDED_95 = 1.96
-
-
-def wilson(hits: int, n: int, z: float = Z_TWO_SIDED_95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (sound at 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True, slots=True)

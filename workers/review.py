@@ -16,6 +16,7 @@ from typing import Any
 
 from schemas.errors import ConfigError
 from storage.datasets import stable_unit
+from storage.models import ReviewReason, Verdict
 from storage.review import NewTask, SampleRow, TaskRow
 from workers.calibration import wilson
 
@@ -117,12 +118,15 @@ def _shares(
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What resolving a task writes: the decision's name, the item's record after it, and
-    whether the label now agrees with that record (None: there is no label to move)."""
+    """What resolving a task writes: the decision's name, the item's record after it,
+    whether the label now agrees with that record (None: there is no label to compare), and
+    the verdict the label moves to: accepted when it now agrees and was held back only by its
+    record (or is a confirmed sample), rejected when it disagrees."""
 
     decision: str
     record: dict[str, Any] | None
     label_agrees: bool | None
+    label_verdict: Verdict | None = None  # where the label goes (None: it stays)
 
 
 def decide(spec: Any, row: TaskRow, *, accept: bool, record: dict[str, Any] | None) -> Decision:
@@ -171,7 +175,21 @@ def decide(spec: Any, row: TaskRow, *, accept: bool, record: dict[str, Any] | No
     if output is not None and after:
         compared = {k: r for k, r in rules.items() if k in after}
         agrees = all(field_matches(output.get(k), after[k], r) for k, r in compared.items())
-    return Decision(name, after, agrees)
+    return Decision(name, after, agrees, _label_verdict(row, agrees))
+
+
+def _label_verdict(row: TaskRow, agrees: bool | None) -> Verdict | None:
+    label = row.label
+    if label is None or agrees is None:
+        return None
+    if not agrees:
+        return Verdict.REJECTED
+    problems = [
+        r for r in label.reasons if not str(r).startswith(("known_good_mismatch:", "reviewed:"))
+    ]
+    if row.task.reason == ReviewReason.SAMPLE or not problems:
+        return Verdict.ACCEPTED
+    return None
 
 
 def _other_class(spec: Any, output: dict[str, Any] | None) -> dict[str, Any]:

@@ -20,8 +20,6 @@ from stillhouse.output import (
 
 __all__ = ["review_list", "review_resolve", "review_sample", "review_suspects"]
 
-TASK_REASONS = ("suspect_record", "sample")
-
 
 @review_app.command("list")
 def review_list(
@@ -148,6 +146,7 @@ def review_resolve(
     Example: stillhouse review resolve bbc/tech/042 --spec triage --reason suspect_record --accept
     """
     from stillhouse.commands import run_review_resolve
+    from stillhouse.commands.review import TASK_REASONS
     from storage.review import ReviewFilter
 
     if reason in TASK_REASONS:

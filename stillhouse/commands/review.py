@@ -10,6 +10,7 @@ from schemas.errors import ConfigError
 from stillhouse.commands.common import stored_spec_id
 from stillhouse.context import open_database
 from stillhouse.settings import Settings
+from storage.models import ReviewReason
 from workers.spec import load_spec
 
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
     "run_task_resolve",
 ]
 
-TASK_REASONS = ("suspect_record", "sample")
+TASK_REASONS = tuple(reason.value for reason in ReviewReason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,6 @@ def run_review_list(
 
 
 def _task_reason(reason: str | None) -> Any:
-    from storage.models import ReviewReason
 
     if reason is None or reason in ("known_good_mismatch", "label"):
         return None
@@ -75,7 +75,6 @@ def _task_reason(reason: str | None) -> Any:
 def run_review_suspects(settings: Settings, spec_ref: str, *, folds: int = 5) -> dict[str, Any]:
     """Finds the records the teacher and an out-of-fold model agree against and queues them
     as ``suspect_record`` tasks (an item already queued, or decided, is not queued again)."""
-    from storage.models import ReviewReason
     from storage.review import judged_rows, queue_tasks
 
     spec = load_spec(spec_ref)
@@ -100,7 +99,6 @@ def run_review_suspects(settings: Settings, spec_ref: str, *, folds: int = 5) ->
 def run_review_sample(settings: Settings, spec_ref: str, *, n: int) -> dict[str, Any]:
     """Queues a stratified sample of ``n`` labels without a record as ``sample`` tasks and
     says where the review stands (``workers.review.progress``)."""
-    from storage.models import ReviewReason
     from storage.review import queue_tasks, sample_population
     from workers.review import stratified_sample
 
@@ -207,7 +205,7 @@ def run_task_resolve(
             )
             for row in rows:
                 made = decide(spec, row, accept=accept, record=record)
-                verdict = _label_verdict(row, made.label_agrees)
+                verdict = made.label_verdict
                 if not dry_run:
                     decide_task(
                         row,
@@ -234,25 +232,6 @@ def run_task_resolve(
         if kind.value == "sample":
             result["progress"] = _progress(sessions, spec, spec_id)
     return result
-
-
-def _label_verdict(row: Any, agrees: bool | None) -> Any:
-    """Where the label goes once its record is decided: a label that now agrees and was held
-    back only by its record (or is a confirmed sample) is accepted; one that disagrees is
-    rejected; otherwise it stays."""
-    from storage.models import Verdict
-
-    label = row.label
-    if label is None or agrees is None:
-        return None
-    if not agrees:
-        return Verdict.REJECTED
-    problems = [
-        r for r in label.reasons if not str(r).startswith(("known_good_mismatch:", "reviewed:"))
-    ]
-    if row.task.reason.value == "sample" or not problems:
-        return Verdict.ACCEPTED
-    return None
 
 
 def _suspect_tasks(spec: Any, rows: Sequence[tuple[Any, ...]], *, folds: int = 5) -> list[Any]:
