@@ -39,6 +39,7 @@ __all__ = [
     "dataset_by_name",
     "dataset_diff",
     "dataset_info",
+    "free_name",
     "list_datasets",
     "member_rows",
     "open_member_csv",
@@ -199,6 +200,21 @@ def dataset_by_name(session: Session, name: str) -> Dataset:
         known = ", ".join(names[-20:]) if names else "none yet: `stillhouse dataset create`"
         raise ConfigError(f"no dataset named {name!r} (datasets: {known})")
     return found
+
+
+def free_name(session: Session, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, … when a dataset has it already (two datasets
+    frozen in the same second under a timestamped name)."""
+    taken = set(
+        session.scalars(
+            select(Dataset.name).where((Dataset.name == base) | Dataset.name.startswith(f"{base}-"))
+        )
+    )
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def dataset_info(dataset: Dataset) -> dict[str, Any]:

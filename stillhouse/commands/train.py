@@ -100,8 +100,10 @@ def train_student(
 
 def _freeze(sessions: sessionmaker[Session], spec: Spec) -> dict[str, Any]:
     from stillhouse.commands.dataset import freeze_dataset
+    from storage.datasets import free_name
 
-    name = f"{spec.name}-v{spec.version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with sessions() as session:
+        name = free_name(session, f"{spec.name}-v{spec.version}-{time.strftime('%Y%m%d-%H%M%S')}")
     # student.val_share is held out, half for validation and half for the test split.
     held = float(spec.body.get("student", {}).get("val_share", 0.2))
     recipe = DatasetRecipe(shares=(1.0 - held, held / 2, held / 2))

@@ -18,6 +18,7 @@ from storage.datasets import (
     create_dataset,
     dataset_by_name,
     dataset_diff,
+    free_name,
     list_datasets,
     split_of,
 )
@@ -221,3 +222,15 @@ def test_a_taken_name_and_an_unknown_dataset_are_refused(
         pytest.raises(ConfigError, match=r"no dataset named 'nope' \(datasets: taken\)"),
     ):
         dataset_by_name(session, "nope")
+
+
+def test_a_taken_name_gets_the_next_free_suffix(
+    sessions: sessionmaker[Session], store: Labeled
+) -> None:
+    with sessions() as session:
+        assert free_name(session, "triage-v2-20261202-101010") == "triage-v2-20261202-101010"
+    make(sessions, store, "triage-v2-20261202-101010")
+    make(sessions, store, "triage-v2-20261202-101010-2")
+    with sessions() as session:
+        assert free_name(session, "triage-v2-20261202-101010") == "triage-v2-20261202-101010-3"
+        assert free_name(session, "triage-v2-20261202-1010") == "triage-v2-20261202-1010"
