@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import ConfigError, DatabaseUnreachable
-from stillhouse.context import connect_database, open_runtime
+from stillhouse.context import connect_database, open_database, open_runtime
 from stillhouse.servers.teacher.process import stop_process
 from stillhouse.settings import Settings
 from storage.session import make_sessionmaker
@@ -34,6 +34,8 @@ __all__ = [
     "run_dispatch",
     "run_worker",
     "spec_dispatcher",
+    "submit_training",
+    "trainer_argv",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,15 +181,50 @@ def _dispatcher_process(enabled: bool) -> Iterator[None]:
         stop_process(state["child"], timeout=15)
 
 
-def run_worker(
-    settings: Settings, *, concurrency: int | None, pool: str, loglevel: str, beat: bool
-) -> None:
-    """`stillhouse worker`: Celery label workers (and, with ``beat``, the dispatcher)."""
-    from workers import tasks
+def submit_training(settings: Settings, run_id: int) -> None:
+    """Put a recorded run on the train queue (``stillhouse train --queue``)."""
+    from workers.celery_app import send_training
 
+    send_training(open_celery(settings, check=False), run_id)
+
+
+def trainer_argv(run_id: int) -> list[str]:
+    """The trainer's own process: this Python, this CLI, the run's id."""
+    return [sys.executable, "-m", "stillhouse", "runs", "exec", str(run_id)]
+
+
+def _train(settings: Settings, run_id: int) -> dict[str, Any]:
+    """One training job, from the worker that took it (an engine of its own, after any fork)."""
+    from workers.runs import launch_trainer
+
+    with open_database(settings) as sessions:
+        return launch_trainer(sessions, run_id, trainer_argv(run_id))
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    concurrency: int | None,
+    pool: str,
+    loglevel: str,
+    beat: bool,
+    queues: str = "label",
+) -> None:
+    """`stillhouse worker`: Celery label workers (and, with ``beat``, the dispatcher); with
+    ``queues`` naming ``train``, training jobs, each run as its own process."""
+    from workers import tasks
+    from workers.celery_app import LABEL_QUEUE, TRAIN_QUEUE
+
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    unknown = sorted(set(names) - {LABEL_QUEUE, TRAIN_QUEUE})
+    if unknown or not names:
+        raise ConfigError(
+            f"--queues takes {LABEL_QUEUE} and/or {TRAIN_QUEUE}, comma-separated; got {queues!r}"
+        )
     celery = open_celery(settings)
     connect_database(settings).dispose()  # fail fast on a bad URL or an old schema
     tasks.set_runtime_factory(lambda: open_runtime(settings, config_pause_s=60.0))
+    tasks.set_trainer_launcher(lambda run_id: _train(settings, run_id))
     # httpx logs every request at INFO: hundreds of lines a second that say nothing the
     # ledger does not (errors still come through at WARNING).
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -199,7 +236,7 @@ def run_worker(
                 f"--loglevel={loglevel}",
                 f"--pool={pool}",
                 f"--concurrency={concurrency or settings.worker_concurrency}",
-                "--queues=label",
+                f"--queues={','.join(names)}",
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",

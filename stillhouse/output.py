@@ -54,6 +54,9 @@ __all__ = [
     "show_review_sample",
     "show_review_suspects",
     "show_review_tasks",
+    "show_run",
+    "show_runs",
+    "show_runs_compare",
     "show_slices",
     "show_status",
     "show_task_decision",
@@ -681,3 +684,82 @@ def show_calibration(result: dict[str, Any], console: Console) -> None:
             f"({pct(got['interval'][0])} to {pct(got['interval'][1])}) at "
             f"{pct(got['coverage'])} (raw teacher {pct(held['raw_accuracy'])})"
         )
+
+
+def _headline(headline: dict[str, Any] | None) -> str:
+    if not headline:
+        return "n/a"
+    ratio = headline.get("ratio")
+    return (
+        f"{headline.get('metric')} {pct(headline.get('student'))} (teacher "
+        f"{pct(headline.get('teacher'))}{'' if ratio is None else f', ratio {ratio:.3f}'})"
+    )
+
+
+def show_runs(runs: Sequence[dict[str, Any]], console: Console) -> None:
+    """`runs list`: one row a run, newest first."""
+    table = Table(title=f"student runs ({len(runs)})")
+    for column in ("run", "kind", "state", "headline", "flagged", "p99 ms", "created"):
+        table.add_column(column)
+    for run in runs:
+        latency = run.get("latency_ms") or {}
+        table.add_row(
+            cell(run["name"]),
+            cell(run["kind"]),
+            cell(run["state"]),
+            cell(_headline(run.get("headline"))),
+            "" if run.get("flagged") is None else str(run["flagged"]),
+            "" if latency.get("p99") is None else f"{latency['p99']:.3f}",
+            cell((run.get("created_at") or "")[:19]),
+        )
+    console.print(table)
+
+
+def show_run(info: dict[str, Any], console: Console) -> None:
+    """`runs show`: the run, how it ended, its slices and files."""
+    lines = [
+        f"run {info['name']} ({info['kind']} student for {info['spec']}): {info['state']}",
+        f"folder {info['out_dir']}; files: {', '.join(info.get('files') or []) or 'none yet'}",
+        f"created {info.get('created_at')}, started {info.get('started_at')} on "
+        f"{info.get('host')} (pid {info.get('pid')}), ended {info.get('finished_at')}",
+    ]
+    if info.get("error"):
+        lines.append(f"failed: {info['error']}")
+    if info.get("headline"):
+        lines.append(f"headline: {_headline(info['headline'])}")
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+    summary = info.get("summary") or {}
+    if summary.get("slices") and summary.get("kind") in ("bag_of_ngrams", "minilm"):
+        show_slices(summary, console)
+    elif summary.get("flagged"):
+        for flag in summary["flagged"]:
+            console.print(f"flagged {flag['slice']}: {flag.get('why')}", markup=False)
+
+
+def show_runs_compare(compared: dict[str, Any], console: Console) -> None:
+    """`runs compare A B`: per slice, A's and B's figure and the difference."""
+    pairs = zip("AB", (compared["a"], compared["b"]), compared["headline"], strict=True)
+    for side, name, headline in pairs:
+        console.print(f"{side}: {name}: {_headline(headline)}", markup=False, highlight=False)
+    table = Table(title=f"{compared['metric']} by slice (B minus A)")
+    for column in ("slice", "A", "A interval", "B", "B interval", "delta"):
+        table.add_column(column)
+
+    def span(pair: Sequence[float] | None) -> str:
+        return "n/a" if not pair else f"{pct(pair[0])} to {pct(pair[1])}"
+
+    flagged_a, flagged_b = (set(names) for names in compared["flagged"])
+    for row in compared["slices"]:
+        mark_a = " (flagged)" if row["slice"] in flagged_a else ""
+        mark_b = " (flagged)" if row["slice"] in flagged_b else ""
+        delta = row["delta"]
+        table.add_row(
+            cell(row["slice"]),
+            pct(row["a"]) + mark_a,
+            span(row["a_interval"]),
+            pct(row["b"]) + mark_b,
+            span(row["b_interval"]),
+            "n/a" if delta is None else f"{delta * 100:+.1f} pts",
+        )
+    console.print(table)

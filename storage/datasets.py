@@ -202,13 +202,11 @@ def dataset_by_name(session: Session, name: str) -> Dataset:
     return found
 
 
-def free_name(session: Session, base: str) -> str:
-    """``base``, or ``base-2``, ``base-3``, … when a dataset has it already (two datasets
-    frozen in the same second under a timestamped name)."""
+def free_name(session: Session, base: str, column: Any = Dataset.name) -> str:
+    """``base``, or ``base-2``, ``base-3``, … when a row has it already in ``column`` (two
+    datasets, or runs, made in the same second under a timestamped name)."""
     taken = set(
-        session.scalars(
-            select(Dataset.name).where((Dataset.name == base) | Dataset.name.startswith(f"{base}-"))
-        )
+        session.scalars(select(column).where((column == base) | column.startswith(f"{base}-")))
     )
     name, n = base, 1
     while name in taken:

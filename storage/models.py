@@ -50,7 +50,9 @@ __all__ = [
     "ReviewReason",
     "ReviewState",
     "ReviewTask",
+    "RunState",
     "SpecRow",
+    "StudentRun",
     "TeacherCall",
     "TeacherResponse",
     "Verdict",
@@ -437,3 +439,42 @@ class DatasetItem(Base):
     # The label's verdict when the dataset was made (a later review decision changes the
     # label, not the dataset).
     verdict: Mapped[str] = mapped_column(String(16))
+
+
+class RunState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class StudentRun(Base):
+    """One training of a student on a frozen dataset: what was asked, where it ran, how it
+    ended, and a summary of its metrics. Its folder (``out_dir``) holds the weights, config,
+    metrics, model card and plots; runs never share a folder."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_spec_created", "spec_name", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    spec_name: Mapped[str] = mapped_column(String(64))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[RunState] = mapped_column(_enum(RunState, "run_state"), default=RunState.QUEUED)
+    out_dir: Mapped[str] = mapped_column(Text)
+    # What the trainer is to do (overrides such as epochs): small JSON, as a job carries.
+    request: Mapped[dict[str, Any]]
+    # headline, overall, flagged, latency_ms, size_bytes: what `runs list` and `compare` read.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
+    flagged: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    log_path: Mapped[str | None] = mapped_column(Text)
+    host: Mapped[str | None] = mapped_column(String(128))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

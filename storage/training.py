@@ -90,11 +90,15 @@ class DatasetRow:
     weight: float
     known_good: dict[str, Any] | None
     slices: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] | None = None  # the label's answer (what ranking and extraction learn)
+    payload: dict[str, Any] = field(default_factory=dict)  # the item's input fields
+    confidence: float | None = None  # the teacher's stated confidence in its answer
+    agreement: float | None = None  # the share of samples (or teachers) that agreed
 
 
 def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
     """Every member of a dataset, in label order: what it was frozen with (class, verdict,
-    split, weight) and the item's text and known-good record."""
+    split, weight), the label's answer and the item's text, fields and known-good record."""
     stmt = (
         select(
             DatasetItem.item_id,
@@ -106,14 +110,19 @@ def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
             DatasetItem.weight,
             Item.known_good,
             Item.slices,
+            Label.output,
+            Item.payload,
+            Label.confidence,
+            Label.agreement,
         )
         .join(Item, Item.id == DatasetItem.item_id)
+        .join(Label, Label.id == DatasetItem.label_id)
         .where(DatasetItem.dataset_id == dataset_id)
         .order_by(DatasetItem.label_id)
     )
     return [
-        DatasetRow(i, e, t, c, Verdict(v), s, w, k, sl or {})
-        for i, e, t, c, v, s, w, k, sl in session.execute(stmt)
+        DatasetRow(i, e, t, c, Verdict(v), s, w, k, sl or {}, o, p or {}, cf, ag)
+        for i, e, t, c, v, s, w, k, sl, o, p, cf, ag in session.execute(stmt)
     ]
 
 

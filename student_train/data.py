@@ -31,6 +31,9 @@ class Example:
     weight: float = 1.0  # a dataset's training weight (class balance, oversampling)
     split: str | None = None  # a dataset's split (train, val, test); None: split by hash
     slices: Mapping[str, str] = field(default_factory=dict)  # the spec's slice values
+    # How sure the teacher was of ``label`` (its stated confidence, or the agreement of its
+    # samples): soft targets where the student's kind uses them; None: a hard label.
+    confidence: float | None = None
 
 
 def split_of(external_id: str, val_share: float, salt: str = "") -> Split:

@@ -20,7 +20,15 @@ from typing import Any
 
 from storage.stats import wilson as _wilson
 
-__all__ = ["DEFAULT_SLICE_MARGIN", "Scored", "evaluate", "macro_f1", "wilson"]
+__all__ = [
+    "DEFAULT_SLICE_MARGIN",
+    "Scored",
+    "confusion",
+    "evaluate",
+    "headline",
+    "macro_f1",
+    "wilson",
+]
 
 DEFAULT_SLICE_MARGIN = 0.05
 Z_95 = 1.959964
@@ -148,3 +156,26 @@ def evaluate(
             }
         )
     return {"overall": overall, "slices": slices, "flagged": flagged, "slice_margin": margin}
+
+
+def confusion(items: Sequence[Scored], classes: Sequence[str]) -> dict[str, Any]:
+    """Counts of known-good record (rows) against the student's answer (columns), over the
+    items with a record of one of ``classes``: the run's confusion plot."""
+    index = {name: k for k, name in enumerate(classes)}
+    matrix = [[0] * len(classes) for _ in classes]
+    for item in items:
+        if item.known_good in index and item.student in index:
+            matrix[index[item.known_good]][index[item.student]] += 1
+    return {"labels": list(classes), "matrix": matrix}
+
+
+def headline(overall: Mapping[str, Any]) -> dict[str, Any]:
+    """The figure to read first: the student's accuracy against the records beside the
+    teacher's, and their ratio (the retention); slices are drawn by the same figure."""
+    return {
+        "metric": "accuracy",
+        "student": overall.get("student_accuracy"),
+        "teacher": overall.get("teacher_accuracy"),
+        "ratio": overall.get("retention"),
+        "slice_key": "student_accuracy",
+    }

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,10 @@ from torch.nn import functional
 
 from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors
 from student_train.data import Example, split_examples
-from student_train.evaluate import DEFAULT_SLICE_MARGIN, Scored, evaluate
+from student_train.evaluate import DEFAULT_SLICE_MARGIN, Scored, confusion, evaluate, headline
 from student_train.features import Bag, Featurizer
+from student_train.runtime import latency as measure_latency
+from student_train.runtime import threads
 
 __all__ = [
     "MIN_TRAIN_EXAMPLES",
@@ -39,7 +39,6 @@ __all__ = [
 
 MIN_TRAIN_EXAMPLES = 10
 FORMAT = "stillhouse-student/bag-of-ngrams/1"
-LATENCY_ITEMS = 200  # held-out items labeled one at a time to measure latency
 MODEL_FILE, METRICS_FILE, LABELS_FILE, CONFIG_FILE = (
     "model.safetensors",
     "metrics.json",
@@ -62,7 +61,7 @@ class StudentConfig:
     weight_decay: float = 0.0
     dropout: float = 0.0
     max_tokens: int = 2_000
-    threads: int | None = None  # None: half the usable cores, 1 to 4 (see `_threads`)
+    threads: int | None = None  # None: half the usable cores, 1 to 4 (see `runtime.threads`)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "buckets", "dim", "batch_size", "max_tokens"):
@@ -129,6 +128,15 @@ class TrainReport:
     # CPU latency: one item at a time (p50, p99 over up to LATENCY_ITEMS) and batched.
     latency_ms: dict[str, float] = field(default_factory=dict)
     size_bytes: int = 0
+    kind: str = "bag_of_ngrams"
+    # Per epoch: {"epoch", "loss", "val"} (val: agreement with the teacher on the val split),
+    # the learning curve the run's plot draws.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # The student against the known-good records on the evaluated split: {"labels": [...],
+    # "matrix": [[count of record i answered j]]}, the confusion plot's data.
+    confusion: dict[str, Any] = field(default_factory=dict)
+    # The one figure to read first: {"metric", "student", "teacher", "ratio"}.
+    headline: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values (``metrics.json``)."""
@@ -173,7 +181,7 @@ def fit_student(
     _check_train_split(train, config)
     torch.manual_seed(config.seed)
     featurizer = config.featurizer()
-    with _threads(config.threads):
+    with threads(config.threads):
         started = time.perf_counter()
         docs = featurizer.bags(example.text for example in train)
         featurized = time.perf_counter()
@@ -181,21 +189,20 @@ def fit_student(
         index = {label: k for k, label in enumerate(labels)}
         targets = torch.tensor([index[example.label] for example in train], dtype=torch.long)
         weights = torch.tensor([example.weight for example in train], dtype=torch.float32)
-        loss = _optimize(model, docs, targets, weights, config)
-        trained = time.perf_counter()
         student = Student(model, labels, featurizer)
+        loss, history = _optimize(
+            model, docs, targets, weights, config, watch=_agreement_watch(student, val)
+        )
+        trained = time.perf_counter()
         predicted, rate = _timed_predict(student, val or train[:1_000])
-        latency = _latency(student, val or train)
+        held = [example.text for example in (val or train)]
+        latency = measure_latency(student.predict, held)
     scores = _scores(student.labels, predicted[: len(val)], val)
     tested = [(p, e) for p, e in zip(predicted, val, strict=False) if e.split == "test"]
     evaluated_on = "test" if tested else "held-out"
     tested = tested or list(zip(predicted, val, strict=False))
-    by_slice = evaluate(
-        [Scored(p, e.label, e.known_good, e.slices) for p, e in tested],
-        labels,
-        margin=slice_margin,
-        min_recall=min_recall,
-    )
+    scored = [Scored(p, e.label, e.known_good, e.slices) for p, e in tested]
+    by_slice = evaluate(scored, labels, margin=slice_margin, min_recall=min_recall)
     report = TrainReport(
         n_train=len(train),
         n_val=len(val),
@@ -207,8 +214,11 @@ def fit_student(
         predict_items_per_s=round(rate, 1),
         config=config.as_dict(),
         evaluated_on=evaluated_on,
-        latency_ms={**latency, "batched_items_per_s": round(rate, 1)},
+        latency_ms=latency,
         size_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        history=history,
+        confusion=confusion(scored, labels),
+        headline=headline(by_slice["overall"]),
         **by_slice,
         **scores,
     )
@@ -222,7 +232,7 @@ def fit_bag(
     out-of-fold models for confident learning need: no split, no report)."""
     torch.manual_seed(config.seed)
     featurizer = config.featurizer()
-    with _threads(config.threads):
+    with threads(config.threads):
         docs = featurizer.bags(texts)
         model = BagOfNgrams(config.buckets, config.dim, n_classes, config.dropout)
         _optimize(
@@ -260,26 +270,23 @@ def _check_train_split(train: list[Example], config: StudentConfig) -> None:
         )
 
 
-@contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    """Run with a fixed torch thread count, restoring the previous one after.
+def _agreement_watch(student: Student, held: Sequence[Example]) -> Callable[[], float | None]:
+    """After each epoch: the share of the val split (else of every held-out item) on which
+    the student agrees with the teacher, the learning curve's second line."""
+    watched = [e for e in held if e.split == "val" and e.label] or [e for e in held if e.label]
+    bags = student.featurizer.bags(example.text for example in watched)
 
-    The steps are small and memory-bound: on a 2-core machine, two threads were 15% faster
-    than one when it was idle and 2-3x slower when other work shared it, so the default
-    takes half the cores, 1 to 4.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, min(4, _usable_cores() // 2)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    def agreement() -> float | None:
+        if not watched:
+            return None
+        probabilities = student.predict_proba_bags(bags)
+        hits = sum(
+            student.labels[int(k)] == e.label
+            for k, e in zip(probabilities.argmax(axis=1), watched, strict=True)
+        )
+        return round(hits / len(watched), 6)
 
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # Linux: honors taskset and container CPU sets
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return agreement
 
 
 def _optimize(
@@ -288,9 +295,12 @@ def _optimize(
     targets: torch.Tensor,
     weights: torch.Tensor,
     config: StudentConfig,
-) -> float:
+    *,
+    watch: Callable[[], float | None] | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
     """Adagrad with a learning rate that falls linearly to zero, each example's loss scaled
-    by its weight (a batch's mean is weighted); the last epoch's mean loss."""
+    by its weight (a batch's mean is weighted); the last epoch's mean loss, and per epoch
+    its loss and ``watch()`` (the learning curve)."""
     optimizer = RowAdagrad(
         [
             {"params": model.embedding.parameters()},
@@ -301,8 +311,9 @@ def _optimize(
     generator = torch.Generator().manual_seed(config.seed)
     total = config.epochs * math.ceil(len(docs) / config.batch_size)
     step, epoch_loss = 0, 0.0
+    history: list[dict[str, Any]] = []
     model.train()
-    for _ in range(config.epochs):
+    for epoch in range(1, config.epochs + 1):
         order = torch.randperm(len(docs), generator=generator)
         epoch_loss = 0.0
         for start in range(0, len(docs), config.batch_size):
@@ -318,26 +329,12 @@ def _optimize(
             optimizer.step()
             epoch_loss += loss.item() * len(batch)
             step += 1
+        model.eval()
+        val = watch() if watch is not None else None
+        model.train()
+        history.append({"epoch": epoch, "loss": round(epoch_loss / len(docs), 6), "val": val})
     model.eval()
-    return round(epoch_loss / len(docs), 6)
-
-
-def _latency(student: Student, items: Sequence[Example]) -> dict[str, float]:
-    """Milliseconds to label one item at a time (p50 and p99), as a router would ask."""
-    texts = [item.text for item in items[:LATENCY_ITEMS]]
-    if not texts:
-        return {}
-    student.predict(texts[:1])  # warm
-    times = []
-    for text in texts:
-        started = time.perf_counter()
-        student.predict([text])
-        times.append((time.perf_counter() - started) * 1000)
-    times.sort()
-    return {
-        "p50": round(times[len(times) // 2], 4),
-        "p99": round(times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)], 4),
-    }
+    return round(epoch_loss / len(docs), 6), history
 
 
 def _timed_predict(student: Student, items: list[Example]) -> tuple[list[str], float]:

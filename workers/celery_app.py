@@ -14,15 +14,22 @@ from celery import Celery
 __all__ = [
     "LABEL_QUEUE",
     "LABEL_TASK",
+    "TRAIN_QUEUE",
+    "TRAIN_TASK",
     "app",
     "broker_idle",
     "configure",
     "operational_problems",
     "send_label_batch",
+    "send_training",
 ]
 
 LABEL_QUEUE = "label"
 LABEL_TASK = "stillhouse.label_batch"
+# Training runs on its own queue, so a `stillhouse worker --queues train` takes it and label
+# workers never wait behind a training job.
+TRAIN_QUEUE = "train"
+TRAIN_TASK = "stillhouse.train_run"
 
 app = Celery("stillhouse", set_as_current=False)
 
@@ -50,7 +57,7 @@ def configure(
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=LABEL_QUEUE,
-        task_routes={LABEL_TASK: {"queue": LABEL_QUEUE}},
+        task_routes={LABEL_TASK: {"queue": LABEL_QUEUE}, TRAIN_TASK: {"queue": TRAIN_QUEUE}},
         task_time_limit=task_time_limit_s,
         task_soft_time_limit=task_time_limit_s - 30,
         # Longer than any task may run, so Redis does not redeliver a message still in work.
@@ -156,3 +163,8 @@ def broker_idle(redis_client: Any) -> bool:
 def send_label_batch(celery: Celery, spec_id: int, item_ids: list[int]) -> Any:
     """Enqueue one batch of item ids (call only after the transaction that queued them commits)."""
     return celery.send_task(LABEL_TASK, args=[spec_id, item_ids], queue=LABEL_QUEUE)
+
+
+def send_training(celery: Celery, run_id: int) -> Any:
+    """Enqueue one recorded run (after the transaction that recorded it commits)."""
+    return celery.send_task(TRAIN_TASK, args=[run_id], queue=TRAIN_QUEUE)

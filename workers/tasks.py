@@ -18,15 +18,16 @@ from celery.signals import (
 
 from schemas.errors import BudgetExhausted, ConfigError
 from storage.leases import hold_back
-from workers.celery_app import LABEL_TASK, app
+from workers.celery_app import LABEL_TASK, TRAIN_TASK, app
 from workers.pipeline import LabelRuntime
 
-__all__ = ["label_batch", "set_runtime_factory"]
+__all__ = ["label_batch", "set_runtime_factory", "set_trainer_launcher", "train_run"]
 
 log = logging.getLogger(__name__)
 
+TRAIN_TIME_LIMIT_S = 7 * 24 * 3600
 CONFIG_ERROR_WAIT_S = 30.0  # how long items wait before a worker tries them again
-_state: dict[str, Any] = {"factory": None, "runtime": None, "stack": None}
+_state: dict[str, Any] = {"factory": None, "runtime": None, "stack": None, "trainer": None}
 _lock = threading.Lock()  # the threads pool builds the runtime once, shared by its threads
 
 
@@ -35,6 +36,12 @@ def set_runtime_factory(factory: Callable[[], AbstractContextManager[LabelRuntim
     context manager, entered once per process and left at its shutdown (the runtime's
     loop, clients and engine closed)."""
     _state["factory"] = factory
+
+
+def set_trainer_launcher(launch: Callable[[int], dict[str, Any]]) -> None:
+    """Register how a worker trains one run: ``launch(run_id)`` starts the trainer as its own
+    process, waits for it and returns a small status (see ``workers.runs``)."""
+    _state["trainer"] = launch
 
 
 def _runtime() -> LabelRuntime:
@@ -113,3 +120,22 @@ def label_batch(self: Any, spec_id: int, item_ids: list[int]) -> dict[str, int]:
         summary.call_cpu_ms,
     )
     return {"claimed": summary.claimed, "labeled": summary.labeled}
+
+
+# Acknowledged on receipt and with a week's time limit: a training job runs for as long as it
+# needs, and is never redelivered to start a second trainer beside a running one (the run's
+# row records what happened to it; a run is started once).
+@app.task(
+    name=TRAIN_TASK,
+    acks_late=False,
+    time_limit=TRAIN_TIME_LIMIT_S,
+    soft_time_limit=TRAIN_TIME_LIMIT_S - 60,
+)
+def train_run(run_id: int) -> dict[str, Any]:
+    """Train one recorded run in a process of its own; returns how it ended."""
+    launch = _state["trainer"]
+    if launch is None:
+        raise RuntimeError("no trainer launcher: start workers with `stillhouse worker`")
+    status: dict[str, Any] = launch(run_id)
+    log.info("run %s: %s", run_id, status)
+    return status

@@ -22,6 +22,13 @@ def worker(
     beat: Annotated[
         bool, typer.Option("--beat", help="also run the dispatcher and sweeper (one per site)")
     ] = False,
+    queues: Annotated[
+        str,
+        typer.Option(
+            help="label, train, or both comma-separated: train takes `train --queue` jobs, "
+            "each trainer its own process"
+        ),
+    ] = "label",
 ) -> None:
     """Run a Celery label worker (needs STILLHOUSE_BROKER_URL and a Postgres URL).
 
@@ -31,11 +38,16 @@ def worker(
     keys, or a visibility timeout shorter than the task time limit. SIGTERM is graceful: the
     batches in work finish first.
 
+    A training worker (`--queues train --concurrency 1`) runs each `stillhouse train --queue`
+    job as its own process, its output in the run's train.log.
+
     Example: STILLHOUSE_BROKER_URL=redis://127.0.0.1:6379/0 stillhouse worker --concurrency 2 --beat
     """
     from stillhouse.distributed import run_worker
 
-    run_worker(settings(), concurrency=concurrency, pool=pool, loglevel=loglevel, beat=beat)
+    run_worker(
+        settings(), concurrency=concurrency, pool=pool, loglevel=loglevel, beat=beat, queues=queues
+    )
 
 
 @app.command()

@@ -26,6 +26,7 @@ __all__ = [
     "err",
     "main",
     "review_app",
+    "runs_app",
     "settings",
     "spec_app",
     "teacher_app",
@@ -41,11 +42,13 @@ teacher_app = typer.Typer(no_args_is_help=True, help="Run a local OpenAI-compati
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 spec_app = typer.Typer(no_args_is_help=True, help="Spec files.")
 review_app = typer.Typer(no_args_is_help=True, help="Labels waiting for a person's decision.")
+runs_app = typer.Typer(no_args_is_help=True, help="Student runs: queued, running, finished.")
 dataset_app = typer.Typer(no_args_is_help=True, help="Frozen datasets of labels, for training.")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(db_app, name="db")
 app.add_typer(spec_app, name="spec")
 app.add_typer(review_app, name="review")
+app.add_typer(runs_app, name="runs")
 app.add_typer(dataset_app, name="dataset")
 
 err = Console(stderr=True, soft_wrap=True)

@@ -7,10 +7,17 @@ from typing import Annotated
 
 import typer
 
-from stillhouse.cli.root import JsonOpt, app, err, settings
-from stillhouse.output import print_json, show_demo, show_train
+from stillhouse.cli.root import JsonOpt, app, err, runs_app, settings
+from stillhouse.output import (
+    print_json,
+    show_demo,
+    show_run,
+    show_runs,
+    show_runs_compare,
+    show_train,
+)
 
-__all__ = ["demo", "train"]
+__all__ = ["demo", "runs_compare", "runs_exec", "runs_list", "runs_show", "train"]
 
 
 @app.command()
@@ -22,12 +29,22 @@ def train(
     dataset: Annotated[
         str | None, typer.Option(help="a dataset from `stillhouse dataset create`")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="run folder (default runs/SPEC-vN)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run folder, new or empty (default runs/RUN)")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="override the spec's student.epochs")] = None,
     fail_on_flag: Annotated[
         bool,
         typer.Option(
             "--fail-on-flag", help="exit 4 when a slice or class is flagged (for pipelines)"
+        ),
+    ] = False,
+    queue: Annotated[
+        bool,
+        typer.Option(
+            "--queue",
+            help="submit to the workers' train queue (`stillhouse worker --queues train`) "
+            "instead of training here",
         ),
     ] = False,
     as_json: JsonOpt = False,
@@ -38,7 +55,10 @@ def train(
     is measured on its val and test splits, and by slice and class on the test split: a
     slice more than student.slice_margin below the overall accuracy, or a class below its
     student.min_recall, is flagged. Given a spec and no dataset, it first freezes one of
-    every label of the spec's current version and says which; labeling can go on.
+    every label of the spec's current version and says which; labeling can go on. Each run
+    is recorded (`stillhouse runs list`) and gets a folder of its own under runs/: weights
+    (safetensors), config.json, metrics.json, MODEL_CARD.md and PNG plots. With --queue a
+    train worker runs the trainer as its own process and `stillhouse runs` follows it.
 
     Example: stillhouse train --spec triage
 
@@ -46,7 +66,17 @@ def train(
     """
     from stillhouse.commands import run_train
 
-    report = run_train(settings(), spec, dataset=dataset, out=out, epochs=epochs)
+    report = run_train(settings(), spec, dataset=dataset, out=out, epochs=epochs, queue=queue)
+    if queue:
+        err.print(
+            f"queued run {report['run']} on the train queue; follow it with "
+            f"`stillhouse runs show {report['run']}`",
+            markup=False,
+            highlight=False,
+        )
+        if as_json:
+            print_json(report)
+        return
     show_train(report, err)
     if as_json:
         print_json(report)
@@ -68,3 +98,64 @@ def demo(
 
     labeled, report = run_demo(settings(), limit=limit, console=err)
     show_demo(labeled, report)
+
+
+@runs_app.command("list")
+def runs_list(
+    spec: Annotated[str | None, typer.Option("--spec", "-s", help="only this spec's runs")] = None,
+    limit: Annotated[int, typer.Option(help="how many, newest first")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """The student runs, newest first: queued, running, finished or failed, with the headline
+    figure, flagged slices and latency of those that finished.
+
+    Example: stillhouse runs list --spec triage
+    """
+    from stillhouse.commands import run_runs_list
+
+    runs = run_runs_list(settings(), spec=spec, limit=limit)
+    print_json(runs) if as_json else show_runs(runs, err)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="run name (or id)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One run: what it was asked, where and when it ran, how it ended (the error of a failed
+    run, the end of its log), its figures by slice and its files.
+
+    Example: stillhouse runs show triage-v2-20261202-101500
+    """
+    from stillhouse.commands import run_runs_show
+
+    info = run_runs_show(settings(), run)
+    print_json(info) if as_json else show_run(info, err)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    a: Annotated[str, typer.Argument(help="the first run")],
+    b: Annotated[str, typer.Argument(help="the second run")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Two finished runs slice by slice: the student's figure in each with its interval, and
+    the difference (B minus A), beside their headline figures, flags and latency.
+
+    Example: stillhouse runs compare triage-v2-20261202-101500 triage-v2-20261202-113000
+    """
+    from stillhouse.commands import run_runs_compare
+
+    compared = run_runs_compare(settings(), a, b)
+    print_json(compared) if as_json else show_runs_compare(compared, err)
+
+
+@runs_app.command("exec", hidden=True)
+def runs_exec(run_id: Annotated[int, typer.Argument(help="the queued run's id")]) -> None:
+    """Train one queued run in this process (what a train worker starts for each job).
+
+    Example: stillhouse runs exec 7
+    """
+    from stillhouse.commands import run_runs_exec
+
+    print_json(run_runs_exec(settings(), run_id))

@@ -26,6 +26,12 @@ from stillhouse.commands.review import (
     run_review_suspects,
     run_task_resolve,
 )
+from stillhouse.commands.runs import (
+    run_runs_compare,
+    run_runs_exec,
+    run_runs_list,
+    run_runs_show,
+)
 from stillhouse.commands.status import run_status
 from stillhouse.commands.train import run_train, train_student
 
@@ -46,6 +52,10 @@ __all__ = [
     "run_review_resolve",
     "run_review_sample",
     "run_review_suspects",
+    "run_runs_compare",
+    "run_runs_exec",
+    "run_runs_list",
+    "run_runs_show",
     "run_status",
     "run_task_resolve",
     "run_train",

@@ -3,7 +3,10 @@ its held-out splits."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +15,34 @@ from sqlalchemy.orm import Session, sessionmaker
 from schemas.errors import ConfigError
 from stillhouse.context import open_database
 from stillhouse.settings import Settings
-from storage.datasets import DatasetFilters, DatasetRecipe
-from storage.models import Dataset, SpecRow, Verdict
+from storage.datasets import DatasetFilters, DatasetRecipe, dataset_by_name, free_name
+from storage.models import Dataset, SpecRow, StudentRun, Verdict
+from storage.runs import create_run, fail_run, finish_run, start_run
 from storage.training import DatasetRow
 from workers.spec import Spec, load_spec, parse_spec
 
-__all__ = ["TRAINING_FILTERS", "run_train", "train_student"]
+__all__ = [
+    "TRAINING_FILTERS",
+    "execute_run",
+    "run_summary",
+    "run_train",
+    "student_kind",
+    "train_student",
+    "write_run_files",
+]
 
 # The dataset `train --spec` freezes: every label, so the held-out splits measure the student
 # and the teacher on what comes in, not only on what the checks kept; training itself uses
 # the accepted labels of the train split.
 TRAINING_FILTERS = DatasetFilters(verdicts=tuple(v.value for v in Verdict))
+# Settings of the spec's student section that the evaluation reads, not the trainer.
+EVALUATION_SETTINGS = ("kind", "slice_margin", "min_recall")
+DEFAULT_KIND = {"classification": "bag_of_ngrams", "ranking": "ranker", "extraction": "tagger"}
+KINDS_FOR = {
+    "classification": ("bag_of_ngrams",),
+    "ranking": ("ranker",),
+    "extraction": ("tagger",),
+}
 
 
 def run_train(
@@ -32,12 +52,19 @@ def run_train(
     dataset: str | None = None,
     out: Path | None,
     epochs: int | None,
+    queue: bool = False,
 ) -> dict[str, Any]:
     """Train the student on dataset ``dataset`` or, given only a spec, on a dataset frozen
     now from its current version with the defaults (``created_dataset`` names it); labeling
-    may go on meanwhile. ``stillhouse.output.show_train`` prints the comparison."""
+    may go on meanwhile. The run is recorded first (``stillhouse runs``) with its own folder;
+    with ``queue`` it goes to the workers' train queue, else it trains here and now.
+    ``stillhouse.output.show_train`` prints the comparison."""
     if dataset is None and spec_ref is None:
         raise ConfigError("say what to train on: --dataset NAME, or --spec SPEC")
+    if queue:  # refused before anything is recorded
+        from stillhouse.distributed import open_celery
+
+        open_celery(settings, check=False)
     created = None
     with open_database(settings) as sessions:
         if dataset is None:
@@ -45,14 +72,141 @@ def run_train(
             spec = load_spec(spec_ref)
             created = _freeze(sessions, spec)
             dataset = created["name"]
-        with sessions() as session:
-            from storage.datasets import dataset_by_name
-
+        with sessions.begin() as session:
             frozen = dataset_by_name(session, dataset)
             spec = _spec_of(session, frozen, spec_ref)
-        out = out or settings.runs_dir / f"{spec.name}-v{spec.version}"
-        report = train_student(sessions, spec, frozen, out_dir=out, epochs=epochs)
-    return {**report, "out_dir": str(out), "created_dataset": created}
+            request = {"epochs": epochs, "spec_ref": spec_ref}
+            run = _new_run(session, settings, spec, frozen, out, request)
+            run_id, run_name, out_dir = run.id, run.name, run.out_dir
+        if queue:
+            from stillhouse.distributed import submit_training
+
+            submit_training(settings, run_id)
+            return {
+                "run": run_name,
+                "state": "queued",
+                "out_dir": out_dir,
+                "created_dataset": created,
+            }
+        report = execute_run(sessions, run_id, spec=spec)
+    return {**report, "run": run_name, "out_dir": out_dir, "created_dataset": created}
+
+
+def _new_run(
+    session: Session,
+    settings: Settings,
+    spec: Spec,
+    dataset: Dataset,
+    out: Path | None,
+    request: dict[str, Any],
+) -> StudentRun:
+    """A queued run with a name and a folder of its own: a given ``out`` must be new or
+    empty, so one run never overwrites another's files."""
+    kind = student_kind(spec)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = free_name(session, f"{spec.name}-v{spec.version}-{stamp}", StudentRun.name)
+    folder = out or settings.runs_dir / name
+    while out is None and folder.exists():  # a runs folder shared by several databases
+        name = f"{name}-x"
+        folder = settings.runs_dir / name
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(
+            f"{folder} is not empty: runs never overwrite each other; give --out a new folder "
+            f"or leave it out (each run gets {settings.runs_dir}/NAME)"
+        )
+    assert dataset.id is not None
+    return create_run(
+        session,
+        name=name,
+        spec_id=dataset.spec_id,
+        spec_name=spec.name,
+        dataset_id=dataset.id,
+        kind=kind,
+        out_dir=str(folder),
+        request=request,
+    )
+
+
+def execute_run(
+    sessions: sessionmaker[Session],
+    run_id: int,
+    *,
+    spec: Spec | None = None,
+    log_path: str | None = None,
+) -> dict[str, Any]:
+    """Train a queued run in this process: mark it running, train, write its folder (weights,
+    config, metrics, model card, plots), and record it finished, or failed with why (then
+    the error is raised again). Commits: the start (so `runs` shows it running), the end."""
+    with sessions.begin() as session:
+        run = session.get(StudentRun, run_id)
+        if run is None:
+            raise ConfigError(f"no run {run_id}: see `stillhouse runs list`")
+        if not start_run(
+            session, run_id, host=socket.gethostname(), pid=os.getpid(), log_path=log_path
+        ):
+            raise ConfigError(f"run {run.name} is {run.state}, not queued: it is not trained again")
+        frozen = session.get(Dataset, run.dataset_id)
+        assert frozen is not None
+        session.expunge(frozen)
+        spec = spec or _spec_of(session, frozen, None)
+        out_dir, request, name = Path(run.out_dir), dict(run.request), run.name
+    try:
+        report = train_student(
+            sessions, spec, frozen, out_dir=out_dir, epochs=request.get("epochs")
+        )
+        about = {
+            "run": name,
+            "spec": spec.name,
+            "version": spec.version,
+            "kind": spec.kind,
+            "description": spec.body.get("description", ""),
+        }
+        report["artifacts"] = write_run_files(report, out_dir, about)
+    except BaseException as exc:
+        with sessions.begin() as session:
+            fail_run(session, run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    with sessions.begin() as session:
+        finish_run(session, run_id, run_summary(report))
+    return report
+
+
+def write_run_files(report: dict[str, Any], out_dir: Path, about: dict[str, Any]) -> list[str]:
+    """The model card and plots beside the weights; ``metrics.json`` rewritten with the run's
+    name and the list of its files."""
+    import json
+
+    from student_train.artifacts import write_artifacts
+
+    files = write_artifacts(report, out_dir, about)
+    report["run"] = about["run"]
+    present = sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    report["artifacts"] = sorted(set(present) | set(files))
+    (out_dir / "metrics.json").write_text(
+        json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )
+    return list(report["artifacts"])
+
+
+def run_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the runs table keeps of a report: enough for `runs list` and `runs compare`."""
+    keys = (
+        *("kind", "headline", "overall", "slices", "flagged", "latency_ms", "size_bytes"),
+        *("evaluated_on", "n_train", "n_val", "dataset", "slice_margin"),
+    )
+    return {key: report.get(key) for key in keys}
+
+
+def student_kind(spec: Spec) -> str:
+    """The spec's student kind, checked against its task kind."""
+    section = spec.body.get("student", {})
+    kind = str(section.get("kind") or DEFAULT_KIND[spec.kind])
+    if kind not in KINDS_FOR[spec.kind]:
+        raise ConfigError(
+            f"spec {spec.name!r} is a {spec.kind} spec: student.kind {kind!r} does not fit; "
+            f"choose one of {', '.join(KINDS_FOR[spec.kind])}"
+        )
+    return kind
 
 
 def train_student(
@@ -65,42 +219,44 @@ def train_student(
 ) -> dict[str, Any]:
     """Train on the dataset's accepted train-split labels; evaluate on its val and test
     members against the teacher and the known-good records; returns the report."""
-    if spec.kind != "classification":
-        raise ConfigError(
-            f"spec {spec.name!r} is a {spec.kind} spec; this student trains "
-            f"classification specs only"
-        )
     from storage.training import dataset_rows
-    from student_train.train import StudentConfig, train_classifier
 
+    kind = student_kind(spec)
     with sessions() as session:
         rows = dataset_rows(session, dataset.id)
-    examples = [_example(row, spec.label_names) for row in rows]
-    evaluation = ("kind", "slice_margin", "min_recall")
     section = spec.body.get("student", {})
-    settings = {k: v for k, v in section.items() if k not in evaluation}
+    settings = {k: v for k, v in section.items() if k not in EVALUATION_SETTINGS}
     if epochs is not None:
         settings["epochs"] = epochs
     named = {"name": dataset.name, "content_hash": dataset.content_hash}
+    margin = float(section.get("slice_margin", 0.05))
     try:
-        config = StudentConfig(**settings)
-        report = train_classifier(
-            examples,
-            spec.label_names,
-            config,
-            out_dir,
-            dataset=named,
-            slice_margin=float(section.get("slice_margin", 0.05)),
-            min_recall=section.get("min_recall") or {},
-        )
+        report = _TRAINERS[kind](rows, spec, settings, out_dir, margin)
     except ValueError as exc:
         raise ConfigError(f"cannot train the student for {spec.name!r}: {exc}") from exc
+    report["dataset"] = named
+    return report
+
+
+def _train_bag(
+    rows: list[DatasetRow], spec: Spec, settings: dict[str, Any], out_dir: Path, margin: float
+) -> dict[str, Any]:
+    from student_train.train import StudentConfig, train_classifier
+
+    examples = [_example(row, spec.label_names) for row in rows]
+    report = train_classifier(
+        examples,
+        spec.label_names,
+        StudentConfig(**settings),
+        out_dir,
+        slice_margin=margin,
+        min_recall=spec.body.get("student", {}).get("min_recall") or {},
+    )
     return report.as_dict()
 
 
 def _freeze(sessions: sessionmaker[Session], spec: Spec) -> dict[str, Any]:
     from stillhouse.commands.dataset import freeze_dataset
-    from storage.datasets import free_name
 
     with sessions() as session:
         name = free_name(session, f"{spec.name}-v{spec.version}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -150,3 +306,8 @@ def _example(row: DatasetRow, names: list[str]) -> Any:
         split=row.split,
         slices={k: str(v) for k, v in row.slices.items() if v is not None},
     )
+
+
+_TRAINERS: dict[
+    str, Callable[[list[DatasetRow], Spec, dict[str, Any], Path, float], dict[str, Any]]
+] = {"bag_of_ngrams": _train_bag}

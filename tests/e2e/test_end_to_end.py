@@ -166,9 +166,26 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
     assert int(report["n_val"]) > 10  # type: ignore[call-overload]
     assert report["teacher_accuracy"] is not None
     assert 0.5 <= float(report["student_accuracy"]) <= 1.0  # type: ignore[arg-type]
-    assert os.path.exists(f"{tmp_path}/runs/triage-v2/model.safetensors")
+    folder = Path(str(report["out_dir"]))
+    assert folder.parent == Path(f"{tmp_path}/runs") and folder.name == report["run"]
+    # The run's folder: weights, settings, metrics, the model card and the plots.
+    assert {
+        "model.safetensors",
+        "config.json",
+        "metrics.json",
+        "MODEL_CARD.md",
+        "confusion.png",
+        "slices.png",
+        "learning_curve.png",
+    } <= {p.name for p in folder.iterdir()}
+    assert all((folder / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in ("slices.png",))
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert str(report["dataset"]["content_hash"]) in card and "queue=sport" in card  # type: ignore[index]
+    assert "## Limits" in card and "## Intended use" in card
     # metrics.json: by slice and class on the test split, the latency, what was flagged.
-    metrics = json.loads(Path(f"{tmp_path}/runs/triage-v2/metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4, 5]
+    assert sum(map(sum, metrics["confusion"]["matrix"])) == metrics["overall"]["with_record"]
     assert metrics["evaluated_on"] == "test" and metrics["overall"]["with_record"] > 5
     assert {"queue=sport", "class=sport", "length=short"} <= set(metrics["slices"])
     for scores in [metrics["overall"], *metrics["slices"].values()]:
@@ -192,6 +209,23 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
     flagged = json.loads(run.stdout)["flagged"]
     assert flagged and run.exit_code == 4, run.output  # a student at 100 % on every queue: no
     assert "--fail-on-flag:" in run.stderr and "flagged:" in run.stderr
+
+    # Every run is recorded, newest first; a second run of the same spec never overwrites.
+    again = _cli(env, "train", "--dataset", str(report["dataset"]["name"]), "--json")  # type: ignore[index]
+    assert again["out_dir"] != report["out_dir"] and Path(str(report["out_dir"])).is_dir()
+    runs = _cli(env, "runs", "list", "--json")
+    assert [r["name"] for r in runs] == [again["run"], json.loads(run.stdout)["run"], report["run"]]  # type: ignore[index]
+    assert {r["state"] for r in runs} == {"finished"}  # type: ignore[index]
+    shown = _cli(env, "runs", "show", str(report["run"]), "--json")
+    assert "MODEL_CARD.md" in shown["files"]  # type: ignore[operator]
+    assert shown["summary"]["headline"]["metric"] == "accuracy"  # type: ignore[index]
+    compared = _cli(env, "runs", "compare", str(report["run"]), str(again["run"]), "--json")
+    rows = {row["slice"]: row for row in compared["slices"]}  # type: ignore[union-attr]
+    assert rows["overall"]["a"] == report["overall"]["student_accuracy"]  # type: ignore[index]
+    assert "queue=sport" in rows and rows["queue=sport"]["delta"] is not None
+    name = str(report["dataset"]["name"])  # type: ignore[index]
+    taken = runner.invoke(app, ["train", "--dataset", name, "--out", str(folder)], env=env)
+    assert taken.exit_code != 0 and "runs never overwrite" in str(taken.exception)
 
 
 def _stored_text(url: str) -> str:
