@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn import functional
 
 from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors
 from student_train.data import Example, split_examples
@@ -25,6 +24,12 @@ from student_train.evaluate import DEFAULT_SLICE_MARGIN, Scored, confusion, eval
 from student_train.features import Bag, Featurizer
 from student_train.runtime import latency as measure_latency
 from student_train.runtime import threads
+from student_train.targets import (
+    CLASS_WEIGHT_MODES,
+    example_weights,
+    soft_cross_entropy,
+    soft_targets,
+)
 
 __all__ = [
     "MIN_TRAIN_EXAMPLES",
@@ -61,6 +66,10 @@ class StudentConfig:
     weight_decay: float = 0.0
     dropout: float = 0.0
     max_tokens: int = 2_000
+    # Soft targets from the teacher's confidence (Example.confidence); off by default: on
+    # BBC a confidence for the top label alone did not help the MiniLM head either.
+    soft_targets: bool = False
+    class_weight: str = "none"  # none, or balanced (inverse class frequency, mean 1)
     threads: int | None = None  # None: half the usable cores, 1 to 4 (see `runtime.threads`)
 
     def __post_init__(self) -> None:
@@ -75,6 +84,11 @@ class StudentConfig:
             raise ValueError(f"StudentConfig.val_share must be in [0, 1), got {self.val_share}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"StudentConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.class_weight not in CLASS_WEIGHT_MODES:
+            raise ValueError(
+                f"StudentConfig.class_weight must be one of {', '.join(CLASS_WEIGHT_MODES)}, "
+                f"got {self.class_weight!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudentConfig:
@@ -187,8 +201,10 @@ def fit_student(
         featurized = time.perf_counter()
         model = BagOfNgrams(config.buckets, config.dim, len(labels), config.dropout)
         index = {label: k for k, label in enumerate(labels)}
-        targets = torch.tensor([index[example.label] for example in train], dtype=torch.long)
-        weights = torch.tensor([example.weight for example in train], dtype=torch.float32)
+        ks = [index[example.label] for example in train]
+        given = [example.confidence if config.soft_targets else None for example in train]
+        targets = soft_targets(ks, given, len(labels))
+        weights = example_weights(ks, [e.weight for e in train], len(labels), config.class_weight)
         student = Student(model, labels, featurizer)
         loss, history = _optimize(
             model, docs, targets, weights, config, watch=_agreement_watch(student, val)
@@ -238,7 +254,7 @@ def fit_bag(
         _optimize(
             model,
             docs,
-            torch.tensor(list(targets), dtype=torch.long),
+            soft_targets(list(targets), [None] * len(docs), n_classes),
             torch.ones(len(docs), dtype=torch.float32),
             config,
         )
@@ -298,7 +314,8 @@ def _optimize(
     *,
     watch: Callable[[], float | None] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Adagrad with a learning rate that falls linearly to zero, each example's loss scaled
+    """Adagrad with a learning rate that falls linearly to zero, against ``targets`` (a
+    distribution a row: one-hot, or soft from the teacher's confidence), each example's loss scaled
     by its weight (a batch's mean is weighted); the last epoch's mean loss, and per epoch
     its loss and ``watch()`` (the learning curve)."""
     optimizer = RowAdagrad(
@@ -321,7 +338,7 @@ def _optimize(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * (1.0 - step / total)
             inputs = to_tensors([docs[i] for i in batch.tolist()])
-            each = functional.cross_entropy(model(*inputs), targets[batch], reduction="none")
+            each = soft_cross_entropy(model(*inputs), targets[batch])
             scale = weights[batch]
             loss = (each * scale).sum() / scale.sum()
             optimizer.zero_grad()

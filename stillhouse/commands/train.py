@@ -39,7 +39,7 @@ TRAINING_FILTERS = DatasetFilters(verdicts=tuple(v.value for v in Verdict))
 EVALUATION_SETTINGS = ("kind", "slice_margin", "min_recall")
 DEFAULT_KIND = {"classification": "bag_of_ngrams", "ranking": "ranker", "extraction": "tagger"}
 KINDS_FOR = {
-    "classification": ("bag_of_ngrams",),
+    "classification": ("bag_of_ngrams", "minilm"),
     "ranking": ("ranker",),
     "extraction": ("tagger",),
 }
@@ -238,6 +238,21 @@ def train_student(
     return report
 
 
+def _config(cls: Any, settings: dict[str, Any], kind: str) -> Any:
+    """The kind's config from the spec's student settings; a setting of another kind is an
+    error that names the kind's own."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(
+            f"student.{', student.'.join(unknown)} is not a setting of the {kind} student; "
+            f"it takes {', '.join(sorted(known))} (see docs/spec-reference.md)"
+        )
+    return cls(**settings)
+
+
 def _train_bag(
     rows: list[DatasetRow], spec: Spec, settings: dict[str, Any], out_dir: Path, margin: float
 ) -> dict[str, Any]:
@@ -247,7 +262,7 @@ def _train_bag(
     report = train_classifier(
         examples,
         spec.label_names,
-        StudentConfig(**settings),
+        _config(StudentConfig, settings, "bag_of_ngrams"),
         out_dir,
         slice_margin=margin,
         min_recall=spec.body.get("student", {}).get("min_recall") or {},
@@ -304,10 +319,29 @@ def _example(row: DatasetRow, names: list[str]) -> Any:
         accepted=usable and row.verdict == Verdict.ACCEPTED,
         weight=row.weight,
         split=row.split,
+        confidence=row.confidence if row.confidence is not None else row.agreement,
         slices={k: str(v) for k, v in row.slices.items() if v is not None},
     )
 
 
+def _train_encoder(
+    rows: list[DatasetRow], spec: Spec, settings: dict[str, Any], out_dir: Path, margin: float
+) -> dict[str, Any]:
+    from student_train.encoder import EncoderConfig, fit_encoder_student, save_encoder_student
+
+    config = _config(EncoderConfig, settings, "minilm")
+    examples = [_example(row, spec.label_names) for row in rows]
+    student, report = fit_encoder_student(
+        examples,
+        spec.label_names,
+        config,
+        slice_margin=margin,
+        min_recall=spec.body.get("student", {}).get("min_recall") or {},
+    )
+    save_encoder_student(student, config, report, out_dir)
+    return report.as_dict()
+
+
 _TRAINERS: dict[
     str, Callable[[list[DatasetRow], Spec, dict[str, Any], Path, float], dict[str, Any]]
-] = {"bag_of_ngrams": _train_bag}
+] = {"bag_of_ngrams": _train_bag, "minilm": _train_encoder}

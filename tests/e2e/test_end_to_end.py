@@ -293,3 +293,36 @@ def test_api_key_is_sent_but_never_stored_or_logged(
         env={**env, "TRIAGE_TEACHER_KEY": ""},
     )
     assert "TRIAGE_TEACHER_KEY" in str(missing.exception)
+
+
+def test_minilm_student_trains_from_the_spec_and_writes_its_run(
+    tmp_path: Path, teacher_url: str
+) -> None:
+    url = f"sqlite:///{tmp_path}/minilm.db"
+    env = {
+        "STILLHOUSE_DATABASE_URL": url,
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+        "STILLHOUSE_RUNS_DIR": f"{tmp_path}/runs",
+    }
+    _cli(env, "backfill", "bbc", "--spec", "triage", "--limit", "80", "--json")
+    body = yaml.safe_load((ROOT / "examples/specs/triage.yaml").read_text())
+    body["student"] = {"kind": "minilm", "max_seq_length": 32, "epochs": 10}
+    spec = tmp_path / "triage-minilm.yaml"
+    spec.write_text(yaml.safe_dump(body))
+    report = _cli(env, "train", "--spec", str(spec), "--json")
+    assert report["kind"] == "minilm" and report["headline"]["metric"] == "accuracy"  # type: ignore[index]
+    folder = Path(str(report["out_dir"]))
+    config = json.loads((folder / "config.json").read_text())
+    assert (
+        config["format"] == "stillhouse-student/minilm/1"
+        and config["config"]["max_seq_length"] == 32
+    )
+    assert {"model.safetensors", "MODEL_CARD.md", "slices.png"} <= {
+        p.name for p in folder.iterdir()
+    }
+    # A setting of another kind is refused before anything trains, naming the kind's own.
+    body["student"] = {"kind": "minilm", "buckets": 4096}
+    spec.write_text(yaml.safe_dump(body))
+    refused = runner.invoke(app, ["train", "--spec", str(spec)], env=env)
+    assert refused.exit_code != 0
