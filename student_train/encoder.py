@@ -31,7 +31,13 @@ from torch import nn
 from torch.nn import functional
 
 from student_train.data import Example, split_examples
-from student_train.evaluate import DEFAULT_SLICE_MARGIN, Scored, confusion, evaluate, headline
+from student_train.evaluate import (
+    DEFAULT_SLICE_MARGIN,
+    confusion,
+    evaluate,
+    headline,
+    scored_items,
+)
 from student_train.runtime import device, threads
 from student_train.runtime import latency as measure_latency
 from student_train.targets import CLASS_WEIGHT_MODES, example_weights, soft_cross_entropy
@@ -345,7 +351,7 @@ def fit_encoder_student(
         timed = [e.text for e in (held or train)][:_LATENCY_BATCH_ITEMS]
         latency = measure_latency(student.predict, timed)
     predicted = [student.labels[int(k)] for k in probs.argmax(axis=1)]
-    scored, evaluated_on = _scored(predicted, held)
+    scored, evaluated_on, against = scored_items(predicted, held)
     by_slice = evaluate(scored, labels, margin=slice_margin, min_recall=min_recall)
     report = TrainReport(
         n_train=len(train),
@@ -358,6 +364,7 @@ def fit_encoder_student(
         predict_items_per_s=latency.get("batched_items_per_s", 0.0),
         config=config.as_dict(),
         evaluated_on=evaluated_on,
+        evaluated_against=against,
         latency_ms=latency,
         size_bytes=student.size_bytes(),
         kind="minilm",
@@ -380,14 +387,6 @@ def _targets(
     targets = make_soft_targets(ks, confidences, len(labels))
     weights = example_weights(ks, [e.weight for e in train], len(labels), config.class_weight)
     return targets.to(where), weights.to(where)
-
-
-def _scored(predicted: list[str], held: Sequence[Example]) -> tuple[list[Scored], str]:
-    """The items evaluated by slice (the test split, else every held-out one) and which."""
-    tested = [(p, e) for p, e in zip(predicted, held, strict=True) if e.split == "test"]
-    evaluated_on = "test" if tested else "held-out"
-    pairs = tested or list(zip(predicted, held, strict=True))
-    return [Scored(p, e.label, e.known_good, e.slices) for p, e in pairs], evaluated_on
 
 
 def _agreement_watch(

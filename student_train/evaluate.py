@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.stats import wilson as _wilson
+from student_train.data import Example
 
 __all__ = [
     "DEFAULT_SLICE_MARGIN",
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate",
     "headline",
     "macro_f1",
+    "scored_items",
     "wilson",
 ]
 
@@ -179,3 +181,23 @@ def headline(overall: Mapping[str, Any]) -> dict[str, Any]:
         "ratio": overall.get("retention"),
         "slice_key": "student_accuracy",
     }
+
+
+def scored_items(
+    predicted: Sequence[str], held: Sequence[Example]
+) -> tuple[list[Scored], str, str]:
+    """The items evaluated by slice (the test split, else every held-out one), which split
+    that is, and what they are measured against: the known-good records, or, for a spec that
+    has none (moderation of live text), the teacher's labels, so a class's recall is then
+    how much of what the teacher called that class the student finds."""
+    tested = [(p, e) for p, e in zip(predicted, held, strict=False) if e.split == "test"]
+    evaluated_on = "test" if tested else "held-out"
+    pairs = tested or list(zip(predicted, held, strict=False))
+    if any(e.known_good is not None for _, e in pairs):
+        return (
+            [Scored(p, e.label, e.known_good, e.slices) for p, e in pairs],
+            evaluated_on,
+            "records",
+        )
+    items = [Scored(p, e.label, e.label or None, e.slices) for p, e in pairs]
+    return items, evaluated_on, "teacher"

@@ -20,7 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors
 from student_train.data import Example, split_examples
-from student_train.evaluate import DEFAULT_SLICE_MARGIN, Scored, confusion, evaluate, headline
+from student_train.evaluate import (
+    DEFAULT_SLICE_MARGIN,
+    confusion,
+    evaluate,
+    headline,
+    scored_items,
+)
 from student_train.features import Bag, Featurizer
 from student_train.runtime import latency as measure_latency
 from student_train.runtime import threads
@@ -135,6 +141,9 @@ class TrainReport:
     # By slice, on the test split (the held-out items when the dataset has none):
     # ``student_train.evaluate.evaluate``'s ``overall``, ``slices``, ``flagged``.
     evaluated_on: str = "test"
+    # What slices are measured against: "records" (known-good), or "teacher" for a spec
+    # without records (there a class's recall is against the teacher's labels).
+    evaluated_against: str = "records"
     overall: dict[str, Any] = field(default_factory=dict)
     slices: dict[str, Any] = field(default_factory=dict)
     flagged: list[dict[str, Any]] = field(default_factory=list)
@@ -214,10 +223,7 @@ def fit_student(
         held = [example.text for example in (val or train)]
         latency = measure_latency(student.predict, held)
     scores = _scores(student.labels, predicted[: len(val)], val)
-    tested = [(p, e) for p, e in zip(predicted, val, strict=False) if e.split == "test"]
-    evaluated_on = "test" if tested else "held-out"
-    tested = tested or list(zip(predicted, val, strict=False))
-    scored = [Scored(p, e.label, e.known_good, e.slices) for p, e in tested]
+    scored, evaluated_on, against = scored_items(predicted, val)
     by_slice = evaluate(scored, labels, margin=slice_margin, min_recall=min_recall)
     report = TrainReport(
         n_train=len(train),
@@ -230,6 +236,7 @@ def fit_student(
         predict_items_per_s=round(rate, 1),
         config=config.as_dict(),
         evaluated_on=evaluated_on,
+        evaluated_against=against,
         latency_ms=latency,
         size_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         history=history,

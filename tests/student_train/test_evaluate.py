@@ -69,3 +69,21 @@ def test_a_minimum_for_an_unknown_or_unmeasured_class_says_so() -> None:
     result = evaluate(no_c, CLASSES, margin=1.0, min_recall={"c": 0.5})
     assert [f["slice"] for f in result["flagged"]] == ["class=c"]
     assert "cannot be measured" in result["flagged"][0]["why"]
+
+
+def test_without_records_the_slices_are_measured_against_the_teacher() -> None:
+    from student_train.data import Example
+    from student_train.evaluate import scored_items
+
+    held = [
+        Example(i, f"t{i}", "text", label, split="test")
+        for i, label in enumerate(["hate", "hate", "ok", "ok"])
+    ]
+    items, evaluated_on, against = scored_items(["hate", "ok", "ok", "ok"], held)
+    assert (evaluated_on, against) == ("test", "teacher")
+    result = evaluate(items, ["hate", "ok"], min_recall={"hate": 0.9})
+    # Half of what the teacher called hate the student finds: flagged below its minimum.
+    assert result["slices"]["class=hate"]["student_accuracy"] == 0.5
+    assert [f["slice"] for f in result["flagged"] if "min_recall" in f["why"]] == ["class=hate"]
+    with_record = [*held[:3], Example(9, "t9", "text", "ok", known_good="ok", split="test")]
+    assert scored_items(["hate", "ok", "ok", "ok"], with_record)[2] == "records"
