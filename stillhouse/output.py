@@ -506,6 +506,16 @@ def show_train(report: dict[str, Any], console: Console) -> None:
         markup=False,
         highlight=False,
     )
+    if "student_accuracy" not in report:  # a ranking (or other non-classifier) student
+        console.print(
+            f"student on the {report.get('evaluated_on')} split: "
+            f"{_headline(report.get('headline'))}; trained in "
+            f"{report['train_seconds']:.1f} s; written to {report['out_dir']}",
+            markup=False,
+            highlight=False,
+        )
+        _show_flags(report, console)
+        return
     console.print(
         f"student on {report['n_val']} held-out items: "
         f"{pct(report['student_accuracy'])} vs known-good "
@@ -696,6 +706,11 @@ def _headline(headline: dict[str, Any] | None) -> str:
     )
 
 
+def _show_flags(report: dict[str, Any], console: Console) -> None:
+    for flag in report.get("flagged") or []:
+        console.print(f"flagged {flag['slice']}: {flag.get('why')}", markup=False)
+
+
 def show_runs(runs: Sequence[dict[str, Any]], console: Console) -> None:
     """`runs list`: one row a run, newest first."""
     table = Table(title=f"student runs ({len(runs)})")
@@ -732,9 +747,8 @@ def show_run(info: dict[str, Any], console: Console) -> None:
     summary = info.get("summary") or {}
     if summary.get("slices") and summary.get("kind") in ("bag_of_ngrams", "minilm"):
         show_slices(summary, console)
-    elif summary.get("flagged"):
-        for flag in summary["flagged"]:
-            console.print(f"flagged {flag['slice']}: {flag.get('why')}", markup=False)
+    else:
+        _show_flags(summary, console)
 
 
 def show_runs_compare(compared: dict[str, Any], console: Console) -> None:

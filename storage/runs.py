@@ -53,50 +53,54 @@ def create_run(
     return run
 
 
+def _move(session: Session, run_id: int, sources: tuple[RunState, ...], **values: Any) -> bool:
+    """Set ``values`` on the run if it is in one of ``sources``; whether it was."""
+    result = session.execute(
+        update(StudentRun)
+        .where(StudentRun.id == run_id, StudentRun.state.in_(sources))
+        .values(**values)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
 def start_run(session: Session, run_id: int, *, host: str, pid: int, log_path: str | None) -> bool:
     """Mark a queued run running in this process; False when it is not queued (started
     elsewhere already, or over)."""
-    result = session.execute(
-        update(StudentRun)
-        .where(StudentRun.id == run_id, StudentRun.state == RunState.QUEUED)
-        .values(
-            state=RunState.RUNNING,
-            host=host,
-            pid=pid,
-            log_path=log_path,
-            started_at=datetime.now(UTC),
-        )
+    return _move(
+        session,
+        run_id,
+        (RunState.QUEUED,),
+        state=RunState.RUNNING,
+        host=host,
+        pid=pid,
+        log_path=log_path,
+        started_at=datetime.now(UTC),
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def finish_run(session: Session, run_id: int, summary: dict[str, Any]) -> bool:
     """Record a running run's summary and mark it finished."""
-    flagged = summary.get("flagged") or []
-    result = session.execute(
-        update(StudentRun)
-        .where(StudentRun.id == run_id, StudentRun.state == RunState.RUNNING)
-        .values(
-            state=RunState.FINISHED,
-            summary=summary,
-            flagged=len(flagged),
-            finished_at=datetime.now(UTC),
-        )
+    return _move(
+        session,
+        run_id,
+        (RunState.RUNNING,),
+        state=RunState.FINISHED,
+        summary=summary,
+        flagged=len(summary.get("flagged") or []),
+        finished_at=datetime.now(UTC),
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def fail_run(session: Session, run_id: int, error: str) -> bool:
     """Mark a queued or running run failed with why; a finished run stays finished."""
-    result = session.execute(
-        update(StudentRun)
-        .where(
-            StudentRun.id == run_id,
-            StudentRun.state.in_((RunState.QUEUED, RunState.RUNNING)),
-        )
-        .values(state=RunState.FAILED, error=error[-4_000:], finished_at=datetime.now(UTC))
+    return _move(
+        session,
+        run_id,
+        (RunState.QUEUED, RunState.RUNNING),
+        state=RunState.FAILED,
+        error=error[-4_000:],
+        finished_at=datetime.now(UTC),
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def run_by_name(session: Session, name: str) -> StudentRun | None:

@@ -1,8 +1,10 @@
-"""Read-side queries for `stillhouse status` and the accuracy summaries."""
+"""Read-side queries for `stillhouse status` and the accuracy summaries, and the statistics
+they share with the student's evaluation: the Wilson interval and the ranking metrics."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +18,9 @@ __all__ = [
     "Z_TWO_SIDED_95",
     "LabelStats",
     "Status",
+    "kendall_tau_graded",
     "label_stats",
+    "ndcg_at_k",
     "status",
     "wilson",
 ]
@@ -142,3 +146,56 @@ def label_stats(session: Session, spec_id: int) -> LabelStats:
 
 def _mean(flags: list[bool]) -> float | None:
     return round(sum(flags) / len(flags), 4) if flags else None
+
+
+# Ranking metrics: pure functions shared by the known-good checks (``workers.compare``) and
+# the ranking student's evaluation (``student_train``), which may not import workers.
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def kendall_tau_graded(order: Sequence[str], grades: Mapping[str, float]) -> float:
+    """Kendall's tau of an ordering against graded relevance (missing ids grade 0), over the
+    pairs the grades order.
+
+    A pair the grades tie (two candidates equally relevant) counts neither way, as in tau-b:
+    swapping equally graded candidates costs nothing. Unlike tau-b, whose denominator keeps
+    the tied pairs (so that even the graded order itself scores below 1.0), the score is
+    normalized by the ordered pairs: the graded order scores 1.0 and its reverse -1.0. With
+    no pair the grades order, 1.0.
+    """
+    values = [float(grades.get(item, 0.0)) for item in _unique(order)]
+    n = len(values)
+    concordant = discordant = tied = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            if values[i] > values[j]:
+                concordant += 1  # the more relevant one first: right
+            elif values[i] < values[j]:
+                discordant += 1
+            else:
+                tied += 1
+    pairs = n * (n - 1) // 2
+    if pairs - tied == 0:
+        return 1.0
+    return (concordant - discordant) / (pairs - tied)
+
+
+def _dcg(gains: Iterable[float]) -> float:
+    return sum((math.pow(2.0, rel) - 1.0) / math.log2(i + 2) for i, rel in enumerate(gains))
+
+
+def ndcg_at_k(order: Sequence[str], relevance: Mapping[str, float], k: int) -> float:
+    """NDCG@k of an ordering against graded relevance (missing ids count as 0).
+
+    Uses gains ``2**rel - 1`` discounted by ``log2(i + 2)``, normalized by the ideal ordering
+    of ``relevance``. When nothing is relevant there is nothing to get wrong: 1.0.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    ideal = _dcg(sorted(relevance.values(), reverse=True)[:k])
+    if ideal <= 0:
+        return 1.0
+    return _dcg(relevance.get(item, 0.0) for item in _unique(order)[:k]) / ideal

@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "CARD_FILE",
     "PLOT_FILES",
+    "interval_key",
     "slice_figures",
     "write_artifacts",
     "write_card",
@@ -39,14 +40,15 @@ def slice_figures(report: Mapping[str, Any]) -> list[tuple[str, float, list[floa
         value = scores.get(key)
         if value is None:
             continue
-        interval = scores.get(_interval_key(key))
+        interval = scores.get(interval_key(key))
         size = scores.get("with_record") or scores.get("items") or 0
         out.append((name, float(value), interval, int(size)))
     return out
 
 
-def _interval_key(key: str) -> str:
-    # "student_accuracy" → "student_interval" (the classifier's naming); others add a suffix.
+def interval_key(key: str) -> str:
+    """Where a slice figure's interval is: ``student_interval`` beside a classifier's
+    ``student_accuracy`` (metrics.json's first contract), ``KEY_interval`` for the others."""
     return "student_interval" if key == "student_accuracy" else f"{key}_interval"
 
 

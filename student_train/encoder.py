@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from student_train.evaluate import (
     headline,
     scored_items,
 )
-from student_train.runtime import device, threads
+from student_train.runtime import Settings, device, threads
 from student_train.runtime import latency as measure_latency
 from student_train.targets import CLASS_WEIGHT_MODES, example_weights, soft_cross_entropy
 from student_train.targets import soft_targets as make_soft_targets
@@ -65,7 +65,7 @@ _LATENCY_BATCH_ITEMS = 512  # held-out texts for the batched rate: each costs a 
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(Settings):
     """Hyperparameters of one MiniLM student run (a frozen encoder and a linear head)."""
 
     epochs: int = 40
@@ -115,16 +115,6 @@ class EncoderConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"EncoderConfig.threads must be positive or null, got {self.threads}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
-        """Rebuild a config from :meth:`as_dict` output, ignoring unknown keys."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
-
-    def as_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-ready values."""
-        return asdict(self)
 
 
 def _within(name: str, value: int, low: int, high: int) -> None:

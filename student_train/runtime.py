@@ -3,19 +3,34 @@ CPU latency is measured (one item at a time, as a router asks, and batched)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, Self, TypeVar
 
 import torch
 
-__all__ = ["LATENCY_ITEMS", "device", "latency", "threads", "usable_cores"]
+__all__ = ["LATENCY_ITEMS", "Settings", "device", "latency", "threads", "usable_cores"]
 
 T = TypeVar("T")
 LATENCY_ITEMS = 200  # held-out inputs answered one at a time to measure latency
+
+
+class Settings:
+    """A student's hyperparameters (a dataclass) as the JSON its run writes and reads back."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Rebuild a config from :meth:`as_dict` output, ignoring unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready values."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from student_train.evaluate import (
     scored_items,
 )
 from student_train.features import Bag, Featurizer
+from student_train.runtime import Settings, threads
 from student_train.runtime import latency as measure_latency
-from student_train.runtime import threads
 from student_train.targets import (
     CLASS_WEIGHT_MODES,
     example_weights,
@@ -59,7 +59,7 @@ MODEL_FILE, METRICS_FILE, LABELS_FILE, CONFIG_FILE = (
 
 
 @dataclass(frozen=True)
-class StudentConfig:
+class StudentConfig(Settings):
     """Hyperparameters of one training run (fastText-like defaults that suit a CPU)."""
 
     epochs: int = 8
@@ -95,16 +95,6 @@ class StudentConfig:
                 f"StudentConfig.class_weight must be one of {', '.join(CLASS_WEIGHT_MODES)}, "
                 f"got {self.class_weight!r}"
             )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StudentConfig:
-        """Rebuild a config from :meth:`as_dict` output, ignoring unknown keys."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
-
-    def as_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-ready values."""
-        return asdict(self)
 
     def featurizer(self) -> Featurizer:
         """The featurizer these settings call for."""

@@ -12,12 +12,18 @@ import math
 import re
 import string
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from rapidfuzz import fuzz
+
+# One implementation of the ranking metrics, shared with the student's evaluation (which may
+# not import workers); the names stay importable from here.
+from storage.stats import _unique
+from storage.stats import kendall_tau_graded as kendall_tau_graded
+from storage.stats import ndcg_at_k as ndcg_at_k
 
 __all__ = [
     "COMPARE_KINDS",
@@ -277,10 +283,6 @@ def compare(value: Any, reference: Any, rule: Mapping[str, Any]) -> FieldResult:
     return comparer(value, reference, rule)
 
 
-def _unique(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
 def kendall_tau(order: Sequence[str], reference: Sequence[str]) -> float:
     """Kendall's tau between two orderings of ids, over the ids present in both.
 
@@ -295,54 +297,9 @@ def kendall_tau(order: Sequence[str], reference: Sequence[str]) -> float:
     return balance / (n * (n - 1) / 2)
 
 
-def kendall_tau_graded(order: Sequence[str], grades: Mapping[str, float]) -> float:
-    """Kendall's tau of an ordering against graded relevance (missing ids grade 0), over the
-    pairs the grades order.
-
-    A pair the grades tie (two candidates equally relevant) counts neither way, as in tau-b:
-    swapping equally graded candidates costs nothing. Unlike tau-b, whose denominator keeps
-    the tied pairs (so that even the graded order itself scores below 1.0), the score is
-    normalized by the ordered pairs: the graded order scores 1.0 and its reverse -1.0. With
-    no pair the grades order, 1.0.
-    """
-    values = [float(grades.get(item, 0.0)) for item in _unique(order)]
-    n = len(values)
-    concordant = discordant = tied = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            if values[i] > values[j]:
-                concordant += 1  # the more relevant one first: right
-            elif values[i] < values[j]:
-                discordant += 1
-            else:
-                tied += 1
-    pairs = n * (n - 1) // 2
-    if pairs - tied == 0:
-        return 1.0
-    return (concordant - discordant) / (pairs - tied)
-
-
 def top1_agreement(order: Sequence[str], reference: Sequence[str]) -> bool:
     """Whether both orderings put the same id first (False when either is empty)."""
     return bool(order) and bool(reference) and order[0] == reference[0]
-
-
-def _dcg(gains: Iterable[float]) -> float:
-    return sum((math.pow(2.0, rel) - 1.0) / math.log2(i + 2) for i, rel in enumerate(gains))
-
-
-def ndcg_at_k(order: Sequence[str], relevance: Mapping[str, float], k: int) -> float:
-    """NDCG@k of an ordering against graded relevance (missing ids count as 0).
-
-    Uses gains ``2**rel - 1`` discounted by ``log2(i + 2)``, normalized by the ideal ordering
-    of ``relevance``. When nothing is relevant there is nothing to get wrong: 1.0.
-    """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    ideal = _dcg(sorted(relevance.values(), reverse=True)[:k])
-    if ideal <= 0:
-        return 1.0
-    return _dcg(relevance.get(item, 0.0) for item in _unique(order)[:k]) / ideal
 
 
 def _relevance_from(reference: Sequence[str], k: int) -> dict[str, float]:

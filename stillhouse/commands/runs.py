@@ -11,6 +11,7 @@ from stillhouse.context import open_database
 from stillhouse.settings import Settings
 from storage.models import StudentRun
 from storage.runs import list_runs, run_by_name
+from student_train.artifacts import interval_key
 
 __all__ = ["run_info", "run_runs_compare", "run_runs_exec", "run_runs_list", "run_runs_show"]
 
@@ -75,7 +76,7 @@ def run_runs_compare(settings: Settings, first: str, second: str) -> dict[str, A
     if unfinished:
         raise ConfigError(f"{', '.join(unfinished)} has not finished: nothing to compare yet")
     key = (summaries[0].get("headline") or {}).get("slice_key", "student_accuracy")
-    interval = "student_interval" if key == "student_accuracy" else f"{key}_interval"
+    interval = interval_key(key)
     slices = sorted(set(summaries[0].get("slices") or {}) | set(summaries[1].get("slices") or {}))
     rows = []
     for slice_name in ["overall", *slices]:

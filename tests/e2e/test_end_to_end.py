@@ -326,3 +326,27 @@ def test_minilm_student_trains_from_the_spec_and_writes_its_run(
     spec.write_text(yaml.safe_dump(body))
     refused = runner.invoke(app, ["train", "--spec", str(spec)], env=env)
     assert refused.exit_code != 0
+
+
+def test_ranking_student_trains_on_the_teachers_orderings_and_writes_its_run(
+    tmp_path: Path, teacher_url: str
+) -> None:
+    env = {
+        "STILLHOUSE_DATABASE_URL": f"sqlite:///{tmp_path}/ranking.db",
+        "STILLHOUSE_BROKER_URL": "",
+        "STILLHOUSE_TEACHER_BASE_URL": teacher_url,
+        "STILLHOUSE_RUNS_DIR": f"{tmp_path}/runs",
+    }
+    _cli(env, "backfill", "bbc-ranking", "--spec", "ranking", "--limit", "120", "--json")
+    report = _cli(env, "train", "--spec", "ranking", "--json")
+    assert report["kind"] == "ranking" and report["headline"]["metric"] == "ndcg@5"  # type: ignore[index]
+    assert 0.0 < report["overall"]["student_ndcg"] <= 1.0  # type: ignore[index]
+    folder = Path(str(report["out_dir"]))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format"] == "stillhouse-student/ranking/1"
+    assert {"model.safetensors", "MODEL_CARD.md", "slices.png", "learning_curve.png"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert "topic=" in (folder / "MODEL_CARD.md").read_text()
+    listed = _cli(env, "runs", "list", "--json")
+    assert [r["kind"] for r in listed] == ["ranking"]  # type: ignore[index]

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.markup import read_ranking
 from stillhouse.servers.teacher.protocol import ChatRequest, RequestError
 
 __all__ = [
@@ -40,11 +40,6 @@ __all__ = [
     "render_ranking",
     "wants_ranking",
 ]
-
-_QUERY = re.compile(r"<query>(.*?)</query>", re.DOTALL)
-_CANDIDATE = re.compile(
-    r"""<candidate\s+id\s*=\s*(?:"([^"]*)"|'([^']*)')\s*>(.*?)</candidate>""", re.DOTALL
-)
 
 
 @dataclass(frozen=True)
@@ -65,20 +60,17 @@ def wants_ranking(schema: Mapping[str, Any] | None) -> bool:
 
 def parse_ranking(request: ChatRequest) -> RankingTask:
     """The query and candidates of a ranking prompt, or ``RequestError`` saying what lacks."""
-    queries = _QUERY.findall(request.prompt)
-    if not queries:
+    query, candidates = read_ranking(request.prompt)
+    if query is None:
         raise RequestError("a ranking request needs a '<query>…</query>' block in the prompt")
-    candidates: dict[str, str] = {}
-    for double, single, text in _CANDIDATE.findall(request.prompt):
-        candidates.setdefault(double or single, text.strip())
     if not candidates:
         raise RequestError(
             "a ranking request needs '<candidate id=\"ID\">text</candidate>' blocks in the prompt"
         )
     properties = request.schema.get("properties", {}) if request.schema else {}
     return RankingTask(
-        query=str(queries[-1]).strip(),
-        candidates=tuple(candidates.items()),
+        query=query,
+        candidates=candidates,
         with_scores="scores" in properties,
         with_confidence="confidence" in properties,
     )
