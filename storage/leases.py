@@ -258,6 +258,24 @@ def ready_now(session: Session, spec_id: int) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def next_retry_in(session: Session, spec_id: int) -> float | None:
+    """Seconds until the soonest ``retry_at`` among ``spec_id``'s pending items that wait
+    (a backoff after a failed call, a 429's wait; negative once due), or None if none waits."""
+    soonest = func.min(Item.retry_at)
+    if session.get_bind().dialect.name == "postgresql":
+        ahead: Any = func.extract("epoch", soonest - func.now())
+    else:
+        ahead = (func.julianday(soonest) - func.julianday("now")) * 86400.0
+    seconds = session.scalar(
+        select(ahead).where(
+            Item.spec_id == spec_id,
+            Item.state == ItemState.PENDING,
+            Item.retry_at.is_not(None),
+        )
+    )
+    return None if seconds is None else float(seconds)
+
+
 def queued_counts(session: Session) -> dict[int, int]:
     """Items handed to the broker and not yet claimed, per spec version."""
     rows = session.execute(

@@ -42,7 +42,7 @@ from schemas.errors import BudgetExhausted, ConfigError, LeaseExpired
 from storage.budget import budget_state, current_budget, reserve, settle
 from storage.calibrations import awaiting
 from storage.items import ClaimedItem, claim_items, known_good_for
-from storage.leases import extend_leases
+from storage.leases import extend_leases, next_retry_in
 from storage.models import SpecRow
 from storage.results import Fence, InFlight, cached_responses, record_batch
 from workers.calibrator import Calibrator
@@ -579,6 +579,7 @@ def label_until_done(
             raise errors[0]
 
     all_lanes()
+    _wait_out_retries(runtime, spec_id, total, all_lanes)
     if spec.target_accuracy is not None:
         # Items without a record wait for the calibration that the labels with one build;
         # each round either applies it or, once no item with a record is left, decides.
@@ -592,6 +593,30 @@ def label_until_done(
         # What was labeled under the first, partial calibrations is held to the final one.
         runtime.calibrator.settle(spec_id, spec)
     return total
+
+
+RETRY_HORIZON_S = 10.0
+RETRY_STALL_S = 120.0
+
+
+def _wait_out_retries(
+    runtime: LabelRuntime, spec_id: int, total: BatchSummary, all_lanes: Callable[[], None]
+) -> None:
+    """Items put back with a short wait (a backoff after a reset, a 429 with a Retry-After of
+    a few seconds) are this run's: wait for the soonest and label them, as long as the run
+    moves. A longer wait (a 30 s Retry-After, an open breaker's cooldown) is the item's: the
+    run returns and they stay pending with their attempts, for the next run or a worker; so
+    does everything after ``RETRY_STALL_S`` with nothing labeled or failed."""
+    moved_at, done = time.monotonic(), total.labeled + total.failed
+    while time.monotonic() - moved_at < RETRY_STALL_S:
+        with runtime.sessions() as session:
+            ahead = next_retry_in(session, spec_id)
+        if ahead is None or ahead > RETRY_HORIZON_S:
+            return
+        time.sleep(min(max(ahead, 0.0) + 0.05, RETRY_HORIZON_S))
+        all_lanes()
+        if total.labeled + total.failed > done:
+            moved_at, done = time.monotonic(), total.labeled + total.failed
 
 
 def _lanes_for(spec: Spec) -> int:
