@@ -29,6 +29,7 @@ __all__ = [
     "extend_leases",
     "held_by",
     "hold_back",
+    "next_retry_in",
     "queued_counts",
     "ready_now",
     "reclaim_dead_owners",
