@@ -38,11 +38,11 @@ TRAINING_FILTERS = DatasetFilters(verdicts=tuple(v.value for v in Verdict))
 # Settings of the spec's student section that the evaluation reads, not the trainer.
 EVALUATION_SETTINGS = ("kind", "slice_margin", "min_recall")
 DEFAULT_KIND = {"classification": "bag_of_ngrams", "ranking": "ranking", "extraction": "tagger"}
-# The task kinds each student fits; extraction's tagger is not built yet (refused, named).
+# The student kinds each task kind takes.
 KINDS_FOR = {
     "classification": ("bag_of_ngrams", "minilm"),
     "ranking": ("ranking",),
-    "extraction": (),
+    "extraction": ("tagger",),
 }
 
 
@@ -202,11 +202,6 @@ def student_kind(spec: Spec) -> str:
     """The spec's student kind, checked against its task kind."""
     section = spec.body.get("student", {})
     kind = str(section.get("kind") or DEFAULT_KIND[spec.kind])
-    if not KINDS_FOR[spec.kind]:
-        raise ConfigError(
-            f"spec {spec.name!r} is an {spec.kind} spec: no student trains {spec.kind} specs "
-            f"yet (the token tagger is planned); keep labeling, and export the dataset"
-        )
     if kind not in KINDS_FOR[spec.kind]:
         raise ConfigError(
             f"spec {spec.name!r} is a {spec.kind} spec: student.kind {kind!r} does not fit; "
@@ -366,6 +361,58 @@ def _train_ranker(
     return report
 
 
+def _train_tagger(
+    rows: list[DatasetRow], spec: Spec, settings: dict[str, Any], out_dir: Path, margin: float
+) -> dict[str, Any]:
+    from student_train.tagger import (
+        TaggerConfig,
+        examples_from_rows,
+        extraction_fields,
+        fit_tagger,
+        save_tagger,
+    )
+
+    config = _config(TaggerConfig, settings, "tagger")
+    fields = extraction_fields(spec.output_schema)
+    examples = examples_from_rows(rows, spec.body, list(fields))
+    student, report = fit_tagger(
+        examples,
+        fields,
+        config,
+        slice_margin=margin,
+        min_recall=spec.body.get("student", {}).get("min_recall") or {},
+    )
+    # The student's answers on the evaluated documents through the teacher's own checks
+    # (schema, grounding), as a router would run them.
+    tested = [e for e in examples if e.split == "test"] or [
+        e for e in examples if e.split != "train"
+    ]
+    report["checks"] = _check_answers(spec, student.predict([e.text for e in tested]), tested)
+    save_tagger(student, config, report, out_dir)
+    return report
+
+
+def _check_answers(spec: Spec, answers: list[dict[str, Any]], docs: list[Any]) -> dict[str, Any]:
+    import json
+    from collections import Counter
+
+    from workers.checks import Checker
+    from workers.providers import Answer
+
+    checker = Checker(spec)
+    reasons: Counter[str] = Counter()
+    for answer, doc in zip(answers, docs, strict=True):
+        result = checker.check(Answer(content=json.dumps(answer)), None, doc.text)
+        reasons.update(result.reasons)
+    failed = sum(reasons.values())
+    return {"answers": len(answers), "reasons": dict(reasons), "with_a_problem": failed}
+
+
 _TRAINERS: dict[
     str, Callable[[list[DatasetRow], Spec, dict[str, Any], Path, float], dict[str, Any]]
-] = {"bag_of_ngrams": _train_bag, "minilm": _train_encoder, "ranking": _train_ranker}
+] = {
+    "bag_of_ngrams": _train_bag,
+    "minilm": _train_encoder,
+    "ranking": _train_ranker,
+    "tagger": _train_tagger,
+}

@@ -143,3 +143,33 @@ def test_wnut_filter_keeps_precision(tmp_path: Path, spacy_url: str) -> None:
     assert {"people", "places", "organizations", "all"} <= set(fields["accepted"])
     assert fields["accepted"]["all"]["precision"] >= fields["raw"]["all"]["precision"]
     print(json.dumps({"report_fields": fields}))
+
+
+@pytest.mark.slow
+def test_the_tagger_learns_the_teachers_spans_and_answers_what_the_checks_accept(
+    tmp_path: Path, spacy_url: str
+) -> None:
+    env = {**_env(tmp_path, spacy_url), "STILLHOUSE_RUNS_DIR": f"{tmp_path}/runs"}
+    run = _cli(env, "backfill", "wnut", "--spec", "wnut_extraction", "--limit", "800")
+    assert run.returncode == 0, run.stderr
+    trained = _cli(env, "train", "--spec", "wnut_extraction", "--json")
+    assert trained.returncode == 0, trained.stderr
+    report = json.loads(trained.stdout)
+    print(json.dumps({"tagger": report["headline"], "checks": report["checks"]}))
+    assert report["kind"] == "tagger" and report["headline"]["metric"] == "field_f1"
+    assert report["evaluated_against"] == "records"
+    overall = report["overall"]
+    # Against the human gold, beside the teacher on the same tweets, each with an interval.
+    assert overall["student_f1"] is not None and overall["teacher_f1"] is not None
+    assert overall["student_f1_interval"][0] <= overall["student_f1"]
+    assert overall["vs_teacher_f1"] > 0  # some of the teacher's spans found exactly
+    assert {f"field={name}" for name in FIELDS} <= set(report["slices"])
+    # Its answers pass the teacher's schema and grounding checks: values are the text's own.
+    reasons = report["checks"]["reasons"]
+    assert not [r for r in reasons if r.startswith(("schema", "ungrounded"))], reasons
+    folder = Path(report["out_dir"])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format"] == "stillhouse-student/tagger/1"
+    assert {"model.safetensors", "metrics.json", "MODEL_CARD.md", "slices.png"} <= {
+        p.name for p in folder.iterdir()
+    }
