@@ -14,7 +14,6 @@ CPU, one query with its candidates at a time, as a router asks.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,7 @@ from student_train.evaluate import DEFAULT_SLICE_MARGIN
 from student_train.rank_features import RankingInput, TermStats, parse_ranking_text
 from student_train.rank_metrics import RankScored, evaluate_ranking, ranking_headline
 from student_train.rank_model import PairBatch, PairScorer, Prepared, RankingStudent
-from student_train.runtime import Settings, threads
+from student_train.runtime import Settings, read_settings, threads, write_json
 from student_train.runtime import latency as measure_latency
 
 __all__ = [
@@ -401,20 +400,13 @@ def save_ranking(
         "bags": {"buckets": student.buckets, "max_tokens": student.max_tokens},
         "terms": {"n_docs": student.stats.n_docs, "avg_len": student.stats.avg_len},
     }
-    _write_json(out_dir / CONFIG_FILE, settings)
-    _write_json(out_dir / METRICS_FILE, dict(report))
+    write_json(out_dir / CONFIG_FILE, settings)
+    write_json(out_dir / METRICS_FILE, dict(report))
 
 
 def load_ranking(out_dir: Path) -> RankingStudent:
     """Load a student written by :func:`save_ranking`, on the CPU."""
-    missing = [n for n in (MODEL_FILE, CONFIG_FILE) if not (out_dir / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no ranking student in {out_dir}: missing {', '.join(missing)}")
-    settings = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    if settings.get("format") != FORMAT:
-        raise ValueError(
-            f"{out_dir / CONFIG_FILE} is not a {FORMAT} model (format {settings.get('format')!r})"
-        )
+    settings = read_settings(out_dir, FORMAT, (MODEL_FILE, CONFIG_FILE), "ranking student")
     config = RankingConfig.from_dict(settings["config"])
     bags = settings["bags"]
     tensors = load_file(str(out_dir / MODEL_FILE))
@@ -427,7 +419,3 @@ def load_ranking(out_dir: Path) -> RankingStudent:
     return RankingStudent(
         model, stats, buckets=int(bags["buckets"]), max_tokens=int(bags["max_tokens"])
     )
-
-
-def _write_json(path: Path, value: object) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

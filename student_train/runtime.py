@@ -4,16 +4,27 @@ CPU latency is measured (one item at a time, as a router asks, and batched)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import torch
 
-__all__ = ["LATENCY_ITEMS", "Settings", "device", "latency", "threads", "usable_cores"]
+__all__ = [
+    "LATENCY_ITEMS",
+    "Settings",
+    "device",
+    "latency",
+    "read_settings",
+    "threads",
+    "usable_cores",
+    "write_json",
+]
 
 T = TypeVar("T")
 LATENCY_ITEMS = 200  # held-out inputs answered one at a time to measure latency
@@ -85,3 +96,23 @@ def latency(
         "p99": round(times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)], 4),
         "batched_items_per_s": round(rate, 1),
     }
+
+
+def write_json(path: Path, value: object) -> None:
+    """A run file (config, metrics) as indented, sorted JSON."""
+    path.write_text(
+        json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )
+
+
+def read_settings(out_dir: Path, fmt: str, files: Sequence[str], what: str) -> dict[str, Any]:
+    """The ``config.json`` of a saved student, after checking its files are there and its
+    format is ``fmt`` (the config file is the last of ``files``)."""
+    missing = [n for n in files if not (out_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {what} in {out_dir}: missing {', '.join(missing)}")
+    config = out_dir / files[-1]
+    settings: dict[str, Any] = json.loads(config.read_text(encoding="utf-8"))
+    if settings.get("format") != fmt:
+        raise ValueError(f"{config} is not a {fmt} model (format {settings.get('format')!r})")
+    return settings

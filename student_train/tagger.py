@@ -15,8 +15,6 @@ teacher's. It is evaluated by slice (:mod:`student_train.tag_metrics`).
 from __future__ import annotations
 
 import copy
-import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from storage.models import Verdict
 from storage.training import DatasetRow
 from student_train.data import split_of
 from student_train.evaluate import DEFAULT_SLICE_MARGIN
-from student_train.runtime import Settings, device, threads
+from student_train.runtime import Settings, device, read_settings, threads, write_json
 from student_train.runtime import latency as measure_latency
 from student_train.tag_metrics import TagScored, evaluate_extraction, extraction_headline
 from student_train.tag_model import (
@@ -310,18 +308,8 @@ def fit_tagger(
     where = device()
     with threads(config.threads):
         started = time.perf_counter()
-        featurizer = Featurizer(config.rows, config.max_tokens)
-        tags = TagSet(list(fields))
-        model = TagScorer(
-            config.rows,
-            config.dim,
-            config.width,
-            config.depth,
-            config.window,
-            len(tags),
-            config.dropout,
-        )
-        student = TaggerStudent(model, featurizer, fields)
+        student = _build(config, fields)
+        featurizer, tags, model = student.featurizer, student.tags, student.model
         docs = [featurizer.doc(e.text) for e in train]
         aligned = [align(d, e.teacher or {}, tags) for d, e in zip(docs, train, strict=True)]
         placed = sum(sum(len(set(v)) for v in (e.teacher or {}).values()) for e in train)
@@ -461,45 +449,33 @@ def save_tagger(
             for name, limits in student.fields.items()
         ],
     }
-    _write_json(out_dir / CONFIG_FILE, settings)
-    _write_json(out_dir / METRICS_FILE, dict(report))
+    write_json(out_dir / CONFIG_FILE, settings)
+    write_json(out_dir / METRICS_FILE, dict(report))
 
 
 def load_tagger(out_dir: Path) -> TaggerStudent:
     """Load a tagger written by :func:`save_tagger`, on the CPU."""
-    missing = [n for n in (MODEL_FILE, CONFIG_FILE) if not (out_dir / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no tagger in {out_dir}: missing {', '.join(missing)}")
-    settings = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    if settings.get("format") != FORMAT:
-        raise ValueError(
-            f"{out_dir / CONFIG_FILE} is not a {FORMAT} model (format {settings.get('format')!r})"
-        )
+    settings = read_settings(out_dir, FORMAT, (MODEL_FILE, CONFIG_FILE), "tagger")
     config = TaggerConfig.from_dict(settings["config"])
     fields = {
         str(limits["name"]): FieldLimits(limits.get("max_items"), limits.get("max_length"))
         for limits in settings["fields"]
     }
+    student = _build(config, fields)
+    student.model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
+    return student
+
+
+def _build(config: TaggerConfig, fields: Mapping[str, FieldLimits]) -> TaggerStudent:
+    """An untrained tagger of ``config``'s shape for ``fields``."""
+    tags = TagSet(list(fields))
     model = TagScorer(
         config.rows,
         config.dim,
         config.width,
         config.depth,
         config.window,
-        len(TagSet(list(fields))),
+        len(tags),
         config.dropout,
     )
-    model.load_state_dict(load_file(str(out_dir / MODEL_FILE)))
     return TaggerStudent(model, Featurizer(config.rows, config.max_tokens), fields)
-
-
-def _write_json(path: Path, value: object) -> None:
-    path.write_text(
-        json.dumps(value, indent=2, sort_keys=True, default=_plain) + "\n", encoding="utf-8"
-    )
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
