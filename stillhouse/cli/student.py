@@ -81,7 +81,7 @@ def train(
     if as_json:
         print_json(report)
     if fail_on_flag and report.get("flagged"):
-        names = ", ".join(flag["slice"] for flag in report["flagged"])
+        names = ", ".join(dict.fromkeys(flag["slice"] for flag in report["flagged"]))
         err.print(f"--fail-on-flag: {names} flagged", markup=False, highlight=False)
         raise typer.Exit(4)
 

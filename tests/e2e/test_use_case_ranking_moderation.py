@@ -1,7 +1,9 @@
 """Two use cases on real data, end to end: BBC headline ranking and tweet moderation.
 
-Each runs the real CLI (``backfill``, ``report``) against a real local teacher process on
-loopback, with SQLite in a temporary folder, and reads the stored labels back.
+Each runs the real CLI (``backfill``, ``report``, ``train``) against a real local teacher
+process on loopback, with SQLite in a temporary folder, and reads the stored labels back. The
+moderation student is trained on a hand-written fixture with known labels (no human-labelled
+moderation set ships offline), where ``hate_speech`` is rare.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from statistics import mean
 from typing import Any
 
 import pytest
+import yaml
 from support.clitools import embedded_env, run_cli
+from support.moderation_fixture import moderation_rows
 
 from examples.ranking import iter_ranking
 from workers.compare import kendall_tau_graded
@@ -25,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 RANKING_LIMIT = 30
 MODERATION_LIMIT = 80
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +171,76 @@ def test_moderation_labels_tweets_with_rare_hate_speech(
     assert report.returncode == 0, report.stderr
     slices = json.loads(report.stdout)["slices"]
     assert "class=neither" in slices, slices
+
+
+def _moderation_fixture_spec(tmp_path: Path) -> Path:
+    """The moderation spec on the fixture: the MiniLM zero-shot teacher (hatesonar, trained on
+    slur-heavy tweets, calls none of the fixture's slur-free hate posts hate_speech), the
+    fixture's labels as known-good records, and a student that must recall hate_speech."""
+    body = yaml.safe_load((ROOT / "examples/specs/moderation.yaml").read_text())
+    body["name"] = "moderation_fixture"
+    body["teacher"]["model"] = "minilm-zero-shot"
+    body["known_good"] = {"label": {"source": "label", "compare": "exact"}}
+    body["checks"] = {"min_confidence": 0.0, "require_known_good_match": True}
+    body["student"] = {
+        "kind": "bag_of_ngrams",
+        "epochs": 8,
+        "slice_margin": 0.15,
+        "min_recall": {"hate_speech": 0.8},
+    }
+    path = tmp_path / "moderation_fixture.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def test_fail_on_flag_catches_a_student_that_misses_rare_hate_speech(
+    tmp_path: Path, embedding_teacher: str
+) -> None:
+    """Trained on the teacher's accepted labels as they come (3 % hate speech), the student
+    misses the rare class and ``--fail-on-flag`` fails the run; the same labels with the
+    class oversampled in the dataset give a student that recalls it, and the run passes."""
+    env = _env(tmp_path, embedding_teacher)
+    spec = _moderation_fixture_spec(tmp_path)
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("".join(json.dumps(row) + "\n" for row in moderation_rows()))
+    run = _cli(env, "backfill", str(posts), "--spec", str(spec))
+    assert run.returncode == 0, run.stderr
+
+    split = ["--spec", str(spec), "--split", "60/10/30"]
+    for name, extra in [("plain", []), ("oversampled", ["--oversample", "class:hate_speech=10"])]:
+        made = _cli(env, "dataset", "create", name, *split, *extra, "--json")
+        assert made.returncode == 0, made.stderr
+
+    results = {}
+    for name in ("plain", "oversampled"):
+        trained = _cli(env, "train", "--dataset", name, "--fail-on-flag", "--json")
+        results[name] = (trained.returncode, json.loads(trained.stdout), trained.stderr)
+    figures = {
+        name: {
+            "exit": code,
+            "hate_recall": metrics["slices"]["class=hate_speech"]["student_accuracy"],
+            "interval": metrics["slices"]["class=hate_speech"]["student_interval"],
+            "items": metrics["slices"]["class=hate_speech"]["items"],
+            "flagged": [flag["why"] for flag in metrics["flagged"]],
+        }
+        for name, (code, metrics, _) in results.items()
+    }
+    print(json.dumps({"moderation_students": figures}))
+
+    code, metrics, stderr = results["plain"]
+    hate = metrics["slices"]["class=hate_speech"]
+    assert code == 4, stderr  # flagged, and --fail-on-flag makes the run fail
+    assert hate["items"] >= 10 and hate["student_accuracy"] < 0.8
+    low, high = hate["student_interval"]
+    assert 0 <= low <= hate["student_accuracy"] <= high <= 1 and high - low > 0.2
+    whys = [flag["why"] for flag in metrics["flagged"] if flag["slice"] == "class=hate_speech"]
+    assert any("student.min_recall asks for hate_speech" in why for why in whys), whys
+    assert "--fail-on-flag: class=hate_speech flagged" in stderr
+
+    code, metrics, stderr = results["oversampled"]
+    hate = metrics["slices"]["class=hate_speech"]
+    assert code == 0 and metrics["flagged"] == [], (stderr, metrics["flagged"])
+    assert hate["student_accuracy"] >= 0.8 > figures["plain"]["hate_recall"]
+    # The same test items: the two runs differ only in the dataset's weights.
+    assert hate["items"] == figures["plain"]["items"]
+    assert metrics["dataset"]["name"] == "oversampled"
