@@ -209,7 +209,9 @@ class Student:
         chunks = [np.zeros((0, len(self.labels)), dtype=np.float32)]
         for start in range(0, len(texts), _PREDICT_BATCH):
             chunks.append(
-                self._probabilities(self.featurizer.packed(texts[start : start + _PREDICT_BATCH]))
+                self._probabilities(
+                    self.featurizer.packed(texts[start : start + _PREDICT_BATCH], distinct=False)
+                )
             )
         return np.concatenate(chunks)
 

