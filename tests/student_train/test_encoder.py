@@ -142,7 +142,8 @@ def test_save_and_load_give_identical_predictions(
     settings = json.loads((tmp_path / "config.json").read_text())
     assert settings["format"] == FORMAT == "stillhouse-student/minilm/1"
     assert settings["labels"] == LABELS
-    assert settings["encoder_bytes"] > 80_000_000  # referenced, not copied
+    # Referenced, not copied: int8 linear layers and float32 token embeddings (~48 MB).
+    assert settings["encoder_bytes"] > 40_000_000
     assert (tmp_path / "model.safetensors").stat().st_size < 20_000
     assert json.loads((tmp_path / "metrics.json").read_text())["kind"] == "minilm"
     texts = [e.text for e in bbc[:12]]
@@ -253,3 +254,20 @@ def test_importing_the_module_does_not_load_transformers() -> None:
     code = "import sys, student_train.encoder; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_int8_encoder_answers_a_text_the_same_alone_or_in_a_batch(
+    bbc: list[Example],
+) -> None:
+    """Dynamic quantization scales by the batch's range: the encoder embeds one text per
+    call, so batching cannot change a prediction; float32 stays available."""
+    texts = [e.text for e in bbc[:6]]
+    int8 = TextEncoder.load(128, 0, torch.device("cpu"), int8=True)
+    batched = int8.embed(texts)
+    alone = torch.cat([int8.embed([text]) for text in texts])
+    assert torch.equal(batched, alone)
+    plain = TextEncoder.load(128, 0, torch.device("cpu"), int8=False)
+    assert plain.size_bytes() > 80_000_000 > int8.size_bytes()
+    # Close to the float32 embedding, not equal to it.
+    similarity = (plain.embed(texts) * batched).sum(dim=1)
+    assert bool((similarity > 0.85).all()) and bool((similarity < 0.9999).any())
