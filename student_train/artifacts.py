@@ -28,6 +28,7 @@ PLOT_FILES = {
     "confusion": "confusion.png",
     "slices": "slices.png",
     "learning_curve": "learning_curve.png",
+    "routing": "routing.png",
 }
 FEW_ITEMS = 30  # a slice smaller than this has an interval too wide to act on alone
 
@@ -69,6 +70,7 @@ def write_card(report: Mapping[str, Any], out_dir: Path, about: Mapping[str, Any
     lines += _card_slices(report)
     lines += _card_flags(report)
     lines += _card_cost(report)
+    lines += _card_router(report)
     lines += _card_use(report, about)
     (out_dir / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return CARD_FILE
@@ -148,6 +150,43 @@ def _card_cost(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _card_router(report: Mapping[str, Any]) -> list[str]:
+    router = report.get("router")
+    if not router:
+        return []
+    test, policy = router["test"], router["policy"]
+    lines = [
+        "## Serving with the teacher as fallback",
+        "",
+        f"Calibrated on the val split (temperature {policy['temperature']}, calibration error "
+        f"{_pct(router['ece_before'])} before, {_pct(router['ece_after'])} after); target "
+        f"{_pct(router['target_accuracy'])} ({router['target_from']}); confidence threshold "
+        f"{policy['threshold']}"
+        + (
+            f", per class {', '.join(f'{c} {t}' for c, t in policy['class_thresholds'].items())}"
+            if policy["class_thresholds"]
+            else ""
+        )
+        + ".",
+        "",
+        f"On the test split ({test.get('items', 0)} items, against {router['against']}): routed "
+        f"accuracy {_pct(test.get('accuracy'))} {_interval(test.get('accuracy_interval'))}, "
+        f"student alone {_pct(test.get('student_accuracy'))}, teacher alone "
+        f"{_pct(test.get('teacher_accuracy'))}, {_pct(test.get('teacher_share'))} of inputs "
+        "sent to the teacher.",
+        "",
+        "| class | items | routed recall | student recall | sent to the teacher |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for cls, row in (test.get("per_class") or {}).items():
+        lines.append(
+            f"| {cls} | {row['items']} | {_pct(row['recall'])} "
+            f"{_interval(row['recall_interval'])} | {_pct(row['student_recall'])} | "
+            f"{_pct(row['teacher_share'])} |"
+        )
+    return [*lines, ""]
+
+
 def _card_use(report: Mapping[str, Any], about: Mapping[str, Any]) -> list[str]:
     small = [name for name, _, _, size in slice_figures(report) if size < FEW_ITEMS]
     limits = [
@@ -191,6 +230,7 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[str]:
         ("confusion", _confusion),
         ("slices", _slices),
         ("learning_curve", _learning_curve),
+        ("routing", _routing),
     ):
         figure = draw(plt, report)
         if figure is None:
@@ -257,4 +297,35 @@ def _learning_curve(plt: Any, report: Mapping[str, Any]) -> Any:
         val_axes = loss_axes.twinx()
         val_axes.plot(*zip(*vals, strict=True), color="tab:orange", marker="s")
         val_axes.set_ylabel("validation (agreement with the teacher)", color="tab:orange")
+    return figure
+
+
+def _routing(plt: Any, report: Mapping[str, Any]) -> Any:
+    router = report.get("router")
+    if not router or not router.get("curve"):
+        return None
+    curve = router["curve"]
+    figure, axes = plt.subplots(figsize=(6.0, 3.8))
+    axes.plot(
+        [p["coverage"] for p in curve],
+        [p["accuracy"] for p in curve],
+        label="routed (student above the threshold)",
+    )
+    val = router["val"]
+    axes.axhline(val["teacher_accuracy"], color="grey", label="teacher alone")
+    axes.axhline(router["target_accuracy"], color="grey", linestyle="--", label="target")
+    for split, marker in (("val", "o"), ("test", "s")):
+        point = router[split]
+        if point.get("items"):
+            axes.plot(
+                [1 - point["teacher_share"]],
+                [point["accuracy"]],
+                marker,
+                color="black",
+                label=f"chosen thresholds, {split} split",
+            )
+    axes.set_xlabel("coverage (share the student answers)")
+    axes.set_ylabel(f"accuracy against {router['against']}")
+    axes.set_xlim(0, 1.0)
+    axes.legend(loc="lower left", fontsize="small")
     return figure

@@ -246,7 +246,7 @@ def parse_spec(body: Any, *, source: str = "<memory>") -> Spec:
 
 # Operational settings: changing them does not change what a label means, so they are left out
 # of the hash that pins a spec version (a budget can be raised without relabeling everything).
-_OPERATIONAL = ("description", "labeling", "budget_usd", "student", "sampling")
+_OPERATIONAL = ("description", "labeling", "budget_usd", "student", "sampling", "router")
 _OPERATIONAL_TEACHER = (
     "rpm",
     "tpm",

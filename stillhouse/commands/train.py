@@ -23,7 +23,9 @@ from workers.spec import Spec, load_spec, parse_spec
 
 __all__ = [
     "TRAINING_FILTERS",
+    "calibrate_run",
     "execute_run",
+    "load_classifier",
     "run_summary",
     "run_train",
     "student_kind",
@@ -233,6 +235,8 @@ def train_student(
     margin = float(section.get("slice_margin", 0.05))
     try:
         report = _TRAINERS[kind](rows, spec, settings, out_dir, margin)
+        if spec.kind == "classification":
+            report["router"] = calibrate_run(kind, rows, spec, out_dir)
     except ValueError as exc:
         raise ConfigError(f"cannot train the student for {spec.name!r}: {exc}") from exc
     report["dataset"] = named
@@ -304,6 +308,37 @@ def _spec_of(session: Session, dataset: Dataset, spec_ref: str | None) -> Spec:
             )
         return given
     return spec
+
+
+def calibrate_run(kind: str, rows: list[DatasetRow], spec: Spec, out_dir: Path) -> dict[str, Any]:
+    """The saved student's routing (``student_train.routing``): calibrated and thresholded
+    on the dataset's val split, measured on its test split, by the spec's ``router``
+    section; the policy is also written to ``router.json`` for `stillhouse route serve`."""
+    from student_train.routing import ROUTER_FILE, ROUTER_FORMAT, RouterConfig, calibrate_router
+    from student_train.runtime import write_json
+
+    student = load_classifier(kind, out_dir)
+    held = [
+        example
+        for example in (_example(row, spec.label_names) for row in rows)
+        if example.split in ("val", "test")
+    ]
+    config = RouterConfig.from_section(spec.body.get("router"), spec.label_names)
+    probabilities = student.predict_proba([example.text for example in held])
+    result = calibrate_router(probabilities, held, spec.label_names, config)
+    write_json(out_dir / ROUTER_FILE, {"format": ROUTER_FORMAT, **result})
+    return result
+
+
+def load_classifier(kind: str, out_dir: Path) -> Any:
+    """A saved classification student of ``kind`` (its ``predict_proba`` serves)."""
+    if kind == "minilm":
+        from student_train.encoder import load_encoder_student
+
+        return load_encoder_student(out_dir)
+    from student_train.train import load_student
+
+    return load_student(out_dir)
 
 
 def _example(row: DatasetRow, names: list[str]) -> Any:

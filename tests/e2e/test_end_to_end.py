@@ -177,9 +177,21 @@ def test_train_reports_student_next_to_teacher(tmp_path: object, teacher_url: st
         "confusion.png",
         "slices.png",
         "learning_curve.png",
+        "routing.png",
+        "router.json",
     } <= {p.name for p in folder.iterdir()}
-    assert all((folder / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in ("slices.png",))
+    assert all(
+        (folder / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in ("slices.png", "routing.png")
+    )
+    # The router: calibrated and thresholded on the val split, measured on the test split.
+    router = json.loads((folder / "router.json").read_text())
+    assert router["format"] == "stillhouse-router/1" and router["temperature"] > 0
+    assert router["val"]["accuracy"] >= router["target_accuracy"]
+    test = router["test"]
+    assert test["items"] == report["overall"]["with_record"]  # type: ignore[index]
+    assert 0 <= test["teacher_share"] <= 1 and test["accuracy"] >= test["student_accuracy"] - 0.05
     card = (folder / "MODEL_CARD.md").read_text()
+    assert "## Serving with the teacher as fallback" in card
     assert str(report["dataset"]["content_hash"]) in card and "queue=sport" in card  # type: ignore[index]
     assert "## Limits" in card and "## Intended use" in card
     # metrics.json: by slice and class on the test split, the latency, what was flagged.

@@ -188,6 +188,8 @@ def _moderation_fixture_spec(tmp_path: Path) -> Path:
         "slice_margin": 0.15,
         "min_recall": {"hate_speech": 0.8},
     }
+    # Served, the student sends an input to the teacher when hate_speech is likely enough.
+    body["router"] = {"min_recall": {"hate_speech": 0.95}}
     path = tmp_path / "moderation_fixture.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
@@ -222,6 +224,8 @@ def test_fail_on_flag_catches_a_student_that_misses_rare_hate_speech(
             "interval": metrics["slices"]["class=hate_speech"]["student_interval"],
             "items": metrics["slices"]["class=hate_speech"]["items"],
             "flagged": [flag["why"] for flag in metrics["flagged"]],
+            "routed": metrics["router"]["test"]["per_class"]["hate_speech"],
+            "routed_teacher_share": metrics["router"]["test"]["teacher_share"],
         }
         for name, (code, metrics, _) in results.items()
     }
@@ -236,6 +240,11 @@ def test_fail_on_flag_catches_a_student_that_misses_rare_hate_speech(
     whys = [flag["why"] for flag in metrics["flagged"] if flag["slice"] == "class=hate_speech"]
     assert any("student.min_recall asks for hate_speech" in why for why in whys), whys
     assert "--fail-on-flag: class=hate_speech flagged" in stderr
+    # Served with the fallback, the same student reaches the class's recall through the
+    # teacher, sending it a small share of all inputs.
+    routed = figures["plain"]["routed"]
+    assert routed["recall"] >= 0.95 > routed["student_recall"] and routed["teacher_share"] > 0
+    assert figures["plain"]["routed_teacher_share"] < 0.2
 
     code, metrics, stderr = results["oversampled"]
     hate = metrics["slices"]["class=hate_speech"]
