@@ -36,6 +36,7 @@ __all__ = [
     "plain",
     "print_json",
     "progress_bar",
+    "show_advice",
     "show_backfill",
     "show_calibrated",
     "show_calibration",
@@ -201,6 +202,44 @@ def show_backfill(result: dict[str, Any], console: Console) -> None:
             if result["needs_review"]
             else ""
         )
+    )
+
+
+def show_advice(result: dict[str, Any], console: Console) -> None:
+    """`advise`: the recommendation, its reasons, the monthly costs and what is missing."""
+    money = (
+        "-"
+        if result["monthly_cost_teacher_usd"] is None
+        else (f"${result['monthly_cost_teacher_usd']:,.2f}")
+    )
+    student = (
+        "-"
+        if result["monthly_cost_student_usd"] is None
+        else (f"${result['monthly_cost_student_usd']:,.2f}")
+    )
+    console.print(
+        f"{result['spec']} at {result['volume_per_day']:,.0f} a day: "
+        f"{result['recommendation'].upper().replace('_', ' ')}",
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"  a month: teacher only {money}; student plus fallback {student} "
+        f"(fixed ${result['monthly_fixed_student_usd']:,.2f})",
+        markup=False,
+        highlight=False,
+    )
+    for reason in result["reasons"]:
+        console.print(f"  - {reason}", markup=False, highlight=False)
+    for need in result["missing"]:
+        console.print(f"  needs: {need}", markup=False, highlight=False)
+    task = result["task"]
+    console.print(
+        f"  task: narrowness {task['narrowness']}, measurability {task['measurability']}, "
+        f"volume {task['volume']} ({task['classes']} classes, output entropy "
+        f"{task['output_entropy_bits']} bits, student loss {task['student_loss']})",
+        markup=False,
+        highlight=False,
     )
 
 

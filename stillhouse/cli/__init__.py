@@ -3,7 +3,7 @@ parses its options, calls ``stillhouse.commands`` and prints through ``stillhous
 
 - ``root``: the app, its sub-groups, shared options, settings, the entry point
 - ``labeling``: backfill, estimate, requeue, status, report, calibrate
-- ``student``: train, demo
+- ``student``: train, runs, advise, demo
 - ``dataset``: the ``dataset`` group (create, list, show, diff) and export
 - ``fleet``: worker, dispatch
 - ``serve``: the ingest API

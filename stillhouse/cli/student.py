@@ -1,4 +1,5 @@
-"""The student: train, and the demo that labels, trains and compares."""
+"""The student: train, its runs, the advisor (distill or not), and the demo that labels,
+trains and compares."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from stillhouse.cli.root import JsonOpt, app, err, runs_app, settings
 from stillhouse.output import (
     print_json,
+    show_advice,
     show_demo,
     show_run,
     show_runs,
@@ -17,7 +19,7 @@ from stillhouse.output import (
     show_train,
 )
 
-__all__ = ["demo", "runs_compare", "runs_exec", "runs_list", "runs_show", "train"]
+__all__ = ["advise", "demo", "runs_compare", "runs_exec", "runs_list", "runs_show", "train"]
 
 
 @app.command()
@@ -159,3 +161,73 @@ def runs_exec(run_id: Annotated[int, typer.Argument(help="the queued run's id")]
     from stillhouse.commands import run_runs_exec
 
     print_json(run_runs_exec(settings(), run_id))
+
+
+@app.command()
+def advise(
+    spec: Annotated[str, typer.Option("--spec", "-s", help="spec file or bundled name")],
+    volume: Annotated[
+        str, typer.Option(metavar="N/day", help="inputs a day the task must answer, e.g. 2000/day")
+    ],
+    build_hours: Annotated[float, typer.Option(help="engineering hours to ship a student")] = 40.0,
+    upkeep_hours: Annotated[
+        float, typer.Option(help="engineering hours a month to keep it (retrain, watch)")
+    ] = 8.0,
+    hourly_rate: Annotated[float, typer.Option(help="USD an engineering hour")] = 100.0,
+    hosting: Annotated[float, typer.Option(help="USD a month to host the router")] = 60.0,
+    amortize_months: Annotated[float, typer.Option(help="months the build is spread over")] = 12.0,
+    max_quality_loss: Annotated[
+        float, typer.Option(help="points below the teacher the routed answers may be")
+    ] = 1.0,
+    teacher_usd: Annotated[
+        float | None,
+        typer.Option(help="USD a teacher call, instead of the ledger's (a what-if)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Distill, or keep calling the teacher? Monthly costs at a volume, break-even, quality.
+
+    Measured: the teacher's cost per item and latency (the ledger), the labels' classes, the
+    share of items with a known-good record or a review, and the latest run's accuracy and
+    fallback share (its router). Stated (defaults shown): build and upkeep hours, their
+    rate, hosting. The answer is distill, do_nothing (keep calling the teacher) or not_yet
+    (with what is missing).
+
+    Example: stillhouse advise --spec triage --volume 2000000/day
+    """
+    from stillhouse.commands import run_advise
+    from workers.advice import Stated
+
+    result = run_advise(
+        settings(),
+        spec,
+        _per_day(volume),
+        Stated(
+            build_hours=build_hours,
+            upkeep_hours_per_month=upkeep_hours,
+            hourly_rate_usd=hourly_rate,
+            hosting_usd_per_month=hosting,
+            amortize_months=amortize_months,
+            max_quality_loss_points=max_quality_loss,
+        ),
+        teacher_usd_per_item=teacher_usd,
+    )
+    if as_json:
+        print_json(result)
+    else:
+        show_advice(result, err)
+
+
+def _per_day(volume: str) -> float:
+    """``2000/day``, ``2,000,000/day`` or a bare number: inputs a day."""
+    from schemas.errors import ConfigError
+
+    text = volume.strip().lower().replace(",", "").replace("_", "")
+    text = text.removesuffix("/day").removesuffix("/d").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--volume {volume!r}: give inputs a day, e.g. 2000/day") from None
+    if not value > 0:
+        raise ConfigError(f"--volume {volume!r}: must be more than 0 a day")
+    return value

@@ -6,6 +6,7 @@ and human summaries go to the console it is given. Rendering helpers are in
 ``stillhouse.output``. Logic that is not composition belongs in ``workers/`` or ``storage/``.
 """
 
+from stillhouse.commands.advise import run_advise
 from stillhouse.commands.backfill import BackfillOptions, run_backfill
 from stillhouse.commands.calibrate import run_calibrate
 from stillhouse.commands.dataset import (
@@ -37,6 +38,7 @@ from stillhouse.commands.train import run_train, train_student
 
 __all__ = [
     "BackfillOptions",
+    "run_advise",
     "run_backfill",
     "run_calibrate",
     "run_dataset_create",

@@ -197,7 +197,13 @@ def run_summary(report: dict[str, Any]) -> dict[str, Any]:
         *("kind", "headline", "overall", "slices", "flagged", "latency_ms", "size_bytes"),
         *("evaluated_on", "n_train", "n_val", "dataset", "slice_margin"),
     )
-    return {key: report.get(key) for key in keys}
+    summary = {key: report.get(key) for key in keys}
+    router = report.get("router")
+    if router:  # the router's test figures (the advisor reads them), not its curve
+        summary["router"] = {
+            key: router.get(key) for key in ("against", "target_accuracy", "temperature", "test")
+        }
+    return summary
 
 
 def student_kind(spec: Spec) -> str:
