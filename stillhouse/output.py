@@ -594,6 +594,18 @@ def show_slices(report: dict[str, Any], console: Console) -> None:
             markup=False,
             highlight=False,
         )
+    router = report.get("router")
+    if router and router.get("test", {}).get("items"):
+        test = router["test"]
+        console.print(
+            f"with the teacher as fallback (router.json; thresholds from the val split): "
+            f"{pct(test['accuracy'])} on the test split with {pct(test['teacher_share'])} of "
+            f"inputs sent to the teacher (student alone {pct(test['student_accuracy'])}, "
+            f"teacher alone {pct(test['teacher_accuracy'])}; target "
+            f"{pct(router['target_accuracy'])})",
+            markup=False,
+            highlight=False,
+        )
     for flag in report.get("flagged", []):
         console.print(
             f"flagged: {plain(flag['slice'], one_line=True)}: {flag['why']}",

@@ -240,6 +240,7 @@ def test_fail_on_flag_catches_a_student_that_misses_rare_hate_speech(
     whys = [flag["why"] for flag in metrics["flagged"] if flag["slice"] == "class=hate_speech"]
     assert any("student.min_recall asks for hate_speech" in why for why in whys), whys
     assert "--fail-on-flag: class=hate_speech flagged" in stderr
+    assert "with the teacher as fallback (router.json" in stderr
     # Served with the fallback, the same student reaches the class's recall through the
     # teacher, sending it a small share of all inputs.
     routed = figures["plain"]["routed"]
