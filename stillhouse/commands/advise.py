@@ -4,6 +4,7 @@ with the stated costs, to ``workers.advice.advise``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from storage.models import (
     RunState,
     SpecRow,
     StudentRun,
+    TeacherCall,
     Verdict,
 )
 from workers.advice import Measured, Stated, advise
@@ -45,7 +47,7 @@ def run_advise(
     with open_database(settings) as sessions, sessions() as session:
         measured = measure_task(session, spec)
     if teacher_usd_per_item is not None:
-        measured = Measured(**{**measured.__dict__, "teacher_usd_per_item": teacher_usd_per_item})
+        measured = dataclasses.replace(measured, teacher_usd_per_item=teacher_usd_per_item)
     result = advise(measured, stated, volume_per_day)
     result["teacher_cost_from"] = "stated" if teacher_usd_per_item is not None else "ledger"
     return result
@@ -56,8 +58,6 @@ def measure_task(session: Session, spec: Spec) -> Measured:
     spec_ids = list(session.scalars(select(SpecRow.id).where(SpecRow.name == spec.name)))
     if not spec_ids:
         return Measured(spec=spec.name, classes=len(spec.label_names))
-    from storage.models import TeacherCall
-
     spend, items_called = session.execute(
         select(func.sum(TeacherCall.cost_usd), func.count(distinct(TeacherCall.item_id))).where(
             TeacherCall.spec_id.in_(spec_ids)
