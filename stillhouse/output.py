@@ -55,6 +55,7 @@ __all__ = [
     "show_review_sample",
     "show_review_suspects",
     "show_review_tasks",
+    "show_routed",
     "show_run",
     "show_runs",
     "show_runs_compare",
@@ -826,5 +827,27 @@ def show_runs_compare(compared: dict[str, Any], console: Console) -> None:
             pct(row["b"]) + mark_b,
             span(row["b_interval"]),
             "n/a" if delta is None else f"{delta * 100:+.1f} pts",
+        )
+    console.print(table)
+
+
+def show_routed(answers: Sequence[dict[str, Any]], console: Console) -> None:
+    """`route predict`: each input's answer, who gave it and why."""
+    table = Table(title=f"answers ({len(answers)})")
+    for column in ("#", "label", "confidence", "answered by", "student", "why", "note"):
+        table.add_column(column)
+    for index, answer in enumerate(answers):
+        confidence = answer.get("confidence")
+        student = answer.get("student_label")
+        if student is not None and answer.get("student_confidence") is not None:
+            student = f"{student} ({answer['student_confidence']:.2f})"
+        table.add_row(
+            str(index),
+            cell(answer.get("label") or ""),
+            "" if confidence is None else f"{confidence:.3f}",
+            cell(answer["answered_by"]),
+            cell(student or ""),
+            cell(answer.get("reason") or ""),
+            cell(answer.get("error") or answer.get("fallback_error") or ""),
         )
     console.print(table)

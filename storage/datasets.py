@@ -547,6 +547,7 @@ def _where(spec_id: int, filters: DatasetFilters) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = [
         Label.spec_id == spec_id,
         Label.verdict.in_([Verdict(v) for v in filters.verdicts]),
+        Item.trainable.is_(True),
     ]
     if filters.min_confidence is not None:
         where.append(Label.confidence >= filters.min_confidence)

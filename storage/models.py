@@ -177,6 +177,9 @@ class Item(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     # Its kind (``schemas.errors``' ``kind``, or ``lease_expired``): what code decides on.
     last_error_kind: Mapped[str | None] = mapped_column(String(32))
+    # Whether datasets may take its label: false for a router's fallback kept for the ledger
+    # and the cache only (sampled out by the spec's rules, or router.store_fallbacks off).
+    trainable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=_now(), onupdate=_now()

@@ -35,11 +35,12 @@ class TrainingRow:
 def labeled_rows(
     session: Session, spec_id: int, *, verdicts: tuple[Verdict, ...] = (Verdict.ACCEPTED,)
 ) -> list[TrainingRow]:
-    """Items labeled under one spec version with the given verdicts, in item id order."""
+    """Trainable items labeled under one spec version with the given verdicts, in item id
+    order (a router's fallback kept out of training is not one: ``Item.trainable``)."""
     stmt = (
         select(Item.id, Item.external_id, Item.text, Label.output, Label.verdict, Item.known_good)
         .join(Label, Label.item_id == Item.id)
-        .where(Label.spec_id == spec_id, Label.verdict.in_(verdicts))
+        .where(Label.spec_id == spec_id, Label.verdict.in_(verdicts), Item.trainable.is_(True))
         .order_by(Item.id)
     )
     return [TrainingRow(*row) for row in session.execute(stmt)]
@@ -97,7 +98,7 @@ class DatasetRow:
 
 
 def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
-    """Every member of a dataset, in label order: what it was frozen with (class, verdict,
+    """Every member of a dataset, in external-id order: what it was frozen with (class, verdict,
     split, weight), the label's answer and the item's text, fields and known-good record."""
     stmt = (
         select(
@@ -118,7 +119,9 @@ def dataset_rows(session: Session, dataset_id: int) -> list[DatasetRow]:
         .join(Item, Item.id == DatasetItem.item_id)
         .join(Label, Label.id == DatasetItem.label_id)
         .where(DatasetItem.dataset_id == dataset_id)
-        .order_by(DatasetItem.label_id)
+        # By external id, not label id: labels get their ids in the order the teacher's answers
+        # came back, so the same dataset would otherwise train a different student each time.
+        .order_by(DatasetItem.external_id, DatasetItem.item_id)
     )
     return [
         DatasetRow(i, e, t, c, Verdict(v), s, w, k, sl or {}, o, p or {}, cf, ag)

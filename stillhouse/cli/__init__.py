@@ -6,7 +6,7 @@ parses its options, calls ``stillhouse.commands`` and prints through ``stillhous
 - ``student``: train, runs, advise, demo
 - ``dataset``: the ``dataset`` group (create, list, show, diff) and export
 - ``fleet``: worker, dispatch
-- ``serve``: the ingest API
+- ``serve``: the ingest API and the router (``route serve``, ``route predict``)
 - ``teacher``, ``db``, ``spec``, ``review``: the sub-groups of the same names
 
 A new command goes in the module of its group (or a new module imported below).

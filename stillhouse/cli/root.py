@@ -26,6 +26,7 @@ __all__ = [
     "err",
     "main",
     "review_app",
+    "route_app",
     "runs_app",
     "settings",
     "spec_app",
@@ -44,12 +45,16 @@ spec_app = typer.Typer(no_args_is_help=True, help="Spec files.")
 review_app = typer.Typer(no_args_is_help=True, help="Labels waiting for a person's decision.")
 runs_app = typer.Typer(no_args_is_help=True, help="Student runs: queued, running, finished.")
 dataset_app = typer.Typer(no_args_is_help=True, help="Frozen datasets of labels, for training.")
+route_app = typer.Typer(
+    no_args_is_help=True, help="Serve a trained student with the teacher as its fallback."
+)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(db_app, name="db")
 app.add_typer(spec_app, name="spec")
 app.add_typer(review_app, name="review")
 app.add_typer(runs_app, name="runs")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(route_app, name="route")
 
 err = Console(stderr=True, soft_wrap=True)
 

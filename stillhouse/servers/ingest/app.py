@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -42,6 +41,7 @@ from starlette.routing import Route
 
 from schemas.errors import ConfigError
 from stillhouse.servers.ingest.metrics import CONTENT_TYPE_LATEST, ApiMetrics, Instrumented
+from stillhouse.servers.requests import BearerTokens, Rejected, client_gone, read_json
 from storage.intake import backlog_by_spec
 from workers.ingest import store_spec
 from workers.intake import IntakeResult, Outcome, RowOutcome, ingest_live
@@ -71,18 +71,6 @@ class _Served:
     spec: Spec
     spec_id: int
     rules: SamplingRules
-
-
-class _Rejected(Exception):
-    """A request refused before any row is looked at; becomes one error response."""
-
-    def __init__(self, status: int, code: str, message: str, **headers: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"code": self.code, "message": self.message}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers or None)
 
 
 class _Backlog:
@@ -119,12 +107,6 @@ def _is_outage(exc: SQLAlchemyError) -> bool:
     )
 
 
-def _client_gone() -> Response:
-    # The client closed the connection before its body arrived: nobody reads an answer, and
-    # it is not a server error (nginx's 499, in the metrics).
-    return Response(status_code=499)
-
-
 def _utc_today() -> date:
     return datetime.now(UTC).date()
 
@@ -137,7 +119,7 @@ class _IngestApi:
         sessions: sessionmaker[Session],
         served: dict[str, _Served],
         limits: ApiLimits,
-        tokens: Sequence[bytes] | None,
+        tokens: BearerTokens,
         backlog_ttl_s: float,
         today: Callable[[], date],
     ) -> None:
@@ -147,27 +129,7 @@ class _IngestApi:
         self.backlog = _Backlog(sessions, served, backlog_ttl_s)
 
     def check_token(self, request: Request) -> None:
-        if self.tokens is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise _Rejected(
-                401,
-                "unauthorized",
-                "missing bearer token: send 'Authorization: Bearer <token>'",
-                **{"WWW-Authenticate": 'Bearer realm="stillhouse"'},
-            )
-        candidate = given.strip().encode()
-        matched = False
-        for token in self.tokens:  # every token, no early exit: timing says nothing
-            matched |= hmac.compare_digest(candidate, token)
-        if not matched:
-            raise _Rejected(
-                401,
-                "unauthorized",
-                "the bearer token is not valid for this server",
-                **{"WWW-Authenticate": 'Bearer realm="stillhouse", error="invalid_token"'},
-            )
+        self.tokens.check(request)
 
     async def items(self, request: Request) -> Response:
         try:
@@ -175,10 +137,10 @@ class _IngestApi:
             served, rows = self._parse(await self._json_body(request))
             await self._check_backlog(served)
             result = await run_in_threadpool(self._ingest, served, rows)
-        except _Rejected as exc:
+        except Rejected as exc:
             return exc.response()
         except ClientDisconnect:
-            return _client_gone()
+            return client_gone()
         except SQLAlchemyError as exc:
             if not _is_outage(exc):
                 log.exception("ingest failed on a database error")
@@ -196,48 +158,16 @@ class _IngestApi:
         return JSONResponse(body, status_code=422 if counts["invalid"] == len(rows) else 200)
 
     async def _json_body(self, request: Request) -> Any:
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise _Rejected(
-                415,
-                "unsupported_media_type",
-                f"send the body as JSON with 'Content-Type: application/json' "
-                f"(got {media_type or 'no content type'!r})",
-            )
-        body = await self._read_limited(request)
-        try:
-            return json.loads(body)
-        except RecursionError:
-            raise _Rejected(
-                422,
-                "invalid_json",
-                "the body is nested too deep to read (objects and arrays about 1,000 levels "
-                f"down; a row may nest at most {MAX_DEPTH}): flatten it",
-            ) from None
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _Rejected(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
-
-    async def _read_limited(self, request: Request) -> bytes:
-        limit = self.limits.max_body_bytes
-        too_large = _Rejected(
-            413,
-            "body_too_large",
-            f"the body is over the limit of {limit} bytes: send fewer items per request",
+        return await read_json(
+            request,
+            self.limits.max_body_bytes,
+            too_large_hint="send fewer items per request",
+            depth_hint=f"a row may nest at most {MAX_DEPTH}",
         )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():  # also holds a chunked body to the limit
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _parse(self, data: Any) -> tuple[_Served, list[Any]]:
-        def shape_error(message: str) -> _Rejected:
-            return _Rejected(422, "invalid_request", f"{message}; send {SHAPE}")
+        def shape_error(message: str) -> Rejected:
+            return Rejected(422, "invalid_request", f"{message}; send {SHAPE}")
 
         if not isinstance(data, dict):
             raise shape_error(f"the body must be a JSON object, got {type(data).__name__}")
@@ -255,7 +185,7 @@ class _IngestApi:
         if not isinstance(rows, list) or not rows:
             raise shape_error("'items' must be a non-empty array of source rows")
         if len(rows) > self.limits.max_batch:
-            raise _Rejected(
+            raise Rejected(
                 413,
                 "batch_too_large",
                 f"a batch of {len(rows)} items is over the limit of {self.limits.max_batch}: "
@@ -266,7 +196,7 @@ class _IngestApi:
     def _spec(self, name: Any) -> _Served:
         served = self.served.get(name) if isinstance(name, str) else None
         if served is None:
-            raise _Rejected(
+            raise Rejected(
                 422,
                 "unknown_spec",
                 f"'spec' must name a spec this server serves ({', '.join(sorted(self.served))}), "
@@ -277,7 +207,7 @@ class _IngestApi:
     async def _check_backlog(self, served: _Served) -> None:
         waiting = (await self.backlog.get(self.metrics)).get(served.spec.name, 0)
         if waiting > self.limits.max_backlog:
-            raise _Rejected(
+            raise Rejected(
                 429,
                 "backlog_full",
                 f"spec {served.spec.name!r} has {waiting} items waiting for labeling, over the "
@@ -285,8 +215,8 @@ class _IngestApi:
                 **{"Retry-After": str(self.limits.retry_after_s)},
             )
 
-    def _unavailable(self) -> _Rejected:
-        return _Rejected(
+    def _unavailable(self) -> Rejected:
+        return Rejected(
             503,
             "unavailable",
             "the database is unavailable: retry later",
@@ -336,7 +266,7 @@ class _IngestApi:
     async def limits_route(self, request: Request) -> Response:
         try:
             self.check_token(request)
-        except _Rejected as exc:
+        except Rejected as exc:
             return exc.response()
         specs = {
             name: {"version": s.spec.version, "id_field": s.spec.id_field, **s.spec.sampling}
@@ -387,12 +317,7 @@ def create_app(
     (loopback development) says otherwise. An ``engine`` given is the app's to dispose at
     shutdown.
     """
-    accepted = [t.get_secret_value().encode() for t in tokens if t.get_secret_value()]
-    if not accepted and not insecure_no_auth:
-        raise ConfigError(
-            "no API tokens: set STILLHOUSE_API_TOKENS=token1,token2 (or, for development on "
-            "127.0.0.1 only, pass --insecure-no-auth)"
-        )
+    bearer = BearerTokens.from_settings(tokens, insecure_no_auth=insecure_no_auth)
     names = [spec.name for spec in specs]
     if not specs or len(set(names)) != len(names):
         raise ConfigError(f"give one or more distinct specs to serve, got {names}")
@@ -405,7 +330,7 @@ def create_app(
         sessions,
         served,
         limits,
-        None if insecure_no_auth and not accepted else accepted,
+        bearer,
         backlog_ttl_s,
         today,
     )

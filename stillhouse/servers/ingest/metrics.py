@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -79,15 +80,16 @@ class ApiMetrics:
 class Instrumented:
     """ASGI middleware that counts every HTTP response and times it."""
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Any, routes: tuple[str, ...] = ROUTES) -> None:
         self.app = app
-        self.metrics = metrics
+        self.metrics = metrics  # any object with ``requests`` and ``latency`` like ApiMetrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = scope["path"] if scope["path"] in self.routes else "other"
         status = 500  # what the client sees if the app fails before answering
 
         async def send_and_note(message: Message) -> None:

@@ -27,7 +27,7 @@ from stillhouse.settings import Settings
 from storage.session import make_sessionmaker
 from workers.spec import load_spec
 
-__all__ = ["api_limits", "app_from_environment", "build_app", "serve"]
+__all__ = ["api_limits", "app_from_environment", "build_app", "check_bind", "serve"]
 
 OPTIONS_ENV = "STILLHOUSE_SERVE_OPTIONS"
 
@@ -88,8 +88,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_options(settings: Settings, host: str, *, insecure_no_auth: bool) -> None:
-    """Refuse to serve without tokens, and refuse --insecure-no-auth beyond loopback."""
+def check_bind(host: str, *, insecure_no_auth: bool) -> None:
+    """Refuse --insecure-no-auth beyond loopback (every stillhouse API)."""
     if insecure_no_auth and not _is_loopback(host):
         raise ConfigError(
             f"--insecure-no-auth serves without tokens and is only allowed on a loopback "
@@ -108,7 +108,7 @@ def serve(
     log_level: str = "warning",
 ) -> None:
     """Serve until interrupted; prints ``stillhouse api listening on URL`` once bound."""
-    _check_options(settings, host, insecure_no_auth=insecure_no_auth)
+    check_bind(host, insecure_no_auth=insecure_no_auth)
     # Built here even with several workers: a bad spec, token or database fails at once,
     # with one clear message, before any worker starts.
     app = build_app(settings, spec_names, insecure_no_auth=insecure_no_auth)

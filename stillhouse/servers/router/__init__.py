@@ -1,0 +1,2 @@
+"""The router: ``app`` (the Starlette app over a :class:`stillhouse.router.Router`) and
+``server`` (``stillhouse route serve``)."""
