@@ -28,5 +28,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("items") as batch:
-        batch.drop_column("trainable")
+    op.drop_column("items", "trainable")
