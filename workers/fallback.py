@@ -116,6 +116,12 @@ def store_fallbacks(
         room = len(wanted) if rules.daily_cap is None else max(0, rules.daily_cap - taken)
         trainable = set(wanted[:room])
     inserted = insert_new_items(session, spec_id, spec.name, fresh)
+    raced = [item.external_id for item in fresh if item.external_id not in inserted]
+    if raced:  # another router stored them since the look above (and committed)
+        stmt = select(Item.external_id, Item.id).where(
+            Item.spec_name == spec.name, Item.external_id.in_(raced)
+        )
+        found.update({str(ext): int(item_id) for ext, item_id in session.execute(stmt)})
     kept_out = [item_id for ext, item_id in inserted.items() if ext not in trainable]
     if kept_out:
         session.execute(update(Item).where(Item.id.in_(kept_out)).values(trainable=False))
