@@ -45,14 +45,20 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
-from reference import add_server_options, aiohttp_reference, capped_bound, server_args
-from sqlalchemy import create_engine, func, select, text
+from reference import (
+    add_server_options,
+    aiohttp_reference,
+    capped_bound,
+    drop_database,
+    scratch_database,
+    server_args,
+)
+from sqlalchemy import func, select
 
 from stillhouse.servers.teacher.process import local_teacher
 from stillhouse.settings import Settings
@@ -115,22 +121,6 @@ def postgres_cpu_s() -> float | None:
             total += sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
             seen = True
     return total if seen else None
-
-
-def _scratch_database(admin_url: str) -> tuple[str, str]:
-    name = f"stillhouse_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", name
-
-
-def _drop_database(admin_url: str, name: str) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _spec_file(directory: str, concurrency: int, batch_size: int) -> Path:
@@ -293,7 +283,7 @@ def _distributed(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any
     scratch = None
     db = settings.database_url
     if settings.is_sqlite:
-        db, scratch = _scratch_database(args.admin_url)
+        db, scratch = scratch_database(args.admin_url)
     broker = settings.broker_url or "redis://127.0.0.1:6379/14"
     try:
         upgrade(db)
@@ -306,7 +296,7 @@ def _distributed(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any
         engine.dispose()
     finally:
         if scratch:
-            _drop_database(args.admin_url, scratch)
+            drop_database(args.admin_url, scratch)
     return result
 
 

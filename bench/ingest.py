@@ -24,11 +24,11 @@ import resource
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import orjson
 import yaml
+from reference import drop_database, scratch_database
 from rich.console import Console
 from sqlalchemy import create_engine, text
 
@@ -74,12 +74,7 @@ def _database(admin_url: str) -> tuple[str, str | None]:
     url = os.environ.get("STILLHOUSE_DATABASE_URL", "")
     if url.startswith("postgresql"):
         return url, None
-    name = f"stillhouse_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    scratch = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    scratch, name = scratch_database(admin_url)
     upgrade(scratch)
     return scratch, name
 
@@ -90,13 +85,6 @@ def _forget_bench_rows(url: str) -> None:
         conn.execute(text("DELETE FROM items WHERE spec_name = :n"), {"n": SPEC_NAME})
         conn.execute(text("DELETE FROM specs WHERE name = :n"), {"n": SPEC_NAME})
     engine.dispose()
-
-
-def _drop(admin_url: str, name: str) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def main() -> int:
@@ -134,7 +122,7 @@ def main() -> int:
         if scratch is None:
             _forget_bench_rows(url)
         else:
-            _drop(args.admin_url, scratch)
+            drop_database(args.admin_url, scratch)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(

@@ -15,9 +15,11 @@ import asyncio
 import json
 import sys
 import time
+import uuid
 from typing import Any
 
 import aiohttp
+from sqlalchemy import create_engine, text
 
 BODY: dict[str, Any] = {
     "model": "fixed",
@@ -118,6 +120,23 @@ def capped_bound(args: argparse.Namespace, concurrency: int) -> float:
     if args.server_rpm:
         bound = min(bound, args.server_rpm / 60)
     return bound
+
+
+def scratch_database(admin_url: str) -> tuple[str, str]:
+    """A new, empty Postgres database beside ``admin_url``'s: its URL and its name."""
+    name = f"stillhouse_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}", name
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def main() -> int:

@@ -213,6 +213,10 @@ def _room(array: npt.NDArray[Any], size: int) -> npt.NDArray[Any]:
 def _by_document(segments: list[tuple[IdArray, IdArray]], n_docs: int) -> Packed:
     """Every id of ``segments`` regrouped document by document (a linear scatter, not a
     sort: each segment is in document order), each weighted 1/its document's id count."""
+    if n_docs == 1:  # a served request: the segments in order, no scatter
+        out = np.concatenate([ids for ids, _ in segments]) if segments else np.zeros(0, np.int64)
+        share = np.float32(1.0 / max(len(out), 1))
+        return out, np.zeros(1, dtype=np.int64), np.full(len(out), share, dtype=np.float32)
     counts = [np.bincount(owners, minlength=n_docs) for _, owners in segments]
     totals = np.sum(counts, axis=0) if counts else np.zeros(n_docs, dtype=np.int64)
     offsets = np.zeros(n_docs, dtype=np.int64)

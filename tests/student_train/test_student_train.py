@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -188,6 +189,40 @@ def test_prediction_packing_keeps_every_id_and_gives_the_same_logits(
         fast = model(*(torch.from_numpy(a) for a in (ids, offsets, weights)))
         slow = model(*(torch.from_numpy(a) for a in featurizer.packed(texts)))
     assert torch.allclose(fast, slow, atol=1e-6)
+
+
+def test_prediction_on_the_folded_table_is_the_models_softmax_one_by_one_or_batched(
+    bbc: list[Example],
+) -> None:
+    """``Student.predict_proba`` gathers rows of the embedding table folded through the
+    linear layer: the same probabilities as the torch forward in eval mode, for a batch, for
+    one document at a time (its own fast path), for an empty document, and again after
+    training has changed the parameters (the fold is redone)."""
+    featurizer = Featurizer(buckets=4_096)
+    model = BagOfNgrams(4_096, 8, 3, dropout=0.5)
+    torch.nn.init.normal_(model.linear.weight)
+    torch.nn.init.normal_(model.linear.bias)
+    student = Student(model, ["a", "b", "c"], featurizer)
+    texts = [e.text for e in bbc[::60]] + ["", "New York"]
+
+    def forward() -> np.ndarray:
+        packed = featurizer.packed(texts, distinct=False)
+        with torch.no_grad():
+            logits = model.eval()(*(torch.from_numpy(a) for a in packed))
+        return torch.softmax(logits, dim=1).numpy()
+
+    batched = student.predict_proba(texts)
+    single = np.concatenate([student.predict_proba([text]) for text in texts])
+    assert batched.dtype == single.dtype == np.float32
+    np.testing.assert_allclose(batched, forward(), atol=1e-6)
+    np.testing.assert_allclose(single, batched, atol=1e-6)
+    one, two = (featurizer.packed(texts[:n], distinct=False)[0] for n in (1, 2))
+    assert one.tolist() == two[: len(one)].tolist()
+
+    with torch.no_grad():
+        model.embedding.weight.add_(0.3)
+        model.linear.bias.mul_(-1)
+    np.testing.assert_allclose(student.predict_proba(texts), forward(), atol=1e-5)
 
 
 def test_featurizer_vocabulary_refills_after_it_is_emptied(

@@ -4,6 +4,7 @@ memory, its fallbacks through a labeling runtime of its own."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import uvicorn
 
@@ -36,6 +37,10 @@ def serve(
             insecure_no_auth=insecure_no_auth,
         )
         limits = ReadLimits(settings.api_read_timeout_s, settings.api_max_connections)
+        # What is loaded now (torch, the student, the runtime) lives as long as the server:
+        # out of the collector's sight, a full collection stops scanning it mid-request.
+        gc.collect()
+        gc.freeze()
         config = uvicorn_config(
             app, limits, host=host, port=port, log_level=log_level, access_log=False
         )
