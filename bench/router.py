@@ -474,6 +474,8 @@ def main() -> int:
             "STILLHOUSE_RUNS_DIR": str(folder / "runs"),
         }
         started = time.perf_counter()
+        if args.postgres:
+            _cli(env, "db", "upgrade")  # an embedded SQLite store migrates itself; Postgres not
         with local_teacher("embedding") as teacher:
             env["STILLHOUSE_TEACHER_BASE_URL"] = teacher
             _cli(env, "backfill", "bbc", "--spec", "triage", "--limit", str(LABELED))
