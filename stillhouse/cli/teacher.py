@@ -58,19 +58,41 @@ def teacher_serve(
         Path | None,
         typer.Option(metavar="PATH", help="append every request to this JSON-lines file"),
     ] = None,
+    batch_fail_share: Annotated[
+        float, typer.Option(min=0, max=1, help="batch APIs: share of requests that fail (500)")
+    ] = 0.0,
+    batch_expire_share: Annotated[
+        float,
+        typer.Option(min=0, max=1, help="batch APIs: share of requests left unrun (expired)"),
+    ] = 0.0,
+    batch_in_progress_s: Annotated[
+        float, typer.Option(min=0, help="batch APIs: seconds a batch waits before it runs")
+    ] = 0.5,
+    batch_faulty_batches: Annotated[
+        int | None,
+        typer.Option(min=0, help="batch APIs: faults in the first N batches only (default all)"),
+    ] = None,
+    batch_result_delay_s: Annotated[
+        float, typer.Option(min=0, help="batch APIs: a pause after each result line downloaded")
+    ] = 0.0,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions backed by a real local model.
 
     Fault kinds: rate_limit, server_error, reset, hang, slow_drip, malformed, truncated,
     refusal, wrong; the X-Stillhouse-Fault header forces one on a single request. Limits
     (--max-concurrency, --rpm, --tpm) are enforced as hosted providers do: 429 with
-    Retry-After and x-ratelimit-* headers.
+    Retry-After and x-ratelimit-* headers. Also serves Anthropic's Messages API
+    (/v1/messages) and both providers' batch APIs (/v1/files + /v1/batches,
+    /v1/messages/batches), completing batches in seconds, with --batch-* faults.
 
     Example: stillhouse teacher serve --backend fixed --max-concurrency 32 --rpm 6000
+
+    Example: stillhouse teacher serve --batch-fail-share 0.05 --batch-faulty-batches 1
     """
     import os
 
     from stillhouse.servers.teacher import serve
+    from stillhouse.servers.teacher.batch_jobs import BatchFaults
     from stillhouse.servers.teacher.limits import LimitsConfig
 
     api_key = None
@@ -90,4 +112,11 @@ def teacher_serve(
         model=model,
         limits=LimitsConfig(max_concurrency, rpm, tpm, limit_window_s, retry_after_s),
         request_log=request_log,
+        batch_faults=BatchFaults(
+            fail_share=batch_fail_share,
+            expire_share=batch_expire_share,
+            in_progress_s=batch_in_progress_s,
+            faulty_batches=batch_faulty_batches,
+            result_delay_s=batch_result_delay_s,
+        ),
     )

@@ -1,12 +1,17 @@
 """The Starlette app: OpenAI-compatible routes in front of a ``Backend``, with fault injection.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/stats`` (counters a test
-can hold against the client's ledger), ``GET /v1/requests`` (the request log: one entry per
-chat-completion POST, with its request hash and ``X-Client-Request-Id``), ``POST
-/v1/stats/reset`` (zeroes both, and restarts the fault sequence) and ``GET /healthz``. With
-an API key set, the two OpenAI routes and the reset want ``Authorization: Bearer <key>``;
-the health check, the counters and the log (hashes, no content) stay open so operators and
-tests can read them without the secret.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/messages`` (Anthropic's Messages API over
+the same backend, faults and limits, ``messages.py``), ``GET /v1/models``, ``GET /v1/stats``
+(counters a test can hold against the client's ledger; ``batch`` counts batch requests), ``GET
+/v1/requests`` (the request log: one entry per live POST, with its request hash and
+``X-Client-Request-Id``), ``POST /v1/stats/reset`` (zeroes them, and restarts the fault
+sequence), ``GET /healthz``, and the batch APIs (``batch_jobs.py``): OpenAI's ``/v1/files``,
+``/v1/files/{id}``, ``/v1/files/{id}/content``, ``/v1/batches``, ``/v1/batches/{id}``,
+``/v1/batches/{id}/cancel`` and Anthropic's ``/v1/messages/batches``, ``…/{id}``,
+``…/{id}/cancel``, ``…/{id}/results``. With an API key set, the OpenAI routes and the reset
+want ``Authorization: Bearer <key>``, the Anthropic routes ``x-api-key: <key>``; the health
+check, the counters and the log (hashes, no content) stay open so operators and tests can
+read them without the secret.
 
 A chat completion is checked (key, body), then held to the server's rate limits (``limits``:
 requests in flight, per minute, tokens per minute; over them it is answered 429 with
@@ -38,6 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from stillhouse.servers.teacher.backends import Backend
+from stillhouse.servers.teacher.batch_jobs import BatchFaults, BatchStore
 from stillhouse.servers.teacher.faults import (
     BEFORE_BACKEND,
     FAULT_HEADER,
@@ -53,6 +59,13 @@ from stillhouse.servers.teacher.injection import (
     transport_of,
 )
 from stillhouse.servers.teacher.limits import Admission, LimitsConfig, RateLimits
+from stillhouse.servers.teacher.messages import (
+    chat_body,
+    error_of,
+    forced_tool,
+    message_body,
+    rate_headers,
+)
 from stillhouse.servers.teacher.protocol import (
     ChatRequest,
     RequestError,
@@ -164,6 +177,7 @@ class _Routes:
         plan: FaultPlan,
         limits: LimitsConfig,
         request_log: Path | None = None,
+        batch_faults: BatchFaults | None = None,
     ) -> None:
         self.backend = backend
         self.api_key = api_key
@@ -175,6 +189,75 @@ class _Routes:
         self.log = _RequestLog(path=request_log)
         self.ready = False
         self.started = int(time.time())
+        self.batches = BatchStore(self.answer_body, batch_faults)
+
+    async def answer_body(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One chat-completions body through the backend (a batch request: no live limits,
+        no live faults): the HTTP status and body a live call would get."""
+        try:
+            chat = parse_chat_request(body, default_model=self.backend.name)
+            completion = await self.backend.complete(chat)
+        except RequestError as exc:
+            return 400, error_body(str(exc), "invalid_request")
+        except Exception:
+            log.exception("the teacher backend failed on a batch request")
+            return 500, error_body("the model failed", None, "server_error")
+        return 200, completion_body(chat, completion)
+
+    def key_refused(self, request: Request) -> JSONResponse | None:
+        """Anthropic's auth: ``x-api-key`` must be the key, when one is set."""
+        if self.api_key is None:
+            return None
+        given = request.headers.get("x-api-key", "").encode("latin-1", "replace")
+        if hmac.compare_digest(given, self.api_key.encode()):
+            return None
+        body = error_of(401, {"error": {"message": "invalid x-api-key"}})
+        return JSONResponse(body, status_code=401)
+
+    def guarded(self, handler: Any, anthropic: bool) -> Any:
+        """A batch route behind the provider's own auth check."""
+
+        async def route(request: Request) -> Response:
+            refused = self.key_refused(request) if anthropic else self.unauthorized(request)
+            if refused is not None:
+                return refused
+            response: Response = await handler(request)
+            return response
+
+        return route
+
+    async def messages(self, request: Request) -> Response:
+        """``POST /v1/messages``: the request translated to a chat completion, answered by the
+        same path (limits, faults, backend), and the answer translated back."""
+        number = self.stats.requests
+        self.stats.requests += 1
+        raw = await request.body()
+        entry = self.log.add(number, raw, request)
+        refused = self.key_refused(request)
+        if refused is not None:
+            self.stats.errors += 1
+            self.log.answered(entry, 401)
+            return refused
+        try:
+            body = json.loads(raw)
+            chat = chat_body(body)
+            tool = forced_tool(body)
+        except (ValueError, RequestError) as exc:
+            self.stats.errors += 1
+            self.log.answered(entry, 400)
+            return JSONResponse(error_of(400, {"error": {"message": str(exc)}}), status_code=400)
+        converted = json.dumps(chat).encode()
+        response = await self._answer(request, converted, number, auth=False)
+        self.log.answered(entry, response.status_code)
+        if not isinstance(response, JSONResponse):
+            return response  # a reset, a hang or a drip: no body to translate
+        payload = json.loads(bytes(response.body))
+        headers = rate_headers(response.headers)
+        if response.status_code == 200:
+            name = str(tool["name"]) if tool is not None else None
+            return JSONResponse(message_body(payload, name), headers=headers)
+        status = 529 if response.status_code == 503 else response.status_code
+        return JSONResponse(error_of(status, payload), status_code=status, headers=headers)
 
     def unauthorized(self, request: Request) -> JSONResponse | None:
         """A 401 response when a key is required and the request lacks it, else None."""
@@ -200,8 +283,10 @@ class _Routes:
         self.log.answered(entry, response.status_code)
         return response
 
-    async def _answer(self, request: Request, raw: bytes, number: int) -> Response:
-        checked = self._check(request, raw, number)
+    async def _answer(
+        self, request: Request, raw: bytes, number: int, *, auth: bool = True
+    ) -> Response:
+        checked = self._check(request, raw, number, auth=auth)
         if isinstance(checked, Response):
             self.stats.errors += 1
             return checked
@@ -246,10 +331,10 @@ class _Routes:
         return self._faulty(decision, after_backend(decision, self.plan.profile, chat, completion))
 
     def _check(
-        self, request: Request, raw: bytes, number: int
+        self, request: Request, raw: bytes, number: int, *, auth: bool = True
     ) -> Response | tuple[ChatRequest, FaultDecision, int]:
         """The parsed request, its fault and its token count, or the 4xx that answers it."""
-        denied = self.unauthorized(request)
+        denied = self.unauthorized(request) if auth else None
         if denied is not None:
             return denied
         try:
@@ -283,7 +368,7 @@ class _Routes:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def stats_view(self, request: Request) -> JSONResponse:
-        return JSONResponse(self.stats.as_json())
+        return JSONResponse({**self.stats.as_json(), "batch": self.batches.stats.as_json()})
 
     async def stats_reset(self, request: Request) -> JSONResponse:
         refused = self.unauthorized(request)  # it changes state: the key's holder only
@@ -292,7 +377,8 @@ class _Routes:
         self.stats = ServerStats()
         self.log = _RequestLog(path=self.request_log)
         self.limits = RateLimits(self.limits_config)
-        return JSONResponse(self.stats.as_json())
+        self.batches.reset_stats()
+        return JSONResponse({**self.stats.as_json(), "batch": self.batches.stats.as_json()})
 
     async def requests_view(self, request: Request) -> JSONResponse:
         try:
@@ -336,22 +422,66 @@ def create_app(
     faults: FaultProfile | None = None,
     limits: LimitsConfig | None = None,
     request_log: Path | None = None,
+    batch_faults: BatchFaults | None = None,
 ) -> TeacherApp:
     """Build the teacher app; the backend is loaded in the lifespan, before requests.
 
     ``request_log`` is a file the request log is also appended to (JSON lines: each request
     as it arrives, then ``{"n", "status", "done"}`` once it is answered)."""
-    routes = _Routes(backend, api_key, FaultPlan(faults), limits or LimitsConfig(), request_log)
+    routes = _Routes(
+        backend, api_key, FaultPlan(faults), limits or LimitsConfig(), request_log, batch_faults
+    )
+    jobs = routes.batches
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await backend.load()
         routes.ready = True
         yield
+        await jobs.close()
 
     app = TeacherApp(
         routes=[
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/messages", routes.messages, methods=["POST"]),
+            Route("/v1/files", routes.guarded(jobs.upload, False), methods=["POST"]),
+            Route("/v1/files/{file_id}", routes.guarded(jobs.file, False), methods=["GET"]),
+            Route(
+                "/v1/files/{file_id}/content",
+                routes.guarded(jobs.file_content, False),
+                methods=["GET"],
+            ),
+            Route("/v1/batches", routes.guarded(jobs.create, False), methods=["POST"]),
+            Route("/v1/batches", routes.guarded(jobs.listing, False), methods=["GET"]),
+            Route("/v1/batches/{batch_id}", routes.guarded(jobs.get, False), methods=["GET"]),
+            Route(
+                "/v1/batches/{batch_id}/cancel",
+                routes.guarded(jobs.cancel, False),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/messages/batches",
+                routes.guarded(jobs.create_messages, True),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/messages/batches", routes.guarded(jobs.list_messages, True), methods=["GET"]
+            ),
+            Route(
+                "/v1/messages/batches/{batch_id}",
+                routes.guarded(jobs.get_messages, True),
+                methods=["GET"],
+            ),
+            Route(
+                "/v1/messages/batches/{batch_id}/cancel",
+                routes.guarded(jobs.cancel_messages, True),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/messages/batches/{batch_id}/results",
+                routes.guarded(jobs.results_messages, True),
+                methods=["GET"],
+            ),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/stats", routes.stats_view, methods=["GET"]),
             Route("/v1/stats/reset", routes.stats_reset, methods=["POST"]),

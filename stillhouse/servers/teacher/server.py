@@ -17,6 +17,7 @@ import uvicorn
 from stillhouse.servers.serving import ReadLimits, serve_announced, uvicorn_config
 from stillhouse.servers.teacher.app import create_app
 from stillhouse.servers.teacher.backends import Backend, make_backend
+from stillhouse.servers.teacher.batch_jobs import BatchFaults
 from stillhouse.servers.teacher.faults import FaultProfile, build_profile
 from stillhouse.servers.teacher.limits import LimitsConfig
 
@@ -37,6 +38,7 @@ def serve(
     model: str | None = None,
     limits: LimitsConfig | None = None,
     request_log: Path | None = None,
+    batch_faults: BatchFaults | None = None,
 ) -> None:
     """Serve the teacher until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
@@ -45,7 +47,8 @@ def serve(
     backend's answer latency (default 200 ms) and, for the other backends, a fixed latency
     that replaces the profile's. ``model`` is the GGUF file of the ``llama`` backend.
     ``limits`` are the rate limits the server enforces as a hosted provider would (429s);
-    ``request_log`` a JSON-lines file every request is appended to as it arrives.
+    ``request_log`` a JSON-lines file every request is appended to as it arrives;
+    ``batch_faults`` what the batch APIs inject (``batch_jobs.BatchFaults``).
 
     Prints ``stillhouse teacher listening on http://HOST:PORT/v1`` to stderr once the model
     is loaded and the socket is bound; with ``port=0`` the line carries the port chosen.
@@ -67,6 +70,7 @@ def serve(
                 profile,
                 limits or LimitsConfig(),
                 request_log,
+                batch_faults,
             )
         )
 
@@ -89,10 +93,16 @@ async def _serve(
     profile: FaultProfile,
     limits: LimitsConfig,
     request_log: Path | None,
+    batch_faults: BatchFaults | None = None,
 ) -> None:
     await backend.load()  # before binding, so a connection never waits on the model
     app = create_app(
-        backend, api_key=api_key, faults=profile, limits=limits, request_log=request_log
+        backend,
+        api_key=api_key,
+        faults=profile,
+        limits=limits,
+        request_log=request_log,
+        batch_faults=batch_faults,
     )
     config = uvicorn_config(
         app,
