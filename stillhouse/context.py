@@ -19,7 +19,7 @@ from storage.migrate import current_revision, head_revision, upgrade
 from storage.session import make_engine, make_sessionmaker
 from workers.pipeline import LabelRuntime
 
-__all__ = ["connect_database", "open_database", "open_runtime"]
+__all__ = ["connect_database", "open_database", "open_runtime", "runtime_on"]
 
 
 def connect_database(settings: Settings) -> Engine:
@@ -59,11 +59,11 @@ def open_database(settings: Settings) -> Iterator[sessionmaker[Session]]:
 @contextmanager
 def open_runtime(settings: Settings, *, config_pause_s: float = 0.0) -> Iterator[LabelRuntime]:
     """A labeling runtime for the block (its loop, clients and engine closed at the end)."""
-    with open_database(settings) as sessions, _runtime_on(sessions, settings, config_pause_s) as rt:
+    with open_database(settings) as sessions, runtime_on(sessions, settings, config_pause_s) as rt:
         yield rt
 
 
-def _runtime_on(
+def runtime_on(
     sessions: sessionmaker[Session], settings: Settings, config_pause_s: float = 0.0
 ) -> LabelRuntime:
     """A labeling runtime over these sessions, configured from settings."""

@@ -154,22 +154,26 @@ def _wait_for_database(settings: Settings, stop: threading.Event) -> sessionmake
 
 @contextmanager
 def _dispatcher_process(enabled: bool) -> Iterator[None]:
-    """`worker --beat`: the dispatcher in its own process (no threads across Celery's fork),
-    started again if it dies while the worker runs."""
+    """`worker --beat`: the dispatcher and the batch poller, each in its own process (no
+    threads across Celery's fork), started again if one dies while the worker runs."""
     if not enabled:
         yield
         return
-    command = [sys.executable, "-m", "stillhouse", "dispatch"]
-    state = {"child": subprocess.Popen(command, env=os.environ)}
+    commands = {
+        "the dispatcher": [sys.executable, "-m", "stillhouse", "dispatch"],
+        "the batch poller": [sys.executable, "-m", "stillhouse", "batches", "poll", "--forever"],
+    }
+    children = {name: subprocess.Popen(argv, env=os.environ) for name, argv in commands.items()}
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(2.0):
-            if state["child"].poll() is not None:
-                log.warning(
-                    "the dispatcher exited (%s); starting it again", state["child"].returncode
-                )
-                state["child"] = subprocess.Popen(command, env=os.environ)
+            for name, argv in commands.items():
+                if children[name].poll() is not None:
+                    log.warning(
+                        "%s exited (%s); starting it again", name, children[name].returncode
+                    )
+                    children[name] = subprocess.Popen(argv, env=os.environ)
 
     watcher = threading.Thread(target=watch, name="stillhouse-beat-watch", daemon=True)
     watcher.start()
@@ -178,7 +182,8 @@ def _dispatcher_process(enabled: bool) -> Iterator[None]:
     finally:
         stop.set()
         watcher.join()
-        stop_process(state["child"], timeout=15)
+        for child in children.values():
+            stop_process(child, timeout=15)
 
 
 def submit_training(settings: Settings, run_id: int) -> None:

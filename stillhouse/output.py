@@ -38,6 +38,7 @@ __all__ = [
     "progress_bar",
     "show_advice",
     "show_backfill",
+    "show_batches",
     "show_calibrated",
     "show_calibration",
     "show_dataset",
@@ -163,12 +164,47 @@ def show_load(result: dict[str, Any], console: Console) -> None:
         )
 
 
+def show_batches(rows: list[dict[str, Any]], console: Console) -> None:
+    """`batches`: one line per provider batch, newest first."""
+    if not rows:
+        console.print("no batches yet: `stillhouse backfill SOURCE --spec S --mode batch`")
+        return
+    for r in rows:
+        states = r["items_by_state"]
+        progress = "" if r["step"] == "done" else f" ({states.get('waiting', 0)} items waiting)"
+        console.print(
+            f"{r['id']:>5}  {r['spec']:<16} {r['provider']:<9} {r['step']:<11} "
+            f"{(r['status'] or '-'):<11} {r['items']} items, {r['requests']} requests: "
+            f"{r['succeeded']} ok, {r['failed']} failed, {r['expired']} expired{progress}; "
+            f"${r['spent_usd']:.4f} spent, ${r['reserved_usd']:.4f} reserved"
+            + (f"; {plain(r['error'])}" if r["error"] else ""),
+            markup=False,
+            highlight=False,
+        )
+
+
 def show_backfill(result: dict[str, Any], console: Console) -> None:
     """`backfill`: the load, what labeling did, what is unfinished and why, the accuracy."""
     show_load(result, console)
     if "labels" not in result:  # --load-only
         return
-    if "labeled" in result:
+    if result.get("mode") == "batch":
+        console.print(
+            f"batches: {result['batches_submitted']} submitted ({result['requests_submitted']} "
+            f"requests, {result['joined_open_batches']} items joined an open batch, "
+            f"{result['answered_from_cache']} answered from the cache), "
+            f"{result['results_received']} results in, {result['open_batches']} still open"
+            + (
+                ""
+                if "waiting" in result
+                else ": `stillhouse batches poll` follows them (or `worker --beat`)"
+            ),
+            markup=False,
+            highlight=False,
+        )
+        if result.get("budget_error"):
+            console.print(plain(result["budget_error"]), markup=False, highlight=False)
+    if "teacher_calls" in result:
         console.print(
             f"labeled {result['labeled']} items: {result['teacher_calls']} teacher "
             f"calls, {result['cache_hits']} cache hits, {result['failed']} failed, "
@@ -261,6 +297,17 @@ def show_estimate(result: dict[str, Any], console: Console) -> None:
         markup=False,
         highlight=False,
     )
+    batch = result.get("batch") or {}
+    if batch:
+        hours = batch["seconds"] / 3600
+        console.print(
+            f"live: ${result['cost_usd']:.4f} in about {result['seconds']:.0f} s; batch "
+            f"(--mode batch): ${batch['cost_usd']:.4f} (saves ${batch['saving_usd']:.4f}) in "
+            f"{batch['batches']} batches, about "
+            + (f"{hours:.1f} h" if hours >= 1 else f"{batch['seconds']:.0f} s"),
+            markup=False,
+            highlight=False,
+        )
     console.print(
         f"already labeled: {100 * result['already_done_share']:.0f} % of the sample; "
         f"cached answers: {100 * result['cached_share']:.0f} %"

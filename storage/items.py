@@ -91,6 +91,7 @@ class SpecSettings:
     max_attempts: int = 5
     lease_s: int = 600
     budget_usd: float | None = None
+    labeling_mode: str = "live"
 
 
 def ensure_spec(
@@ -114,6 +115,7 @@ def ensure_spec(
         "max_attempts": settings.max_attempts,
         "lease_s": settings.lease_s,
         "budget_usd": settings.budget_usd,
+        "labeling_mode": settings.labeling_mode,
     }
     row = session.scalar(select(SpecRow).where(SpecRow.name == name, SpecRow.version == version))
     if row is None:

@@ -326,7 +326,10 @@ def _ready(session: Session) -> Any:
 
 def _specs_with_ready_items(session: Session) -> list[int]:
     # Per spec version through the (spec_id, state, retry_at) index, not one scan of items.
-    spec_ids = session.scalars(select(SpecRow.id).order_by(SpecRow.id)).all()
+    # A spec in batch mode is the batch submitter's (workers.batches), not the dispatcher's.
+    spec_ids = session.scalars(
+        select(SpecRow.id).where(SpecRow.labeling_mode != "batch").order_by(SpecRow.id)
+    ).all()
     return [
         spec_id
         for spec_id in spec_ids

@@ -53,6 +53,8 @@ __all__ = [
     "RunState",
     "SpecRow",
     "StudentRun",
+    "TeacherBatch",
+    "TeacherBatchRequest",
     "TeacherCall",
     "TeacherResponse",
     "Verdict",
@@ -90,6 +92,9 @@ class ItemState(StrEnum):
     REJECTED = "rejected"
     REVIEW = "review"  # labeled, waiting for a person (`stillhouse review`)
     FAILED = "failed"
+    # In a provider batch (labeling.mode: batch): the poller puts it back to pending with the
+    # batch's answer, or for another try (workers.batches); no dispatcher or claim takes it.
+    BATCHED = "batched"
 
 
 FINAL_STATES = (ItemState.ACCEPTED, ItemState.REJECTED, ItemState.REVIEW, ItemState.FAILED)
@@ -143,6 +148,8 @@ class SpecRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, server_default="5")
     lease_s: Mapped[int] = mapped_column(Integer, server_default="600")
     budget_usd: Mapped[float | None] = mapped_column(Float)
+    # ``batch``: the dispatcher leaves its pending items to the batch submitter.
+    labeling_mode: Mapped[str] = mapped_column(String(8), server_default="live")
 
 
 class Item(Base):
@@ -481,3 +488,78 @@ class StudentRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TeacherBatch(Base):
+    """One provider batch (OpenAI Batch API, Anthropic Message Batches) and how far stillhouse
+    has taken it. ``step`` is ours and moves only forward, each move committed before the next
+    network call: ``prepared`` (rows written, budget reserved) → ``uploaded`` (input file id)
+    → ``creating`` (about to create; a restart looks the batch up before creating another) →
+    ``submitted`` (the provider's id) → ``downloading`` → ``received`` (every result stored)
+    → ``done``. ``status`` is the provider's own word for it."""
+
+    __tablename__ = "teacher_batches"
+    __table_args__ = (Index("ix_teacher_batches_spec_step", "spec_id", "step"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    spec_id: Mapped[int] = mapped_column(ForeignKey("specs.id"))
+    spec_name: Mapped[str] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(32))
+    base_url: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(256))
+    # Sent as the batch's metadata (OpenAI), so a restart finds a batch it created but
+    # could not record.
+    key: Mapped[str] = mapped_column(String(32), unique=True)
+    step: Mapped[str] = mapped_column(String(16), default="prepared")
+    status: Mapped[str | None] = mapped_column(String(32))
+    input_file_id: Mapped[str | None] = mapped_column(String(128))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(128))
+    error_file_id: Mapped[str | None] = mapped_column(String(128))
+    results_url: Mapped[str | None] = mapped_column(Text)
+    requests: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    expired: Mapped[int] = mapped_column(Integer, default=0)
+    price_factor: Mapped[float] = mapped_column(Float, default=0.5)
+    reserved_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    reservation_id: Mapped[int | None] = mapped_column(BigInteger)
+    spent_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    creating_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_now(), onupdate=_now()
+    )
+
+
+class TeacherBatchRequest(Base):
+    """One item's request in a batch: ``custom_id`` is the request hash (the cache key), so a
+    result maps back to its items and a request already answered is never paid for twice.
+    ``state``: ``waiting``, then ``succeeded`` (``response`` holds the provider's answer body,
+    read by the pipeline as a paid call at the batch price), ``failed`` or ``expired``."""
+
+    __tablename__ = "teacher_batch_requests"
+    __table_args__ = (
+        Index("ix_teacher_batch_requests_hash_state", "request_hash", "state"),
+        Index("ix_teacher_batch_requests_item", "item_id"),
+    )
+
+    batch_id: Mapped[int] = mapped_column(
+        ForeignKey("teacher_batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="waiting")
+    response: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)

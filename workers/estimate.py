@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schemas.errors import PermanentError
-from storage.models import FINAL_STATES, CallStatus, Item, SpecRow, TeacherCall
+from storage.models import FINAL_STATES, CallStatus, Item, SpecRow, TeacherBatch, TeacherCall
 from storage.results import cached_responses
 from workers.ingest import SourceRow, make_item
 from workers.prompt import render_messages
@@ -49,6 +49,9 @@ class Estimate:
     assumptions: list[str] = field(default_factory=list)
     # One entry per teacher (the primary, then the jury's): model, calls, cost_usd.
     by_teacher: list[dict[str, Any]] = field(default_factory=list)
+    # The same work through the provider's batch API (labeling.mode: batch): the primary
+    # teacher's calls at the batch price (the jury's stay live), how many batches, how long.
+    batch: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +133,8 @@ def estimate_source(
             f"jury); calls and cost add up over them: see by_teacher"
         )
     budget = spec.budget_usd
+    batch = _batch_estimate(session, spec, shares)
+    notes.append(batch.pop("assumed"))
     return Estimate(
         rows=total,
         bad_rows=round(bad * total / max(1, len(sample))),
@@ -149,7 +154,46 @@ def estimate_source(
             {"model": share.model, "calls": share.calls, "cost_usd": round(share.cost_usd, 4)}
             for share in shares
         ],
+        batch=batch,
     )
+
+
+def _batch_estimate(session: Session, spec: Spec, shares: list[Any]) -> dict[str, Any]:
+    """Cost and time in batch mode: the primary's calls at ``labeling.batch.price_factor``;
+    the time from this spec's finished batches (submitted to ended), else the window."""
+    from workers.batch_api import PROVIDER_LIMITS
+
+    settings = spec.batch
+    primary, jury = shares[0], shares[1:]
+    cost = primary.cost_usd * settings.price_factor + sum(s.cost_usd for s in jury)
+    limit = PROVIDER_LIMITS.get(spec.teacher.provider, (50_000, 0))[0]
+    limit = min(limit, settings.max_requests or limit)
+    batches = -(-primary.calls // limit) if primary.calls else 0
+    took = session.execute(
+        select(TeacherBatch.submitted_at, TeacherBatch.ended_at).where(
+            TeacherBatch.spec_name == spec.name,
+            TeacherBatch.submitted_at.is_not(None),
+            TeacherBatch.ended_at.is_not(None),
+        )
+    ).all()
+    durations = [(end - start).total_seconds() for start, end in took if start and end]
+    if durations:
+        seconds = statistics.median(durations)
+        assumed = (
+            f"batch time: the median of {len(durations)} finished batches of "
+            f"{spec.name!r} ({seconds:.0f} s); providers promise only the 24-hour window"
+        )
+    else:
+        seconds = 24 * 3600.0
+        assumed = "batch time: no finished batch yet, so the provider's 24-hour window"
+    return {
+        "cost_usd": round(cost, 4),
+        "price_factor": settings.price_factor,
+        "batches": batches,
+        "seconds": round(seconds, 1),
+        "saving_usd": round(sum(s.cost_usd for s in shares) - cost, 4),
+        "assumed": assumed,
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -396,6 +396,7 @@ def store_spec(session: Session, spec: Spec) -> SpecRow:
         max_attempts=labeling["max_attempts"],
         lease_s=labeling["lease_s"],
         budget_usd=spec.budget_usd,
+        labeling_mode=spec.labeling_mode,
     )
     return ensure_spec(
         session, spec.name, spec.version, spec.kind, spec.body, spec.content_hash, settings

@@ -187,7 +187,8 @@ def _ledger(
 ) -> None:
     rhash = request.request_hash
     for number, attempt in enumerate(outcome.attempts, start=1):
-        cost = round(teacher.cost_usd(attempt.prompt_tokens, attempt.completion_tokens), 10)
+        cost = teacher.cost_usd(attempt.prompt_tokens, attempt.completion_tokens)
+        cost = round(cost * outcome.price_factor, 10)
         status = CallStatus.OK if attempt.ok else CallStatus.ERROR
         batch.calls.append(
             CallRecord(

@@ -39,6 +39,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError, LeaseExpired
+from storage.batches import batch_answers
 from storage.budget import budget_state, current_budget, reserve, settle
 from storage.calibrations import awaiting
 from storage.items import ClaimedItem, claim_items, known_good_for
@@ -62,6 +63,7 @@ from workers.prompt import render_messages
 from workers.providers import Answer, provider_for
 from workers.spec import Spec, TeacherConfig, is_withheld, parse_spec
 from workers.teacher import (
+    Attempt,
     BeforeSend,
     TeacherClient,
     TeacherOutcome,
@@ -258,9 +260,10 @@ class LabelRuntime:
             call.request.request_hash: call
             for call in _first_calls(loaded, ctx)
             if call.request.request_hash not in ctx.cached
+            and call.request.request_hash not in ctx.outcomes  # a provider batch's answer
         }
         reservations = [self._reserve(spec_id, loaded.spec, misses, ctx)]
-        ctx.outcomes = self._send(spec_id, misses, ctx)
+        ctx.outcomes.update(self._send(spec_id, misses, ctx))
         for _ in range(int(loaded.spec.checks["repair_attempts"])):
             if not self._repair_round(spec_id, loaded, ctx, reservations):
                 break
@@ -424,6 +427,28 @@ class LabelRuntime:
                 if not is_withheld(ctx_ids[item_id], share)
             }
             cached = cached_responses(session, hashes)
+            # Answers a provider batch paid for (labeling.mode: batch), at the batch price.
+            batched = batch_answers(session, [h for h in hashes if h not in cached])
+        provider = provider_for(spec.teacher.provider)
+        outcomes = {
+            rhash: TeacherOutcome(
+                [
+                    Attempt(
+                        True,
+                        0.0,
+                        200,
+                        None,
+                        a.prompt_tokens,
+                        a.completion_tokens,
+                        a.client_request_id,
+                    )
+                ],
+                a.body,
+                provider.parse(a.body),
+                price_factor=a.price_factor,
+            )
+            for rhash, a in batched.items()
+        }
         calibration = None
         if spec.target_accuracy is not None and any(c.id not in known for c in claimed):
             calibration = self.calibrator.current(spec_id, spec)
@@ -434,7 +459,7 @@ class LabelRuntime:
             requests,
             known,
             cached,
-            {},
+            outcomes,
             self.config_pause_s,
             messages=messages,
             jury=jury,

@@ -17,6 +17,7 @@ from schemas.loader import compile_validator, error_path, schema_problems, spec_
 from storage.datasets import stable_unit
 
 __all__ = [
+    "BatchSettings",
     "Jury",
     "Spec",
     "TeacherConfig",
@@ -62,6 +63,25 @@ class TeacherConfig:
         return (
             prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
         ) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """``labeling.batch`` of a spec (see docs/spec-reference.md).
+
+    ``max_requests`` and ``max_bytes`` split the request file below the provider's own limits
+    (OpenAI 50,000 requests and 200 MB, Anthropic 100,000 and 256 MB) when set lower;
+    ``retry`` is where a request that failed or expired goes next (``batch``: the next batch;
+    ``live``: a live call), at most ``max_resubmits`` times through batches; ``price_factor``
+    prices batch calls against the teacher's live prices; ``poll_s`` paces the poller."""
+
+    retry: str = "batch"
+    max_requests: int | None = None
+    max_bytes: int | None = None
+    price_factor: float = 0.5
+    poll_s: float = 30.0
+    max_resubmits: int = 3
+    completion_window: str = "24h"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +174,19 @@ class Spec:
 
     @property
     def labeling(self) -> dict[str, int]:
-        return {**LABELING_DEFAULTS, **self.body.get("labeling", {})}
+        """The claim settings (``batch_size``, ``max_attempts``, ``lease_s``)."""
+        given = self.body.get("labeling", {})
+        return {**LABELING_DEFAULTS, **{k: v for k, v in given.items() if k in LABELING_DEFAULTS}}
+
+    @property
+    def labeling_mode(self) -> str:
+        """``live`` (calls as items come) or ``batch`` (the provider's batch API)."""
+        return str(self.body.get("labeling", {}).get("mode", "live"))
+
+    @property
+    def batch(self) -> BatchSettings:
+        """``labeling.batch``: how a batch-mode backfill splits, prices and retries."""
+        return BatchSettings(**self.body.get("labeling", {}).get("batch", {}))
 
     @property
     def sampling(self) -> dict[str, Any]:

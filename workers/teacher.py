@@ -106,6 +106,8 @@ class TeacherOutcome:
     body: dict[str, Any] | None = None
     answer: Answer | None = None
     error: StillhouseError | None = None
+    # A provider batch's answer is priced at this share of the live price.
+    price_factor: float = 1.0
 
 
 def build_request(

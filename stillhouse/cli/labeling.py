@@ -1,4 +1,4 @@
-"""Load, label and inspect: backfill, estimate, requeue, status, report."""
+"""Load, label and inspect: backfill, batches, estimate, requeue, status, report."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from schemas.errors import ConfigError
-from stillhouse.cli.root import JsonOpt, SpecOpt, app, err, settings
+from stillhouse.cli.root import JsonOpt, SpecOpt, app, batches_app, err, settings
 from stillhouse.output import (
     print_json,
     show_backfill,
+    show_batches,
     show_calibration,
     show_estimate,
     show_report,
@@ -19,7 +20,17 @@ from stillhouse.output import (
     show_status,
 )
 
-__all__ = ["backfill", "calibrate", "estimate", "report", "requeue", "status"]
+__all__ = [
+    "backfill",
+    "batches_cancel",
+    "batches_list",
+    "batches_poll",
+    "calibrate",
+    "estimate",
+    "report",
+    "requeue",
+    "status",
+]
 
 
 @app.command()
@@ -82,6 +93,15 @@ def backfill(
             "Example: stillhouse backfill t.jsonl --spec triage --keep-duplicate-content",
         ),
     ] = False,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="live: call the teacher now; batch: the provider's batch API at its batch "
+            "price (labeling.mode in the spec; the default is the spec's). With --no-wait, "
+            "submit and return (`stillhouse batches poll` follows). "
+            "Example: stillhouse backfill bbc --spec triage --mode batch",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Load a source into the store and label it with the spec's teacher.
@@ -114,6 +134,7 @@ def backfill(
         max_doc_bytes=max_doc_bytes,
         keep_duplicate_content=keep_duplicate_content,
         load_only=load_only,
+        mode=mode,
     )
     result = run_backfill(
         settings(), source, spec, limit=limit, wait=wait, console=err, options=options
@@ -255,3 +276,79 @@ def calibrate(
         print_json(result)
     else:
         show_calibration(result, err)
+
+
+@batches_app.callback(invoke_without_command=True)
+def batches_list(
+    ctx: typer.Context,
+    spec: Annotated[str | None, typer.Option(help="only this spec's batches")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="the newest this many")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Provider batches (backfill --mode batch): step, provider status and progress.
+
+    Example: stillhouse batches --spec triage
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from stillhouse.commands.batches import run_batches_list
+
+    rows = run_batches_list(settings(), spec_name=spec, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    show_batches(rows, err)
+
+
+@batches_app.command("poll")
+def batches_poll(
+    spec: Annotated[
+        str | None, typer.Option(help="one spec (default: every spec in batch mode)")
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="one pass, then return")] = False,
+    forever: Annotated[
+        bool,
+        typer.Option(
+            "--forever",
+            help="keep polling every spec in batch mode until stopped (what `worker --beat` "
+            "runs); survives database and provider outages",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow open batches to their end, label what they answered, resubmit what failed.
+
+    Embedded mode's poller (a fleet runs it under `stillhouse worker --beat`). Safe to stop
+    and run again at any point: it resumes from what the database recorded.
+
+    Example: stillhouse batches poll --spec triage
+    """
+    from stillhouse.commands.batches import run_batches_poll
+
+    if forever:
+        from stillhouse.commands.batches import run_batches_forever
+
+        run_batches_forever(settings(), spec_name=spec)
+        return
+    result = run_batches_poll(settings(), spec_name=spec, once=once, console=err)
+    if as_json:
+        print_json(result)
+
+
+@batches_app.command("cancel")
+def batches_cancel(
+    batch_id: Annotated[int, typer.Argument(help="the batch's id in `stillhouse batches`")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a batch: what it answered is kept, the rest goes back to pending (and out again
+    with the next `backfill`).
+
+    Example: stillhouse batches cancel 3
+    """
+    from stillhouse.commands.batches import run_batches_cancel
+
+    result = run_batches_cancel(settings(), batch_id)
+    if as_json:
+        print_json(result)
+    else:
+        err.print(f"batch {result['id']}: {result['status']}")

@@ -21,6 +21,7 @@ __all__ = [
     "JsonOpt",
     "SpecOpt",
     "app",
+    "batches_app",
     "dataset_app",
     "db_app",
     "err",
@@ -45,6 +46,7 @@ spec_app = typer.Typer(no_args_is_help=True, help="Spec files.")
 review_app = typer.Typer(no_args_is_help=True, help="Labels waiting for a person's decision.")
 runs_app = typer.Typer(no_args_is_help=True, help="Student runs: queued, running, finished.")
 dataset_app = typer.Typer(no_args_is_help=True, help="Frozen datasets of labels, for training.")
+batches_app = typer.Typer(help="Provider batches: half-price backfills, followed by a poller.")
 route_app = typer.Typer(
     no_args_is_help=True, help="Serve a trained student with the teacher as its fallback."
 )
@@ -55,6 +57,7 @@ app.add_typer(review_app, name="review")
 app.add_typer(runs_app, name="runs")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(route_app, name="route")
+app.add_typer(batches_app, name="batches")
 
 err = Console(stderr=True, soft_wrap=True)
 

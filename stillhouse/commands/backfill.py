@@ -3,6 +3,7 @@ embedded or through the fleet."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.errors import BudgetExhausted, ConfigError, SpecError
+from stillhouse.commands.batches import label_in_batches
 from stillhouse.commands.common import stored_spec_id
 from stillhouse.context import open_database, open_runtime
 from stillhouse.output import plain, progress_bar
@@ -24,6 +26,7 @@ from stillhouse.settings import Settings
 from storage.items import last_error, pending_item_ids
 from storage.models import FINAL_STATES, Item
 from storage.stats import label_stats, status
+from workers.batches import set_labeling_mode
 from workers.ingest import (
     DEFAULT_MAX_DOC_BYTES,
     FIELD_CHECK_ROWS,
@@ -53,6 +56,7 @@ class BackfillOptions:
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
     keep_duplicate_content: bool = False
     load_only: bool = False
+    mode: str | None = None  # live or batch; None: the spec's labeling.mode
 
 
 def run_backfill(
@@ -68,7 +72,7 @@ def run_backfill(
     """Load, then label (embedded) or dispatch (distributed); returns a summary
     (``stillhouse.output.show_backfill`` prints it). Progress goes to ``console``."""
     options = options or BackfillOptions()
-    spec = load_spec(spec_ref)
+    spec = _with_mode(load_spec(spec_ref), options.mode)
     rows, position = _open_source(settings, source, limit, options)
     # A field the spec reads and no row has (a typo) is refused before anything is written.
     head = list(itertools.islice(rows, FIELD_CHECK_ROWS))
@@ -99,7 +103,16 @@ def run_backfill(
         if options.load_only:
             return loaded
         spec_id = stored_spec_id(sessions, spec)
-        if settings.distributed:
+        with sessions.begin() as session:
+            set_labeling_mode(session, spec_id, spec.labeling_mode)
+        if spec.labeling_mode == "batch":
+            # Embedded or distributed alike: the batches are followed from here with --wait
+            # (in-process labeling of what they answered), else by `worker --beat` or
+            # `stillhouse batches poll`.
+            labeled = label_in_batches(
+                settings, sessions, spec, spec_id, wait=wait, console=console
+            )
+        elif settings.distributed:
             labeled = _label_distributed(settings, sessions, spec, spec_id, wait, console)
         else:
             labeled = _label_embedded(settings, sessions, spec_id, console)
@@ -120,6 +133,18 @@ def run_backfill(
             "last_error": error.message if error else None,
         }
         return result
+
+
+def _with_mode(spec: Spec, mode: str | None) -> Spec:
+    """The spec with ``labeling.mode`` set (an operational setting: same version and hash)."""
+    if mode is None:
+        return spec
+    if mode not in ("live", "batch"):
+        raise ConfigError(f"--mode must be live or batch, not {mode!r}")
+    if mode == "batch" and spec.teacher.provider not in ("openai", "anthropic"):
+        raise ConfigError(f"teacher.provider {spec.teacher.provider!r} has no batch API")
+    labeling = {**spec.body.get("labeling", {}), "mode": mode}
+    return dataclasses.replace(spec, body={**spec.body, "labeling": labeling})
 
 
 def _open_source(
