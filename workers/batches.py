@@ -183,6 +183,9 @@ class BatchRunner:
             summary.submitted_batches += 1
             summary.submitted_requests += count
             self._drive(batch_id, summary)
+            if count < len(chunk):  # the budget covered only part of it: the rest waits
+                summary.budget_error = self._budget_message()
+                break
         return summary
 
     def _candidates(self, session: Session, include_cancelled: bool) -> list[tuple[int, str]]:

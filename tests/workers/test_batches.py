@@ -374,3 +374,60 @@ def test_a_second_backfill_while_a_batch_is_open_submits_nothing_new(tmp_path: P
         )
         assert estimate["batch"]["cost_usd"] == pytest.approx(estimate["cost_usd"] * 0.5, abs=2e-4)
         assert "finished batches" in " ".join(estimate["assumptions"])
+
+
+@pytest.mark.parametrize("provider_name", ["openai", "anthropic"])
+def test_a_poller_that_died_while_creating_finds_its_batch_instead_of_paying_twice(
+    sqlite_url: str, provider_name: str
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    sessions = make_sessionmaker(make_engine(sqlite_url))
+    with local_teacher("fixed", extra_args=[*FAST, "--batch-in-progress-s", "1"]) as teacher:
+        spec = _spec(provider_name, teacher)
+        spec_id = _load(sessions, spec, 10)
+        runner = BatchRunner(sessions, spec_id, spec)
+        assert runner.submit().submitted_batches == 1
+        with sessions.begin() as session:
+            batch = session.scalars(select(TeacherBatch)).one()
+            created = batch.provider_batch_id
+            # As if the process died right after the provider created the batch and before
+            # the database heard of it (and long enough ago for the grace period to pass).
+            batch.step, batch.provider_batch_id = "creating", None
+            batch.creating_at = datetime.now(UTC) - timedelta(minutes=5)
+        total = wait_until_done(runner, timeout_s=60)
+        runner.close()
+        with sessions() as session:
+            batch = session.scalars(select(TeacherBatch)).one()
+        assert batch.provider_batch_id == created and batch.step == "done"
+        assert total.received == batch.requests == batch.succeeded
+        assert _stats(teacher)["batch"]["batches"] == 1  # created once
+    sessions.kw["bind"].dispose()
+
+
+def test_the_budget_is_reserved_at_the_batch_price_and_stops_submission(
+    sessions: sessionmaker[Session],
+) -> None:
+    from storage.budget import budget_state
+
+    with local_teacher("fixed", extra_args=[*FAST, "--batch-in-progress-s", "0.1"]) as teacher:
+        body = triage_body()
+        body["name"] = "batched"
+        body["teacher"]["base_url"] = teacher
+        body["budget_usd"] = 0.0005
+        body["labeling"] = {"mode": "batch", "batch": {"poll_s": 0.2}}
+        spec = parse_spec(body, source="budgeted.yaml")
+        spec_id = _load(sessions, spec, 10)
+        runner = BatchRunner(sessions, spec_id, spec)
+        first = runner.submit()
+        assert 0 < first.submitted_requests < 10
+        assert first.budget_error is not None and "budget_usd" in first.budget_error
+        with sessions() as session:
+            reserved = budget_state(session, spec.name).reserved_usd
+            pending = session.scalar(select(func.count()).where(Item.state == ItemState.PENDING))
+        assert 0 < reserved <= 0.0005 and pending == 10 - first.submitted_requests
+        wait_until_done(runner, timeout_s=60)
+        runner.close()
+        with sessions() as session:
+            state = budget_state(session, spec.name)
+        assert state.reserved_usd == 0 and 0 < state.spent_usd <= 0.0005
